@@ -1,0 +1,76 @@
+// Instruction set of the MLA decode megakernel: the one source of truth.
+//
+// Python mirrors these constants in jax_thundermla/isa.py; tests/test_isa.py
+// parses this file and checks that both agree, so every constant below is
+// written as `constexpr int32_t kName = value;` on one line.
+//
+// Instruction tensor: int32 [num_sms, max_instructions, kInstructionWords].
+// CTA i executes row i in order and stops at the first kOpStop (an all-zero
+// row is a STOP, so zero padding is safe).
+//
+// Query rows: for sequence b and KV head k, the g = h_q / h_kv query heads
+// that share k and the s_q new tokens form R = s_q * g rows; row r is query
+// token r / g of head k * g + r % g. A tile is up to kTileRows consecutive
+// rows [row_start, row_start + num_rows).
+//
+// PARTIAL: attention of one tile over the KV tokens [kv_start, kv_end) of
+//   sequence b (causal masking per row when the kernel runs causal). With
+//   dst_slot == kFinalOutput it writes out/lse directly (the range must then
+//   be the whole sequence); otherwise it writes an fp32 partial into slot
+//   dst_slot of the workspace.
+// REDUCE: LSE-weighted merge of the num_src partials in slots
+//   [src_slot, src_slot + num_src) into dst_slot (final output or a slot).
+// Any instruction may wait for counter `wait_counter` to reach `wait_count`
+// before it starts (acquire) and add 1 to `signal_counter` when its result
+// is visible (release), GPU scope. -1 means "none" for both.
+//
+// Workspace: one buffer of 4-byte words, in this order
+//   partial O    fp32 [num_slots, kTileRows, d_v]
+//   partial LSE  fp32 [num_slots, kTileRows], base-2 log units
+//                (log2 of the sum of 2^(score * scale * log2(e)));
+//                -inf for a row that saw no key
+//   counters     int32 [num_counters], zeroed before every launch
+#pragma once
+
+#include <cstdint>
+
+namespace tmla::isa {
+
+constexpr int32_t kIsaVersion = 1;
+
+constexpr int32_t kInstructionWords = 16;
+constexpr int32_t kTileRows = 64;
+
+// Opcodes.
+constexpr int32_t kOpStop = 0;
+constexpr int32_t kOpPartial = 1;
+constexpr int32_t kOpReduce = 2;
+constexpr int32_t kNumOpcodes = 3;
+
+// Field offsets shared by every opcode.
+constexpr int32_t kFieldOpcode = 0;
+constexpr int32_t kFieldBatch = 1;
+constexpr int32_t kFieldKvHead = 2;
+constexpr int32_t kFieldRowStart = 3;
+constexpr int32_t kFieldNumRows = 4;
+constexpr int32_t kFieldDstSlot = 7;
+constexpr int32_t kFieldSignalCounter = 8;
+constexpr int32_t kFieldWaitCounter = 9;
+constexpr int32_t kFieldWaitCount = 10;
+// Predicted cost of the instruction in nanoseconds (planner's cost model);
+// informational: the kernel does not read it.
+constexpr int32_t kFieldCost = 11;
+
+// PARTIAL fields.
+constexpr int32_t kFieldKvStart = 5;
+constexpr int32_t kFieldKvEnd = 6;
+
+// REDUCE fields.
+constexpr int32_t kFieldSrcSlot = 5;
+constexpr int32_t kFieldNumSrc = 6;
+
+// Sentinels.
+constexpr int32_t kFinalOutput = -1;
+constexpr int32_t kNoCounter = -1;
+
+}  // namespace tmla::isa

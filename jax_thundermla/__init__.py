@@ -1,0 +1,13 @@
+"""jax_thundermla: multi-head latent attention (MLA) decode for JAX.
+
+``mla_decode`` runs paged MLA decode attention inside ``jax.jit``: on a GPU
+through a CUDA persistent megakernel registered as an XLA FFI custom call,
+elsewhere through a pure-JAX reference with the same semantics.
+"""
+
+__version__ = "0.1.0"
+
+from jax_thundermla.api import mla_decode
+from jax_thundermla.reference import mla_decode_reference
+
+__all__ = ["__version__", "mla_decode", "mla_decode_reference"]

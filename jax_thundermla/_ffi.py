@@ -1,0 +1,94 @@
+"""Loads the compiled extension and registers its FFI targets with XLA once."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+try:
+  from jax_thundermla import _C  # pylint: disable=g-import-not-at-top
+  _IMPORT_ERROR: ImportError | None = None
+except ImportError as e:  # Built without a CUDA toolkit, or not built.
+  _C = None
+  _IMPORT_ERROR = e
+
+
+def extension_available() -> bool:
+  """Whether the CUDA extension was built and imports."""
+  return _C is not None
+
+
+def gpu_available() -> bool:
+  """Whether JAX sees a CUDA GPU."""
+  try:
+    return bool(jax.devices("gpu"))
+  except RuntimeError:
+    return False
+
+
+def require_extension() -> None:
+  """Raises a RuntimeError that says why the CUDA extension is missing."""
+  if _C is None:
+    raise RuntimeError(
+        "jax_thundermla was installed without its CUDA extension"
+        f" ({_IMPORT_ERROR}); reinstall on a machine with the CUDA toolkit"
+        " (nvcc) to use backend='cuda', or use backend='reference'.")
+
+
+@functools.cache
+def register_targets() -> tuple[str, ...]:
+  """Registers every FFI target of the extension for platform CUDA.
+
+  Returns:
+    The registered target names.
+
+  Raises:
+    RuntimeError: the extension is not available.
+  """
+  require_extension()
+  names = []
+  for name, capsule in _C.registrations().items():
+    jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+    names.append(name)
+  return tuple(sorted(names))
+
+
+def smoke_scale(x: jax.Array, scale: float) -> jax.Array:
+  """``x * scale`` computed by the extension's trivial CUDA kernel.
+
+  It exists to prove the build, the FFI registration and the launch on
+  XLA's stream; it runs on a GPU only.
+
+  Args:
+    x: float32 array of any shape.
+    scale: the factor.
+
+  Returns:
+    ``x * scale``, float32, same shape.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  register_targets()
+  if x.dtype != np.float32:
+    raise TypeError(f"smoke_scale: x must be float32, got {x.dtype}")
+  call = jax.ffi.ffi_call(
+      "tmla_smoke_scale", jax.ShapeDtypeStruct(x.shape, x.dtype))
+  return call(x, scale=np.float32(scale))
+
+
+def kernel_available() -> bool:
+  """Whether the MLA decode megakernel is compiled into the extension."""
+  return _C is not None and "tmla_mla_decode" in _C.registrations()
+
+
+def require_kernel() -> None:
+  """Raises a RuntimeError that says why backend='cuda' cannot run."""
+  require_extension()
+  if not kernel_available():
+    raise RuntimeError(
+        "this build of jax_thundermla has no MLA decode megakernel"
+        " (FFI target 'tmla_mla_decode'); use backend='reference'.")
+  if not gpu_available():
+    raise RuntimeError(
+        "backend='cuda' needs a CUDA GPU visible to JAX; none was found."
+        " Use backend='reference' (or backend=None) on this machine.")

@@ -1,0 +1,131 @@
+"""Trace-time validation of mla_decode's inputs (shapes and dtypes only)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+ROPE_DIM = 64
+MAX_PAGE_SIZE = 256
+PAGE_SIZE_MULTIPLE = 16
+DTYPES = (jnp.bfloat16, jnp.float16)
+INDEX_DTYPE = jnp.int32
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeShapes:
+  """The validated dimensions of one mla_decode call."""
+
+  batch: int
+  s_q: int
+  h_q: int
+  h_kv: int
+  d_qk: int
+  d_v: int
+  num_pages: int
+  page_size: int
+  max_pages: int
+  dtype: np.dtype
+
+  @property
+  def group(self) -> int:
+    return self.h_q // self.h_kv
+
+
+def _shape(x, name: str, rank: int, layout: str) -> tuple[int, ...]:
+  shape = getattr(x, "shape", None)
+  if shape is None:
+    raise TypeError(f"{name} must be an array {layout}, got {type(x).__name__}")
+  if len(shape) != rank:
+    raise ValueError(
+        f"{name} must have rank {rank} {layout}, got shape {tuple(shape)}")
+  return tuple(shape)
+
+
+def _dtype_name(dtype) -> str:
+  return np.dtype(dtype).name
+
+
+def validate(q, kv_cache, block_table, cache_seqlens, *, head_dim_v,
+             softmax_scale, causal) -> DecodeShapes:
+  """Checks every argument of mla_decode; returns the dimensions.
+
+  Raises:
+    TypeError: wrong dtype or argument type.
+    ValueError: wrong rank, mismatched or unsupported dimensions.
+  """
+  b, s_q, h_q, d_qk = _shape(q, "q", 4, "[b, s_q, h_q, d_qk]")
+  num_pages, page_size, h_kv, d_kv = _shape(
+      kv_cache, "kv_cache", 4, "[num_pages, page_size, h_kv, d_qk]")
+  tb, max_pages = _shape(block_table, "block_table", 2, "[b, max_pages]")
+  (sb,) = _shape(cache_seqlens, "cache_seqlens", 1, "[b]")
+
+  if q.dtype not in DTYPES:
+    raise TypeError(
+        f"q must be bfloat16 or float16, got {_dtype_name(q.dtype)}")
+  if kv_cache.dtype != q.dtype:
+    raise TypeError(
+        f"kv_cache must have q's dtype {_dtype_name(q.dtype)}, got"
+        f" {_dtype_name(kv_cache.dtype)}")
+  for name, x in (("block_table", block_table),
+                  ("cache_seqlens", cache_seqlens)):
+    if x.dtype != INDEX_DTYPE:
+      raise TypeError(f"{name} must be int32, got {_dtype_name(x.dtype)}")
+
+  if isinstance(head_dim_v, bool) or not isinstance(
+      head_dim_v, (int, np.integer)):
+    raise TypeError(f"head_dim_v must be an int, got {head_dim_v!r}")
+  if head_dim_v < 1:
+    raise ValueError(f"head_dim_v must be >= 1, got {head_dim_v}")
+  if d_qk != head_dim_v + ROPE_DIM:
+    raise ValueError(
+        f"q's last dim (d_qk) must be head_dim_v + {ROPE_DIM} ="
+        f" {head_dim_v + ROPE_DIM}, got {d_qk}")
+  if d_kv != d_qk:
+    raise ValueError(
+        f"kv_cache's last dim must equal q's d_qk = {d_qk}, got {d_kv}")
+  for name, value in (("batch (q.shape[0])", b), ("s_q (q.shape[1])", s_q),
+                      ("h_q (q.shape[2])", h_q),
+                      ("num_pages (kv_cache.shape[0])", num_pages),
+                      ("h_kv (kv_cache.shape[2])", h_kv),
+                      ("max_pages (block_table.shape[1])", max_pages)):
+    if value < 1:
+      raise ValueError(f"{name} must be >= 1, got {value}")
+  if h_q % h_kv:
+    raise ValueError(
+        f"h_q (q.shape[2] = {h_q}) must be a multiple of h_kv"
+        f" (kv_cache.shape[2] = {h_kv})")
+  if (page_size % PAGE_SIZE_MULTIPLE or page_size < PAGE_SIZE_MULTIPLE
+      or page_size > MAX_PAGE_SIZE):
+    raise ValueError(
+        f"kv_cache's page size (kv_cache.shape[1]) must be a multiple of"
+        f" {PAGE_SIZE_MULTIPLE} in [{PAGE_SIZE_MULTIPLE}, {MAX_PAGE_SIZE}],"
+        f" got {page_size}")
+  if tb != b:
+    raise ValueError(
+        f"block_table.shape[0] must equal the batch size q.shape[0] = {b},"
+        f" got {tb}")
+  if sb != b:
+    raise ValueError(
+        f"cache_seqlens.shape[0] must equal the batch size q.shape[0] = {b},"
+        f" got {sb}")
+
+  if softmax_scale is not None:
+    if isinstance(softmax_scale, bool) or not isinstance(
+        softmax_scale, (int, float, np.floating, np.integer)):
+      raise TypeError(
+          f"softmax_scale must be a Python float or None, got"
+          f" {type(softmax_scale).__name__}")
+    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
+      raise ValueError(
+          f"softmax_scale must be finite and > 0, got {softmax_scale}")
+  if not isinstance(causal, (bool, np.bool_)):
+    raise TypeError(f"causal must be a bool, got {causal!r}")
+
+  return DecodeShapes(batch=b, s_q=s_q, h_q=h_q, h_kv=h_kv, d_qk=d_qk,
+                      d_v=head_dim_v, num_pages=num_pages,
+                      page_size=page_size, max_pages=max_pages,
+                      dtype=np.dtype(q.dtype))

@@ -1,0 +1,7 @@
+// Every FFI handler of the extension, declared for module.cc.
+#pragma once
+
+#include "xla/ffi/api/ffi.h"
+
+// y = x * scale; fp32. Proves build, registration and launch end to end.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(TmlaSmokeScale);
