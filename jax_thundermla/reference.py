@@ -79,7 +79,6 @@ def mla_decode_reference(
   num_pages, page_size, h_kv, _ = kv_cache.shape
   max_pages = block_table.shape[1]
   g = h_q // h_kv
-  hi = jax.lax.Precision.HIGHEST
 
   cp = _chunk_pages(b, page_size, h_kv, d_qk, max_pages)
   num_chunks = -(-max_pages // cp)
@@ -111,7 +110,7 @@ def mla_decode_reference(
     valid = pos[None, :] < lens[:, None]  # [b, T]
     kv = jnp.where(valid[:, :, None, None], kv, jnp.zeros((), kv.dtype))
     mask = valid[:, None, :] & (pos[None, None, :] <= last[:, :, None])
-    s = jnp.einsum("bthgd,bnhd->bhgtn", qg, kv, precision=hi,
+    s = jnp.einsum("bthgd,bnhd->bhgtn", qg, kv,
                    preferred_element_type=jnp.float32) * scale
     s = jnp.where(mask[:, None, None], s, -jnp.inf)
     m_new = jnp.maximum(m, s.max(axis=-1))
@@ -123,7 +122,7 @@ def mla_decode_reference(
     p_hi = p.astype(kv.dtype)
     p_lo = (p - p_hi.astype(jnp.float32)).astype(kv.dtype)
     v = kv[..., :head_dim_v]
-    pv = sum(jnp.einsum("bhgtn,bnhd->bhgtd", part, v, precision=hi,
+    pv = sum(jnp.einsum("bhgtn,bnhd->bhgtd", part, v,
                         preferred_element_type=jnp.float32)
              for part in (p_hi, p_lo))
     acc = acc * alpha[..., None] + pv
