@@ -14,9 +14,16 @@ from jax_thundermla import reference
 BACKENDS = ("cuda", "reference")
 
 
-def _resolve_backend(backend: str | None) -> str:
+def _kernel_unsupported(shapes: _validation.DecodeShapes) -> str | None:
+  from jax_thundermla import kernel  # pylint: disable=g-import-not-at-top
+  return kernel.unsupported_reason(head_dim_v=shapes.d_v, d_qk=shapes.d_qk)
+
+
+def _resolve_backend(backend: str | None,
+                     shapes: _validation.DecodeShapes) -> str:
   if backend is None:
-    if jax.default_backend() == "gpu" and _ffi.kernel_available():
+    if (jax.default_backend() == "gpu" and _ffi.kernel_available()
+        and _kernel_unsupported(shapes) is None):
       return "cuda"
     return "reference"
   if backend not in BACKENDS:
@@ -24,6 +31,9 @@ def _resolve_backend(backend: str | None) -> str:
         f"backend must be None or one of {BACKENDS}, got {backend!r}")
   if backend == "cuda":
     _ffi.require_kernel()
+    reason = _kernel_unsupported(shapes)
+    if reason is not None:
+      raise ValueError(f"backend='cuda': {reason}")
   return backend
 
 
@@ -75,9 +85,9 @@ def mla_decode(
       lengths and reused by every layer of a step, or None to plan on the
       device inside the same jit. A plan used with lengths other than those
       it was built for gives NaN outputs, never a silently wrong result.
-    backend: ``"cuda"`` (the megakernel), ``"reference"`` (pure JAX), or
-      None: the kernel when JAX's default backend is a GPU and the kernel is
-      built, the reference otherwise.
+    backend: ``"cuda"`` (the megakernel; head_dim_v 512 only), ``"reference"``
+      (pure JAX), or None: the kernel when JAX's default backend is a GPU,
+      the kernel is built and supports the shapes, the reference otherwise.
 
   Returns:
     ``(out, lse)``: out [b, s_q, h_q, head_dim_v] in q's dtype, and lse
@@ -100,7 +110,7 @@ def mla_decode(
       softmax_scale=softmax_scale, causal=causal)
   scale = (shapes.d_qk ** -0.5 if softmax_scale is None
            else float(softmax_scale))
-  resolved = _resolve_backend(backend)
+  resolved = _resolve_backend(backend, shapes)
   if plan is not None:
     _check_plan(plan, shapes)
   return _mla_decode_jit(q, kv_cache, block_table, cache_seqlens, plan,

@@ -5,3 +5,6 @@
 
 // y = x * scale; fp32. Proves build, registration and launch end to end.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(TmlaSmokeScale);
+
+// Paged MLA decode: the persistent megakernel over an instruction tensor.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(TmlaMlaDecode);

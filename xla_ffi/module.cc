@@ -20,6 +20,7 @@ NB_MODULE(_C, m) {
   m.def("registrations", []() {
     nb::dict targets;
     targets["tmla_smoke_scale"] = Capsule(TmlaSmokeScale);
+    targets["tmla_mla_decode"] = Capsule(TmlaMlaDecode);
     return targets;
   }, "FFI target name -> handler capsule, for platform \"CUDA\".");
   m.def("isa_version", []() { return tmla::isa::kIsaVersion; },

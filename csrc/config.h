@@ -1,0 +1,70 @@
+// Named constants of the MLA decode megakernel and its shared-memory plan.
+#pragma once
+
+#include <cstdint>
+
+#include "isa.h"
+
+namespace tmla::config {
+
+// Head dims the kernel is built for (DeepSeek MLA, absorbed form).
+constexpr int kHeadDimV = 512;
+constexpr int kRopeDim = 64;
+constexpr int kHeadDimQK = kHeadDimV + kRopeDim;
+
+// Tiles: 64 query rows (one wgmma M) against 64 KV tokens per stage.
+constexpr int kTileRows = isa::kTileRows;
+constexpr int kBlockTokens = 64;
+constexpr int kStages = 2;
+// 128-byte swizzled column blocks of 64 bf16/fp16 elements.
+constexpr int kColBlock = 64;
+constexpr int kNumColBlocks = kHeadDimQK / kColBlock;  // 9
+constexpr int kSwizzleBytes = 128;
+constexpr int kSwizzleAtomBytes = 8 * kSwizzleBytes;  // 8 rows
+// Smallest TMA box (tokens); pages are multiples of it.
+constexpr int kMinChunkTokens = 16;
+constexpr int kMaxPageSize = 256;
+
+// Warp roles: warpgroup 0 loads (one thread issues TMA), warpgroups 1 and 2
+// compute; consumer 0 also owns QK^T and the softmax, each consumer owns
+// half of the 512 output columns.
+constexpr int kWarpgroupThreads = 128;
+constexpr int kNumConsumers = 2;
+constexpr int kThreads = (1 + kNumConsumers) * kWarpgroupThreads;  // 384
+constexpr int kConsumerThreads = kNumConsumers * kWarpgroupThreads;
+constexpr int kColsPerConsumer = kHeadDimV / kNumConsumers;  // 256
+constexpr int kProducerRegisters = 40;
+constexpr int kConsumerRegisters = 232;
+static_assert(kProducerRegisters * kWarpgroupThreads +
+                  kConsumerRegisters * kConsumerThreads <= 65536,
+              "register file overcommitted");
+
+// Named barriers (0 is __syncthreads).
+constexpr int kBarPFree = 1;      // consumer 1 done with P / row scales
+constexpr int kBarPReady = 2;     // consumer 0 wrote P / row scales
+constexpr int kBarConsumers = 3;  // both consumer warpgroups
+constexpr int kBarConsumer0 = 4;  // consumer warpgroup c uses 4 + c
+
+// Shared memory plan (bytes from a 1024-byte aligned base).
+constexpr int kColBlockBytes = kTileRows * kSwizzleBytes;  // 8 KB
+static_assert(kBlockTokens == kTileRows, "Q and KV column blocks share a size");
+constexpr int kQBytes = kNumColBlocks * kColBlockBytes;      // 72 KB
+constexpr int kStageBytes = kNumColBlocks * kColBlockBytes;  // 72 KB
+constexpr int kPBytes = kTileRows * kBlockTokens * 2;        // 8 KB
+constexpr int kSmemQ = 0;
+constexpr int kSmemKv = kSmemQ + kQBytes;
+constexpr int kSmemP = kSmemKv + kStages * kStageBytes;
+constexpr int kSmemRowScale = kSmemP + kPBytes;
+constexpr int kSmemBarriers = kSmemRowScale + kTileRows * 4;
+constexpr int kSmemUsed = kSmemBarriers + 2 * kStages * 8;
+constexpr int kSmemAlign = kSwizzleAtomBytes;
+constexpr int kSmemBytes = kSmemUsed + kSmemAlign;
+constexpr int kMaxSmemPerBlock = 232448;  // 227 KB opt-in limit of sm_90
+static_assert(kSmemBytes <= kMaxSmemPerBlock, "shared memory plan too big");
+static_assert(kSmemKv % kSwizzleAtomBytes == 0 &&
+                  kSmemP % kSwizzleAtomBytes == 0 &&
+                  kStageBytes % kSwizzleAtomBytes == 0,
+              "swizzled buffers must be 1024-byte aligned");
+static_assert(kPBytes == kColBlockBytes, "P is one 128-byte swizzled block");
+
+}  // namespace tmla::config

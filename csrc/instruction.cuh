@@ -1,0 +1,102 @@
+// Decoding one instruction of the tensor (layout in isa.h) and the checks
+// that keep a malformed one from touching memory it must not.
+#pragma once
+
+#include <cstdint>
+
+#include "isa.h"
+#include "params.h"
+
+namespace tmla {
+
+struct Instruction {
+  int32_t opcode;
+  int32_t batch;
+  int32_t kv_head;
+  int32_t row_start;
+  int32_t num_rows;
+  int32_t arg0;  // PARTIAL: kv_start; REDUCE: src_slot
+  int32_t arg1;  // PARTIAL: kv_end;   REDUCE: num_src
+  int32_t dst_slot;
+  int32_t signal_counter;
+  int32_t wait_counter;
+  int32_t wait_count;
+
+  static __device__ __forceinline__ Instruction Fetch(
+      const MlaDecodeParams& p, int cta, int index) {
+    const int4* src = reinterpret_cast<const int4*>(
+        p.instructions +
+        (static_cast<int64_t>(cta) * p.max_instructions + index) *
+            isa::kInstructionWords);
+    const int4 w0 = __ldg(src);
+    const int4 w1 = __ldg(src + 1);
+    const int4 w2 = __ldg(src + 2);
+    static_assert(isa::kFieldOpcode == 0 && isa::kFieldBatch == 1 &&
+                      isa::kFieldKvHead == 2 && isa::kFieldRowStart == 3 &&
+                      isa::kFieldNumRows == 4 && isa::kFieldKvStart == 5 &&
+                      isa::kFieldSrcSlot == 5 && isa::kFieldKvEnd == 6 &&
+                      isa::kFieldNumSrc == 6 && isa::kFieldDstSlot == 7 &&
+                      isa::kFieldSignalCounter == 8 &&
+                      isa::kFieldWaitCounter == 9 &&
+                      isa::kFieldWaitCount == 10,
+                  "Fetch unpacks the fields in isa.h order");
+    return Instruction{w0.x, w0.y, w0.z, w0.w, w1.x, w1.y,
+                       w1.z, w1.w, w2.x, w2.y, w2.z};
+  }
+
+  __device__ __forceinline__ bool RowsValid(const MlaDecodeParams& p) const {
+    const int rows = p.s_q * (p.h_q / p.h_kv);
+    return batch >= 0 && batch < p.batch && kv_head >= 0 &&
+           kv_head < p.h_kv && num_rows >= 1 &&
+           num_rows <= isa::kTileRows && row_start >= 0 &&
+           row_start + num_rows <= rows;
+  }
+
+  __device__ __forceinline__ bool DstValid(const MlaDecodeParams& p) const {
+    return dst_slot == isa::kFinalOutput ||
+           (dst_slot >= 0 && dst_slot < p.num_slots);
+  }
+
+  // Whether the work of this instruction may run; an invalid one is
+  // skipped (it still signals, so that nothing waits forever).
+  __device__ __forceinline__ bool Valid(const MlaDecodeParams& p) const {
+    if (!RowsValid(p) || !DstValid(p)) return false;
+    if (opcode == isa::kOpPartial) return true;
+    if (opcode == isa::kOpReduce) {
+      return arg1 >= 1 && arg0 >= 0 && arg0 + arg1 <= p.num_slots;
+    }
+    return false;
+  }
+
+  __device__ __forceinline__ bool HasWait(const MlaDecodeParams& p) const {
+    return wait_counter >= 0 && wait_counter < p.num_counters;
+  }
+
+  __device__ __forceinline__ bool HasSignal(const MlaDecodeParams& p) const {
+    return signal_counter >= 0 && signal_counter < p.num_counters;
+  }
+};
+
+// The KV tokens a PARTIAL loads: [lo, hi) clamped to the table, walked in
+// blocks of kBlockTokens from `first` (lo rounded down to a TMA chunk).
+struct KvRange {
+  int32_t lo;
+  int32_t hi;
+  int32_t first;
+  int32_t num_blocks;
+
+  static __device__ __forceinline__ KvRange Of(const Instruction& in,
+                                               const MlaDecodeParams& p,
+                                               int block_tokens) {
+    const int32_t table_tokens = p.max_pages * p.page_size;
+    KvRange r;
+    r.lo = max(in.arg0, 0);
+    r.hi = min(in.arg1, table_tokens);
+    r.first = r.lo - r.lo % p.chunk_tokens;
+    r.num_blocks =
+        r.hi > r.lo ? (r.hi - r.first + block_tokens - 1) / block_tokens : 0;
+    return r;
+  }
+};
+
+}  // namespace tmla

@@ -1,0 +1,106 @@
+// The persistent interpreter: one CTA per SM walks its row of the
+// instruction tensor; warpgroup 0 produces K/V, warpgroups 1-2 execute.
+// Dependencies between CTAs go through counters in the workspace: a
+// consumer waits with ld.acquire.gpu, and signals after a device-scope
+// fence once all its threads' results are written. Dispatch by opcode is
+// listed here and nowhere else.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda.h>
+
+#include "config.h"
+#include "instruction.cuh"
+#include "ops/partial.cuh"
+#include "ops/reduce.cuh"
+#include "params.h"
+#include "producer.cuh"
+#include "ptx.cuh"
+#include "smem.cuh"
+
+namespace tmla {
+
+__device__ __forceinline__ void WaitFor(const MlaDecodeParams& p,
+                                        const Instruction& in, int consumer,
+                                        int thread_in_wg) {
+  if (!in.HasWait(p)) return;
+  if (thread_in_wg == 0) {
+    const int32_t* counter = p.counters + in.wait_counter;
+    while (ptx::LoadAcquireGpu(counter) < in.wait_count) __nanosleep(64);
+  }
+  ptx::BarSync(config::kBarConsumer0 + consumer, config::kWarpgroupThreads);
+}
+
+__device__ __forceinline__ void Signal(const MlaDecodeParams& p,
+                                       const Instruction& in,
+                                       int consumer_thread) {
+  if (!in.HasSignal(p)) return;
+  __threadfence();
+  ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
+  if (consumer_thread == 0) atomicAdd(p.counters + in.signal_counter, 1);
+}
+
+template <typename T>
+__device__ __forceinline__ void RunConsumer(const MlaDecodeParams& p,
+                                            const Smem& smem, int consumer,
+                                            int thread_in_wg) {
+  int block_counter = 0;
+  // Consumer 1 opens the P hand-off ring; consumer 0 closes it at the end.
+  if (consumer == 1) {
+    ptx::BarArrive(config::kBarPFree, config::kConsumerThreads);
+  }
+  for (int i = 0; i < p.max_instructions; ++i) {
+    const Instruction in = Instruction::Fetch(p, blockIdx.x, i);
+    if (in.opcode == isa::kOpStop) break;
+    if (in.Valid(p)) {
+      WaitFor(p, in, consumer, thread_in_wg);
+      switch (in.opcode) {
+        case isa::kOpPartial:
+          if (consumer == 0) {
+            ops::PartialSoftmaxConsumer<T>(p, in, smem, thread_in_wg,
+                                           block_counter);
+          } else {
+            ops::PartialPvConsumer<T>(p, in, smem, thread_in_wg,
+                                      block_counter);
+          }
+          break;
+        case isa::kOpReduce:
+          ops::Reduce<T>(p, in, consumer, thread_in_wg);
+          break;
+      }
+    }
+    Signal(p, in, consumer * config::kWarpgroupThreads + thread_in_wg);
+  }
+  if (consumer == 0) {
+    ptx::BarSync(config::kBarPFree, config::kConsumerThreads);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(config::kThreads, 1)
+    MlaDecodeKernel(const __grid_constant__ MlaDecodeParams p,
+                    const __grid_constant__ CUtensorMap kv_map) {
+  extern __shared__ uint8_t smem_raw[];
+  const Smem smem = Smem::Carve(smem_raw);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < config::kStages; ++s) {
+      ptx::MbarInit(&smem.full[s], 1);
+      ptx::MbarInit(&smem.empty[s], config::kNumConsumers);
+    }
+    ptx::FenceMbarInit();
+  }
+  __syncthreads();
+
+  const int warpgroup = threadIdx.x / config::kWarpgroupThreads;
+  const int thread_in_wg = threadIdx.x % config::kWarpgroupThreads;
+  if (warpgroup == 0) {
+    ptx::SetMaxRegistersDec<config::kProducerRegisters>();
+    if (thread_in_wg == 0) RunProducer(p, &kv_map, smem);
+  } else {
+    ptx::SetMaxRegistersInc<config::kConsumerRegisters>();
+    RunConsumer<T>(p, smem, warpgroup - 1, thread_in_wg);
+  }
+}
+
+}  // namespace tmla

@@ -1,0 +1,95 @@
+#include "mla_decode.h"
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include <cmath>
+#include <numeric>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "config.h"
+#include "interpreter.cuh"
+
+namespace tmla {
+namespace {
+
+PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
+                                         cudaEnableDefault,
+                                         &status) != cudaSuccess ||
+        status != cudaDriverEntryPointSuccess) {
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// K/V as a 3-D tensor [tokens = num_pages * page_size][h_kv][576]; a box is
+// 64 columns x 1 head x chunk_tokens tokens, 128-byte swizzled in smem.
+cudaError_t EncodeKvMap(const MlaDecodeLaunch& l, CUtensorMap* map) {
+  auto encode = TensorMapEncoder();
+  if (encode == nullptr) return cudaErrorSymbolNotFound;
+  const MlaDecodeParams& p = l.params;
+  constexpr uint64_t kElem = 2;
+  const cuuint64_t dims[3] = {
+      static_cast<cuuint64_t>(config::kHeadDimQK),
+      static_cast<cuuint64_t>(p.h_kv),
+      static_cast<cuuint64_t>(p.num_pages) * p.page_size};
+  const cuuint64_t strides[2] = {config::kHeadDimQK * kElem,
+                                 config::kHeadDimQK * kElem * p.h_kv};
+  const cuuint32_t box[3] = {config::kColBlock, 1,
+                             static_cast<cuuint32_t>(p.chunk_tokens)};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  const CUresult r = encode(
+      map,
+      l.dtype == ElementType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                        : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+      3, const_cast<void*>(l.kv_cache), dims, strides, box, element_strides,
+      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+template <typename T>
+cudaError_t Launch(const MlaDecodeLaunch& l, const CUtensorMap& map,
+                   cudaStream_t stream) {
+  auto kernel = MlaDecodeKernel<T>;
+  cudaError_t status = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      config::kSmemBytes);
+  if (status != cudaSuccess) return status;
+  kernel<<<l.num_ctas, config::kThreads, config::kSmemBytes, stream>>>(
+      l.params, map);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int MlaDecodeSmemBytes() { return config::kSmemBytes; }
+
+cudaError_t LaunchMlaDecode(const MlaDecodeLaunch& l, cudaStream_t stream) {
+  MlaDecodeLaunch launch = l;
+  launch.params.chunk_tokens =
+      std::gcd(launch.params.page_size, config::kBlockTokens);
+  CUtensorMap map;
+  cudaError_t status = EncodeKvMap(launch, &map);
+  if (status != cudaSuccess) return status;
+  if (launch.params.num_counters > 0) {
+    status = cudaMemsetAsync(launch.params.counters, 0,
+                             sizeof(int32_t) * launch.params.num_counters,
+                             stream);
+    if (status != cudaSuccess) return status;
+  }
+  if (launch.num_ctas == 0) return cudaSuccess;
+  return launch.dtype == ElementType::kBFloat16
+             ? Launch<__nv_bfloat16>(launch, map, stream)
+             : Launch<__half>(launch, map, stream);
+}
+
+}  // namespace tmla

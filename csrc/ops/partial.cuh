@@ -1,0 +1,393 @@
+// PARTIAL: attention of a 64-row query tile over a KV token range.
+//
+// Consumer 0 computes S = Q K^T (wgmma, 36 k-steps over 576 dims), masks it,
+// runs the online softmax in registers (base 2, scale folded in), and hands
+// P (T, swizzled) and the per-row rescale to consumer 1 through shared
+// memory; each consumer then accumulates its 256 output columns with
+// O += P V (wgmma, V read transposed from the same stage as K).
+// The P hand-off is a two-barrier ring: consumer 0 waits kBarPFree before
+// writing and arrives on kBarPReady after; consumer 1 the other way round.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "../config.h"
+#include "../instruction.cuh"
+#include "../params.h"
+#include "../ptx.cuh"
+#include "../smem.cuh"
+#include "../wgmma.cuh"
+
+namespace tmla::ops {
+
+constexpr float kLn2 = 0.69314718055994530942f;
+
+template <typename T>
+struct Pack2;
+template <>
+struct Pack2<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t Of(float a, float b) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+};
+template <>
+struct Pack2<__half> {
+  static __device__ __forceinline__ uint32_t Of(float a, float b) {
+    const __half2 v = __floats2half2_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+};
+
+// Where this thread's accumulator rows and columns are (wgmma m64nN f32
+// layout): rows r0 = 16 * warp + lane / 4 and r0 + 8; register i holds
+// column 8 * (i / 4) + 2 * (lane % 4) + i % 2 of row (i % 4 < 2 ? r0 : r1).
+struct Fragment {
+  int r0;
+  int r1;
+  int col;  // 2 * (lane % 4)
+  static __device__ __forceinline__ Fragment Of(int thread_in_wg) {
+    const int warp = thread_in_wg / 32;
+    const int lane = thread_in_wg % 32;
+    return Fragment{16 * warp + lane / 4, 16 * warp + lane / 4 + 8,
+                    2 * (lane % 4)};
+  }
+};
+
+// Query row of the tile -> (query token, query head) of the sequence.
+struct RowMap {
+  int group;  // h_q / h_kv
+  __device__ __forceinline__ int Token(const Instruction& in, int r) const {
+    return (in.row_start + r) / group;
+  }
+  __device__ __forceinline__ int Head(const Instruction& in, int r) const {
+    return in.kv_head * group + (in.row_start + r) % group;
+  }
+};
+
+// Zeroes the V columns [col0, col0 + 256) of tokens at or past `valid_hi`
+// in a loaded stage, so that P = 0 never meets NaN/garbage in P V.
+__device__ __forceinline__ void ZeroTail(uint8_t* stage, int block_start,
+                                         int valid_hi, int col0,
+                                         int thread_in_wg) {
+  const int first = max(valid_hi - block_start, 0);
+  if (first >= config::kBlockTokens) return;
+  constexpr int kChunksPerRow = config::kSwizzleBytes / 16;  // 8
+  constexpr int kBlocksPerConsumer = config::kColsPerConsumer /
+                                     config::kColBlock;  // 4
+  const int rows = config::kBlockTokens - first;
+  const int work = rows * kBlocksPerConsumer * kChunksPerRow;
+  const int col_block0 = col0 / config::kColBlock;
+  for (int w = thread_in_wg; w < work; w += config::kWarpgroupThreads) {
+    const int row = first + w / (kBlocksPerConsumer * kChunksPerRow);
+    const int rest = w % (kBlocksPerConsumer * kChunksPerRow);
+    const int j = col_block0 + rest / kChunksPerRow;
+    const int chunk = rest % kChunksPerRow;
+    *reinterpret_cast<int4*>(stage + j * config::kColBlockBytes +
+                             ptx::Swizzle128(row, chunk)) =
+        make_int4(0, 0, 0, 0);
+  }
+}
+
+// O[64 x 256 of this consumer] += P[64 x 64] V[64 x 256].
+template <typename T>
+__device__ __forceinline__ void AccumulatePv(float (&o)[128],
+                                             const Smem& smem,
+                                             const uint8_t* stage,
+                                             int consumer) {
+  const uint32_t p_addr = ptx::SmemAddr(smem.p);
+  const uint32_t v_addr =
+      ptx::SmemAddr(stage) + consumer * (config::kColsPerConsumer /
+                                         config::kColBlock) *
+                                 config::kColBlockBytes;
+  ptx::WgmmaFence();
+#pragma unroll
+  for (int kk = 0; kk < config::kBlockTokens / 16; ++kk) {
+    // K-major P: 16 tokens = 32 bytes along the swizzled row.
+    // MN-major V: 16 tokens = 16 rows of 128 bytes.
+    wgmma::MmaM64N256K16TransB<T>(
+        o, ptx::DescKMajor(p_addr + kk * 32),
+        ptx::DescMnMajor(v_addr + kk * 16 * config::kSwizzleBytes,
+                         config::kColBlockBytes),
+        true);
+  }
+  ptx::WgmmaCommit();
+  ptx::WgmmaWaitAll();
+}
+
+// Writes this consumer's 64 x 256 slice of O (scaled per row) to the final
+// output (T) or to a partial slot (fp32).
+template <typename T>
+__device__ __forceinline__ void StoreO(const MlaDecodeParams& p,
+                                       const Instruction& in,
+                                       const float (&o)[128],
+                                       const Fragment& f, float scale0,
+                                       float scale1, int consumer) {
+  const RowMap map{p.h_q / p.h_kv};
+  const int col0 = consumer * config::kColsPerConsumer + f.col;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = half ? f.r1 : f.r0;
+    if (r >= in.num_rows) continue;
+    const float scale = half ? scale1 : scale0;
+    if (in.dst_slot == isa::kFinalOutput) {
+      const int64_t row =
+          (static_cast<int64_t>(in.batch) * p.s_q + map.Token(in, r)) *
+              p.h_q + map.Head(in, r);
+      uint32_t* dst = reinterpret_cast<uint32_t*>(
+          static_cast<T*>(p.out) + row * config::kHeadDimV + col0);
+#pragma unroll
+      for (int i = 0; i < 128; i += 4) {
+        dst[(i / 4) * 4] = Pack2<T>::Of(o[i + 2 * half] * scale,
+                                        o[i + 2 * half + 1] * scale);
+      }
+    } else {
+      float2* dst = reinterpret_cast<float2*>(
+          p.partial_o +
+          (static_cast<int64_t>(in.dst_slot) * config::kTileRows + r) *
+              config::kHeadDimV + col0);
+#pragma unroll
+      for (int i = 0; i < 128; i += 4) {
+        dst[(i / 4) * 4] = make_float2(o[i + 2 * half] * scale,
+                                       o[i + 2 * half + 1] * scale);
+      }
+    }
+  }
+}
+
+// Loads the query tile into shared memory (swizzled, zero rows past
+// num_rows) with consumer 0's 128 threads.
+template <typename T>
+__device__ __forceinline__ void LoadQ(const MlaDecodeParams& p,
+                                      const Instruction& in, const Smem& smem,
+                                      int thread_in_wg) {
+  constexpr int kChunksPerRow = config::kHeadDimQK * 2 / 16;  // 72
+  const RowMap map{p.h_q / p.h_kv};
+  const T* q = static_cast<const T*>(p.q);
+  for (int w = thread_in_wg; w < config::kTileRows * kChunksPerRow;
+       w += config::kWarpgroupThreads) {
+    const int r = w / kChunksPerRow;
+    const int chunk = w % kChunksPerRow;
+    int4 v = make_int4(0, 0, 0, 0);
+    if (r < in.num_rows) {
+      const int64_t row =
+          (static_cast<int64_t>(in.batch) * p.s_q + map.Token(in, r)) *
+              p.h_q + map.Head(in, r);
+      v = __ldg(reinterpret_cast<const int4*>(q + row * config::kHeadDimQK) +
+                chunk);
+    }
+    *reinterpret_cast<int4*>(smem.q + (chunk / 8) * config::kColBlockBytes +
+                             ptx::Swizzle128(r, chunk % 8)) = v;
+  }
+  ptx::FenceProxyAsync();
+  ptx::BarSync(config::kBarConsumer0, config::kWarpgroupThreads);
+}
+
+// Last key (exclusive) that tile row r may see, from the range and mask.
+__device__ __forceinline__ int RowLimit(const MlaDecodeParams& p,
+                                        const Instruction& in, int r,
+                                        int valid_hi, int len) {
+  if (!p.causal) return valid_hi;
+  const int token = (in.row_start + r) / (p.h_q / p.h_kv);
+  return min(valid_hi, len - p.s_q + token + 1);
+}
+
+__device__ __forceinline__ float QuadMax(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffff, v, 2));
+}
+__device__ __forceinline__ float QuadSum(float v) {
+  v += __shfl_xor_sync(0xffffffff, v, 1);
+  return v + __shfl_xor_sync(0xffffffff, v, 2);
+}
+
+// Consumer 0: QK^T, softmax, P hand-off, its half of PV, LSE.
+template <typename T>
+__device__ __forceinline__ void PartialSoftmaxConsumer(
+    const MlaDecodeParams& p, const Instruction& in, const Smem& smem,
+    int thread_in_wg, int& block_counter) {
+  const Fragment f = Fragment::Of(thread_in_wg);
+  const KvRange range = KvRange::Of(in, p, config::kBlockTokens);
+  const int len = min(max(__ldg(p.seqlens + in.batch), 0),
+                      p.max_pages * p.page_size);
+  const int valid_hi = min(range.hi, len);
+  const int limit0 = RowLimit(p, in, f.r0, valid_hi, len);
+  const int limit1 = RowLimit(p, in, f.r1, valid_hi, len);
+
+  LoadQ<T>(p, in, smem, thread_in_wg);
+  const uint32_t q_addr = ptx::SmemAddr(smem.q);
+
+  float o[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+
+  for (int b = 0; b < range.num_blocks; ++b, ++block_counter) {
+    const int stage = StageOf(block_counter);
+    const int block_start = range.first + b * config::kBlockTokens;
+    uint8_t* kv = smem.Stage(stage);
+    ptx::MbarWait(&smem.full[stage], PhaseOf(block_counter));
+    if (valid_hi - block_start < config::kBlockTokens) {
+      ZeroTail(kv, block_start, valid_hi, 0, thread_in_wg);
+      ptx::FenceProxyAsync();
+      ptx::BarSync(config::kBarConsumer0, config::kWarpgroupThreads);
+    }
+
+    float s[32];
+    const uint32_t k_addr = ptx::SmemAddr(kv);
+    ptx::WgmmaFence();
+#pragma unroll
+    for (int ks = 0; ks < config::kHeadDimQK / 16; ++ks) {
+      const uint32_t off =
+          (ks / 4) * config::kColBlockBytes + (ks % 4) * 32;
+      wgmma::MmaM64N64K16<T>(s, ptx::DescKMajor(q_addr + off),
+                             ptx::DescKMajor(k_addr + off), ks > 0);
+    }
+    ptx::WgmmaCommit();
+    ptx::WgmmaWaitAll();
+
+    // Mask, scale to base 2, online softmax.
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      const int key = block_start + 8 * (i / 4) + f.col + (i % 2);
+      const bool upper = (i % 4) >= 2;
+      const bool ok = key >= range.lo && key < (upper ? limit1 : limit0);
+      s[i] = ok ? s[i] * p.scale_log2 : -INFINITY;
+      if (upper) {
+        mx1 = fmaxf(mx1, s[i]);
+      } else {
+        mx0 = fmaxf(mx0, s[i]);
+      }
+    }
+    const float new0 = fmaxf(m0, QuadMax(mx0));
+    const float new1 = fmaxf(m1, QuadMax(mx1));
+    const float use0 = new0 == -INFINITY ? 0.f : new0;
+    const float use1 = new1 == -INFINITY ? 0.f : new1;
+    const float alpha0 = exp2f(m0 - use0);
+    const float alpha1 = exp2f(m1 - use1);
+    m0 = new0;
+    m1 = new1;
+    float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      const bool upper = (i % 4) >= 2;
+      s[i] = exp2f(s[i] - (upper ? use1 : use0));
+      if (upper) {
+        sum1 += s[i];
+      } else {
+        sum0 += s[i];
+      }
+    }
+    l0 = l0 * alpha0 + sum0;
+    l1 = l1 * alpha1 + sum1;
+
+    // Hand P and the rescale to consumer 1.
+    ptx::BarSync(config::kBarPFree, config::kConsumerThreads);
+#pragma unroll
+    for (int i = 0; i < 32; i += 2) {
+      const int r = (i % 4) >= 2 ? f.r1 : f.r0;
+      const int key = 8 * (i / 4) + f.col;
+      *reinterpret_cast<uint32_t*>(smem.p + ptx::Swizzle128(r, key / 8) +
+                                   (key % 8) * 2) =
+          Pack2<T>::Of(s[i], s[i + 1]);
+    }
+    if (f.col == 0) {
+      smem.row_scale[f.r0] = alpha0;
+      smem.row_scale[f.r1] = alpha1;
+    }
+    ptx::FenceProxyAsync();
+    ptx::BarArrive(config::kBarPReady, config::kConsumerThreads);
+    ptx::BarSync(config::kBarConsumer0, config::kWarpgroupThreads);
+
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] *= (i % 4) >= 2 ? alpha1 : alpha0;
+    AccumulatePv<T>(o, smem, kv, 0);
+    if (thread_in_wg == 0) ptx::MbarArrive(&smem.empty[stage]);
+  }
+
+  // Epilogue: 1/l to consumer 1, then O and LSE out.
+  l0 = QuadSum(l0);
+  l1 = QuadSum(l1);
+  const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
+  const float inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+  ptx::BarSync(config::kBarPFree, config::kConsumerThreads);
+  if (f.col == 0) {
+    smem.row_scale[f.r0] = inv0;
+    smem.row_scale[f.r1] = inv1;
+  }
+  ptx::BarArrive(config::kBarPReady, config::kConsumerThreads);
+  StoreO<T>(p, in, o, f, inv0, inv1, 0);
+
+  if (f.col == 0) {
+    const RowMap map{p.h_q / p.h_kv};
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = half ? f.r1 : f.r0;
+      if (r >= in.num_rows) continue;
+      const float l = half ? l1 : l0;
+      const float m = half ? m1 : m0;
+      const float lse2 = l > 0.f ? m + log2f(l) : -INFINITY;
+      if (in.dst_slot == isa::kFinalOutput) {
+        const int64_t at =
+            (static_cast<int64_t>(in.batch) * p.h_q + map.Head(in, r)) *
+                p.s_q + map.Token(in, r);
+        p.lse[at] = l > 0.f ? lse2 * kLn2 : INFINITY;
+      } else {
+        p.partial_lse[static_cast<int64_t>(in.dst_slot) * config::kTileRows +
+                      r] = lse2;
+      }
+    }
+  }
+}
+
+// Consumer 1: its half of PV with consumer 0's P, then its half of O.
+template <typename T>
+__device__ __forceinline__ void PartialPvConsumer(const MlaDecodeParams& p,
+                                                  const Instruction& in,
+                                                  const Smem& smem,
+                                                  int thread_in_wg,
+                                                  int& block_counter) {
+  const Fragment f = Fragment::Of(thread_in_wg);
+  const KvRange range = KvRange::Of(in, p, config::kBlockTokens);
+  const int len = min(max(__ldg(p.seqlens + in.batch), 0),
+                      p.max_pages * p.page_size);
+  const int valid_hi = min(range.hi, len);
+
+  float o[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] = 0.f;
+
+  for (int b = 0; b < range.num_blocks; ++b, ++block_counter) {
+    const int stage = StageOf(block_counter);
+    const int block_start = range.first + b * config::kBlockTokens;
+    uint8_t* kv = smem.Stage(stage);
+    ptx::MbarWait(&smem.full[stage], PhaseOf(block_counter));
+    if (valid_hi - block_start < config::kBlockTokens) {
+      ZeroTail(kv, block_start, valid_hi, config::kColsPerConsumer,
+               thread_in_wg);
+      ptx::FenceProxyAsync();
+      ptx::BarSync(config::kBarConsumer0 + 1, config::kWarpgroupThreads);
+    }
+    ptx::BarSync(config::kBarPReady, config::kConsumerThreads);
+    const float alpha0 = smem.row_scale[f.r0];
+    const float alpha1 = smem.row_scale[f.r1];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] *= (i % 4) >= 2 ? alpha1 : alpha0;
+    AccumulatePv<T>(o, smem, kv, 1);
+    ptx::BarArrive(config::kBarPFree, config::kConsumerThreads);
+    if (thread_in_wg == 0) ptx::MbarArrive(&smem.empty[stage]);
+  }
+
+  ptx::BarSync(config::kBarPReady, config::kConsumerThreads);
+  const float inv0 = smem.row_scale[f.r0];
+  const float inv1 = smem.row_scale[f.r1];
+  ptx::BarArrive(config::kBarPFree, config::kConsumerThreads);
+  StoreO<T>(p, in, o, f, inv0, inv1, 1);
+}
+
+}  // namespace tmla::ops

@@ -1,0 +1,34 @@
+// Launch parameters of the MLA decode megakernel. Every pointer is device
+// memory; its shape is in the comment. T is the element type (bf16/fp16).
+#pragma once
+
+#include <cstdint>
+
+namespace tmla {
+
+struct MlaDecodeParams {
+  const void* q;                // T [batch, s_q, h_q, 576]
+  const int32_t* block_table;   // [batch, max_pages]
+  const int32_t* seqlens;       // [batch]
+  const int32_t* instructions;  // [num_ctas, max_instructions, 16]
+  void* out;                    // T [batch, s_q, h_q, 512]
+  float* lse;                   // [batch, h_q, s_q], natural log
+  float* partial_o;             // [num_slots, 64, 512]
+  float* partial_lse;           // [num_slots, 64], base 2
+  int32_t* counters;            // [num_counters]
+  int32_t batch;
+  int32_t s_q;
+  int32_t h_q;
+  int32_t h_kv;
+  int32_t page_size;
+  int32_t num_pages;
+  int32_t max_pages;
+  int32_t max_instructions;
+  int32_t num_slots;
+  int32_t num_counters;
+  int32_t chunk_tokens;  // TMA box height: gcd(page_size, 64)
+  int32_t causal;
+  float scale_log2;  // softmax_scale * log2(e)
+};
+
+}  // namespace tmla

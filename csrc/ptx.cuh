@@ -1,0 +1,154 @@
+// Thin wrappers over the sm_90 PTX the kernel needs: mbarriers, TMA,
+// wgmma fences and descriptors, named barriers, register reallocation.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda.h>
+
+#include "config.h"
+
+namespace tmla::ptx {
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// ---- mbarriers -----------------------------------------------------------
+
+__device__ __forceinline__ void MbarInit(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(SmemAddr(bar)),
+               "r"(count));
+}
+
+__device__ __forceinline__ void FenceMbarInit() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
+__device__ __forceinline__ void MbarArrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(SmemAddr(bar))
+               : "memory");
+}
+
+__device__ __forceinline__ void MbarArriveExpectTx(uint64_t* bar,
+                                                   uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(
+                   SmemAddr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "wait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n"
+      "}\n" ::"r"(SmemAddr(bar)),
+      "r"(parity)
+      : "memory");
+}
+
+// ---- TMA -----------------------------------------------------------------
+
+// 3-D tiled bulk copy global -> shared, completing on `bar`.
+__device__ __forceinline__ void TmaLoad3d(void* dst, const CUtensorMap* map,
+                                          int32_t c0, int32_t c1, int32_t c2,
+                                          uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_"
+      "tx::bytes [%0], [%1, {%2, %3, %4}], [%5];" ::"r"(SmemAddr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2),
+      "r"(SmemAddr(bar))
+      : "memory");
+}
+
+__device__ __forceinline__ void PrefetchTensorMap(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];" ::"l"(
+                   reinterpret_cast<uint64_t>(map))
+               : "memory");
+}
+
+// ---- fences and named barriers -------------------------------------------
+
+// Orders this thread's generic-proxy shared-memory writes before later
+// async-proxy accesses (wgmma operand reads, TMA writes).
+__device__ __forceinline__ void FenceProxyAsync() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+__device__ __forceinline__ void BarSync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+__device__ __forceinline__ void BarArrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+// ---- cross-CTA counters --------------------------------------------------
+
+__device__ __forceinline__ int32_t LoadAcquireGpu(const int32_t* p) {
+  int32_t v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];"
+               : "=r"(v)
+               : "l"(p)
+               : "memory");
+  return v;
+}
+
+// ---- wgmma ---------------------------------------------------------------
+
+__device__ __forceinline__ void WgmmaFence() {
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ void WgmmaCommit() {
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ void WgmmaWaitAll() {
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+}
+
+// Shared-memory matrix descriptor, 128-byte swizzle (layout type 1).
+// K-major operands: rows of 128 bytes, 8-row groups 1024 bytes apart (SBO);
+// the leading offset is unused. MN-major operands: 64-element atoms along
+// MN `mn_atom_stride` bytes apart (LBO), 8-row groups along K 1024 apart.
+__device__ __forceinline__ uint64_t DescSw128(uint32_t smem_addr,
+                                              uint32_t lbo_bytes) {
+  constexpr uint64_t kSwizzle128 = 1;
+  const uint64_t sbo = config::kSwizzleAtomBytes >> 4;
+  return (static_cast<uint64_t>(smem_addr & 0x3FFFF) >> 4) |
+         (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFF) << 16) |
+         (sbo << 32) | (kSwizzle128 << 62);
+}
+
+__device__ __forceinline__ uint64_t DescKMajor(uint32_t smem_addr) {
+  return DescSw128(smem_addr, 16);
+}
+
+__device__ __forceinline__ uint64_t DescMnMajor(uint32_t smem_addr,
+                                                uint32_t mn_atom_stride) {
+  return DescSw128(smem_addr, mn_atom_stride);
+}
+
+// ---- registers -----------------------------------------------------------
+
+template <int kRegs>
+__device__ __forceinline__ void SetMaxRegistersInc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegs));
+}
+
+template <int kRegs>
+__device__ __forceinline__ void SetMaxRegistersDec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kRegs));
+}
+
+// Byte offset of 16-byte chunk `chunk` (0..7) of row `row` in a 128-byte
+// swizzled block whose base is 1024-byte aligned (the TMA/wgmma pattern).
+__device__ __forceinline__ uint32_t Swizzle128(int row, int chunk) {
+  return row * config::kSwizzleBytes + ((chunk ^ (row & 7)) << 4);
+}
+
+}  // namespace tmla::ptx

@@ -1,0 +1,81 @@
+"""The ffi_call wrapper of the CUDA megakernel: outputs, workspace, attrs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_thundermla import _ffi
+from jax_thundermla import reference
+from jax_thundermla.plan import DecodePlan
+from jax_thundermla.plan import plan_on_device
+
+TARGET = "tmla_mla_decode"
+HEAD_DIM_V = 512
+HEAD_DIM_QK = 576
+
+
+def unsupported_reason(*, head_dim_v: int, d_qk: int) -> str | None:
+  """Why the kernel cannot run these shapes, or None when it can."""
+  if head_dim_v != HEAD_DIM_V or d_qk != HEAD_DIM_QK:
+    return (f"the CUDA kernel supports head_dim_v={HEAD_DIM_V} (d_qk="
+            f"{HEAD_DIM_QK}) only, got head_dim_v={head_dim_v}")
+  return None
+
+
+def mla_decode_cuda(q: jax.Array, kv_cache: jax.Array,
+                    block_table: jax.Array, cache_seqlens: jax.Array,
+                    plan: DecodePlan | None, *, head_dim_v: int,
+                    softmax_scale: float, causal: bool
+                    ) -> tuple[jax.Array, jax.Array]:
+  """MLA decode by the megakernel; inputs already validated by mla_decode.
+
+  Args:
+    q: [b, s_q, h_q, 576] bf16/fp16.
+    kv_cache: [num_pages, page_size, h_kv, 576], q's dtype.
+    block_table: int32 [b, max_pages].
+    cache_seqlens: int32 [b].
+    plan: a host-built DecodePlan for these lengths, or None to plan on the
+      device from ``cache_seqlens`` (balanced scheduler, static capacity).
+    head_dim_v: 512.
+    softmax_scale: factor applied to QK^T.
+    causal: bottom-right causal masking.
+
+  Returns:
+    ``(out [b, s_q, h_q, 512] in q.dtype, lse [b, h_q, s_q] float32)``, NaN
+    for sequences that cannot be decoded from their table (see
+    ``reference.invalid_sequences``) and everywhere when a host plan was
+    built for other lengths.
+  """
+  _ffi.register_targets()
+  b, s_q, h_q, _ = q.shape
+  num_pages, page_size, h_kv, _ = kv_cache.shape
+  max_pages = block_table.shape[1]
+  stale = None
+  if plan is None:
+    plan = plan_on_device(cache_seqlens, s_q=s_q, h_q=h_q, h_kv=h_kv,
+                          page_size=page_size,
+                          max_seqlen=max_pages * page_size,
+                          head_dim_v=head_dim_v)
+  else:
+    stale = jnp.any(plan.seqlens != cache_seqlens)
+  call = jax.ffi.ffi_call(
+      TARGET,
+      (jax.ShapeDtypeStruct((b, s_q, h_q, head_dim_v), q.dtype),
+       jax.ShapeDtypeStruct((b, h_q, s_q), jnp.float32),
+       jax.ShapeDtypeStruct((plan.workspace_words(head_dim_v),),
+                            jnp.float32)))
+  out, lse, _ = call(
+      q, kv_cache, block_table, cache_seqlens,
+      jnp.asarray(plan.instructions, jnp.int32),
+      softmax_scale=np.float32(softmax_scale), causal=np.int32(causal),
+      num_slots=np.int32(plan.num_slots),
+      num_counters=np.int32(plan.num_counters))
+  bad = reference.invalid_sequences(block_table, cache_seqlens, num_pages,
+                                    page_size)
+  if stale is not None:
+    bad = bad | stale
+  out = jnp.where(bad[:, None, None, None], jnp.nan, out).astype(q.dtype)
+  lse = jnp.where(bad[:, None, None], jnp.nan, lse)
+  return out, lse

@@ -1,0 +1,167 @@
+// XLA FFI handler of the MLA decode megakernel: decodes buffers and
+// attributes, checks what the kernel relies on, fills the launch
+// parameters and launches on XLA's stream. No host sync, no allocation.
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+#include "csrc/config.h"
+#include "csrc/isa.h"
+#include "csrc/mla_decode.h"
+#include "xla_ffi/check.h"
+#include "xla_ffi/handlers.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kMaxDevices = 64;
+
+// SM count per device ordinal, read once.
+cudaError_t SmCount(int32_t device, int* count) {
+  static std::array<std::atomic<int>, kMaxDevices> cache{};
+  if (device < 0 || device >= kMaxDevices) {
+    return cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount,
+                                  device);
+  }
+  int cached = cache[device].load(std::memory_order_relaxed);
+  if (cached == 0) {
+    cudaError_t status = cudaDeviceGetAttribute(
+        &cached, cudaDevAttrMultiProcessorCount, device);
+    if (status != cudaSuccess) return status;
+    cache[device].store(cached, std::memory_order_relaxed);
+  }
+  *count = cached;
+  return cudaSuccess;
+}
+
+std::string Dims(ffi::Span<const int64_t> dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) {
+    s += (i ? ", " : "") + std::to_string(dims[i]);
+  }
+  return s + "]";
+}
+
+ffi::Error Invalid(const std::string& message) {
+  return ffi::Error::InvalidArgument("tmla_mla_decode: " + message);
+}
+
+ffi::Error MlaDecodeImpl(cudaStream_t stream, int32_t device,
+                         float softmax_scale, int32_t causal,
+                         int32_t num_slots, int32_t num_counters,
+                         ffi::AnyBuffer q, ffi::AnyBuffer kv_cache,
+                         ffi::Buffer<ffi::S32> block_table,
+                         ffi::Buffer<ffi::S32> seqlens,
+                         ffi::Buffer<ffi::S32> instructions,
+                         ffi::Result<ffi::AnyBuffer> out,
+                         ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                         ffi::Result<ffi::Buffer<ffi::F32>> workspace) {
+  namespace config = tmla::config;
+  namespace isa = tmla::isa;
+  const auto qd = q.dimensions();
+  const auto kd = kv_cache.dimensions();
+  const auto td = block_table.dimensions();
+  const auto id = instructions.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || td.size() != 2 ||
+      seqlens.dimensions().size() != 1 || id.size() != 3) {
+    return Invalid("expected q [b, s_q, h_q, 576], kv_cache [pages, "
+                   "page_size, h_kv, 576], block_table [b, max_pages], "
+                   "seqlens [b], instructions [ctas, n, 16]");
+  }
+  const int64_t batch = qd[0], s_q = qd[1], h_q = qd[2];
+  const int64_t num_pages = kd[0], page_size = kd[1], h_kv = kd[2];
+  if (q.element_type() != kv_cache.element_type() ||
+      out->element_type() != q.element_type() ||
+      (q.element_type() != ffi::DataType::BF16 &&
+       q.element_type() != ffi::DataType::F16)) {
+    return Invalid("q, kv_cache and out must share dtype bf16 or f16");
+  }
+  if (qd[3] != config::kHeadDimQK || kd[3] != config::kHeadDimQK) {
+    return Invalid("head dims must be 576, got q " + Dims(qd) +
+                   " kv_cache " + Dims(kd));
+  }
+  if (h_kv < 1 || h_q % h_kv != 0 || page_size % config::kMinChunkTokens ||
+      page_size < config::kMinChunkTokens ||
+      page_size > config::kMaxPageSize || td[0] != batch ||
+      seqlens.dimensions()[0] != batch || td[1] < 1 || num_pages < 1) {
+    return Invalid("inconsistent shapes: q " + Dims(qd) + " kv_cache " +
+                   Dims(kd) + " block_table " + Dims(td));
+  }
+  if (id[2] != isa::kInstructionWords) {
+    return Invalid("instructions must be [ctas, n, " +
+                   std::to_string(isa::kInstructionWords) + "], got " +
+                   Dims(id));
+  }
+  const int64_t workspace_words =
+      static_cast<int64_t>(num_slots) * config::kTileRows *
+          (config::kHeadDimV + 1) + num_counters;
+  if (num_slots < 0 || num_counters < 0 ||
+      static_cast<int64_t>(workspace->element_count()) < workspace_words) {
+    return Invalid("workspace smaller than num_slots/num_counters need");
+  }
+  int sms = 0;
+  TMLA_CUDA_RETURN_IF_ERROR(SmCount(device, &sms));
+  if (id[0] > sms) {
+    return Invalid("the plan has " + std::to_string(id[0]) +
+                   " CTAs but device " + std::to_string(device) + " has " +
+                   std::to_string(sms) +
+                   " SMs; build the plan with num_sms <= the SM count");
+  }
+
+  tmla::MlaDecodeLaunch launch{};
+  tmla::MlaDecodeParams& p = launch.params;
+  p.q = q.untyped_data();
+  p.block_table = block_table.typed_data();
+  p.seqlens = seqlens.typed_data();
+  p.instructions = instructions.typed_data();
+  p.out = out->untyped_data();
+  p.lse = lse->typed_data();
+  float* ws = workspace->typed_data();
+  p.partial_o = ws;
+  p.partial_lse = ws + static_cast<int64_t>(num_slots) * config::kTileRows *
+                           config::kHeadDimV;
+  p.counters = reinterpret_cast<int32_t*>(
+      p.partial_lse + static_cast<int64_t>(num_slots) * config::kTileRows);
+  p.batch = static_cast<int32_t>(batch);
+  p.s_q = static_cast<int32_t>(s_q);
+  p.h_q = static_cast<int32_t>(h_q);
+  p.h_kv = static_cast<int32_t>(h_kv);
+  p.page_size = static_cast<int32_t>(page_size);
+  p.num_pages = static_cast<int32_t>(num_pages);
+  p.max_pages = static_cast<int32_t>(td[1]);
+  p.max_instructions = static_cast<int32_t>(id[1]);
+  p.num_slots = num_slots;
+  p.num_counters = num_counters;
+  p.causal = causal;
+  p.scale_log2 = softmax_scale * 1.4426950408889634f;
+  launch.kv_cache = kv_cache.untyped_data();
+  launch.dtype = q.element_type() == ffi::DataType::BF16
+                     ? tmla::ElementType::kBFloat16
+                     : tmla::ElementType::kFloat16;
+  launch.num_ctas = static_cast<int32_t>(id[0]);
+  TMLA_CUDA_RETURN_IF_ERROR(tmla::LaunchMlaDecode(launch, stream));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    TmlaMlaDecode, MlaDecodeImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<ffi::DeviceOrdinal>()
+        .Attr<float>("softmax_scale")
+        .Attr<int32_t>("causal")
+        .Attr<int32_t>("num_slots")
+        .Attr<int32_t>("num_counters")
+        .Arg<ffi::AnyBuffer>()              // q: [b, s_q, h_q, 576]
+        .Arg<ffi::AnyBuffer>()              // kv_cache: [pages, ps, h_kv, 576]
+        .Arg<ffi::Buffer<ffi::S32>>()       // block_table: [b, max_pages]
+        .Arg<ffi::Buffer<ffi::S32>>()       // seqlens: [b]
+        .Arg<ffi::Buffer<ffi::S32>>()       // instructions: [ctas, n, 16]
+        .Ret<ffi::AnyBuffer>()              // out: [b, s_q, h_q, 512]
+        .Ret<ffi::Buffer<ffi::F32>>()       // lse: [b, h_q, s_q]
+        .Ret<ffi::Buffer<ffi::F32>>(),      // workspace: [words]
+    {ffi::Traits::kCmdBufferCompatible});
