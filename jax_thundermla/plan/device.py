@@ -1,0 +1,115 @@
+"""The balanced planner on the device: plans inside jit from traced lengths.
+
+``plan_on_device`` runs the balanced scheduler (jax_thundermla.plan.balanced,
+the same code as the host's ``scheduler="balanced"``) in jax.numpy int32, so
+a jitted decode step builds its own plan with no host sync. All sizes are
+static, derived from shapes only:
+
+* instructions per SM: ``4 + (ALPHA + 1) * items // num_sms`` with ``items =
+  batch * h_kv * ceil(s_q * h_q / h_kv / TILE_ROWS)`` (the balanced
+  scheduler's bound on one SM's list, whatever the lengths);
+* slots and counters: bounds from the at most ``num_sms - 1`` cuts;
+* the cost unit: from ``max_seqlen``, so that int32 cannot overflow.
+
+Changing the lengths therefore never recompiles. For equal capacities the
+instruction tensor equals the host balanced planner's for the same lengths
+when ``max_seqlen`` rounds up to the same page count as the longest length.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_thundermla import isa
+from jax_thundermla.plan import balanced
+from jax_thundermla.plan.cost import CostModel
+from jax_thundermla.plan.plan import DecodePlan
+from jax_thundermla.plan.plan import validate_shapes
+from jax_thundermla.plan.tensorize import MIN_CAPACITY
+
+# int32 headroom of the on-device arithmetic (see balanced.py).
+_PAGE_LIMIT = 1 << 28
+
+
+@functools.partial(jax.jit, static_argnames=("st", "capacity"))
+def _instructions(lengths: jax.Array, st: balanced.Statics,
+                  capacity: int) -> jax.Array:
+  """int32 ``[num_sms, capacity, INSTRUCTION_WORDS]`` balanced lists."""
+  rows, sm, pos, _, _, _ = balanced.lists(jnp, lengths, st, jnp.int32)
+  out = jnp.zeros((st.num_sms, capacity, isa.INSTRUCTION_WORDS), jnp.int32)
+  return out.at[sm, pos].set(rows, mode="drop")
+
+
+def plan_on_device(cache_seqlens: Any, *, s_q: int, h_q: int, h_kv: int = 1,
+                   page_size: int = 64, max_seqlen: int,
+                   head_dim_v: int = 512, num_sms: int | None = None,
+                   cost_model: CostModel | None = None) -> DecodePlan:
+  """Builds a balanced plan from device lengths, inside or outside jit.
+
+  Args:
+    cache_seqlens: int ``[b]`` device (or traced) array: tokens per sequence,
+      the ``s_q`` new ones included. Values are clamped to
+      ``[0, max_seqlen]``; the plan's ``seqlens`` holds the clamped values.
+    s_q: new query tokens per sequence.
+    h_q: query heads.
+    h_kv: KV heads.
+    page_size: tokens per cache page.
+    max_seqlen: static bound on the lengths, e.g. ``max_pages * page_size``
+      of the block table.
+    head_dim_v: value head dim (prices the instructions).
+    num_sms: SMs of the grid; by default those of the first GPU, else 132.
+    cost_model: prices of the instructions; CostModel() by default.
+
+  Returns:
+    A DecodePlan whose leaves are jax arrays and whose capacities depend on
+    shapes only; ``scheduler == "balanced"`` and the predicted makespan is NaN.
+
+  Raises:
+    TypeError, ValueError: bad arguments, naming the argument.
+  """
+  s_q, h_q, h_kv, page_size, head_dim_v, num_sms, cost = validate_shapes(
+      s_q=s_q, h_q=h_q, h_kv=h_kv, page_size=page_size,
+      head_dim_v=head_dim_v, num_sms=num_sms, cost_model=cost_model)
+  if isinstance(max_seqlen, bool) or not isinstance(
+      max_seqlen, (int, np.integer)):
+    raise TypeError(
+        f"max_seqlen must be a static int, got {type(max_seqlen).__name__}")
+  if max_seqlen < 0:
+    raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+  lengths = jnp.asarray(cache_seqlens)
+  if lengths.ndim != 1 or lengths.shape[0] == 0:
+    raise ValueError(
+        f"cache_seqlens must have shape [b] with b >= 1, got shape"
+        f" {lengths.shape}")
+  if not jnp.issubdtype(lengths.dtype, jnp.integer):
+    raise TypeError(
+        f"cache_seqlens must be an integer array, got dtype {lengths.dtype}")
+  max_pages = -(-int(max_seqlen) // page_size)
+  st = balanced.statics(
+      batch=lengths.shape[0], s_q=s_q, h_q=h_q, h_kv=h_kv,
+      page_size=page_size, head_dim_v=head_dim_v, num_sms=num_sms,
+      max_pages=max_pages, cost=cost)
+  if st.num_items * (1 + max_pages) > _PAGE_LIMIT:
+    raise ValueError(
+        f"batch * h_kv * tiles * (1 + max_pages) must be <= {_PAGE_LIMIT} for"
+        f" the on-device planner, got {st.num_items} * {1 + max_pages}; use"
+        " plan_decode on the host")
+  if st.fixed_ns + max_pages * max(st.page_ns) >= 1 << 31:
+    raise ValueError(
+        f"max_seqlen={max_seqlen} makes one PARTIAL cost more than int32 ns;"
+        " use plan_decode on the host")
+  clamped = jnp.clip(lengths.astype(jnp.int32), 0, min(max_seqlen,
+                                                         (1 << 31) - 1))
+  capacity = max(MIN_CAPACITY, st.max_per_sm)
+  return DecodePlan(
+      instructions=_instructions(clamped, st, capacity), seqlens=clamped,
+      s_q=s_q, h_q=h_q, h_kv=h_kv, page_size=page_size, num_sms=num_sms,
+      max_instructions=capacity, num_slots=max(MIN_CAPACITY, st.max_slots),
+      num_counters=max(MIN_CAPACITY, st.max_counters), scheduler="balanced",
+      predicted_makespan_ns=math.nan)

@@ -1,0 +1,63 @@
+"""Gantt chart of a plan's predicted schedule (matplotlib, optional)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from jax_thundermla import isa
+
+if TYPE_CHECKING:
+  from jax_thundermla.plan.plan import DecodePlan
+
+_COLORS = {isa.OP_PARTIAL: "tab:blue", isa.OP_REDUCE: "tab:orange"}
+_LABELS = {isa.OP_PARTIAL: "PARTIAL", isa.OP_REDUCE: "REDUCE"}
+
+
+def draw(plan: DecodePlan, path: str, *, title: str | None = None) -> None:
+  """Draws one row per SM: PARTIALs and REDUCEs in two colours, idle blank.
+
+  Args:
+    plan: the plan; its instructions are timed with the virtual machine's
+      clock (their cost words).
+    path: output image file.
+    title: figure title; by default the scheduler and the makespan.
+
+  Raises:
+    ImportError: matplotlib is not installed.
+  """
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        "DecodePlan.gantt needs matplotlib: pip install matplotlib") from e
+  from jax_thundermla import vm  # pylint: disable=g-import-not-at-top
+
+  run = vm.simulate(plan, check=False)
+  start_us = run.start_ns / 1e3
+  width_us = (run.end_ns - run.start_ns) / 1e3
+  height = max(3.0, min(40.0, 0.12 * plan.num_sms))
+  fig, ax = plt.subplots(figsize=(12, height))
+  for op, color in _COLORS.items():
+    sel = run.opcode == op
+    if sel.any():
+      ax.barh(run.sm[sel], width_us[sel], left=start_us[sel], height=0.8,
+              color=color, edgecolor="black", linewidth=0.2,
+              label=_LABELS[op])
+  ax.set_xlabel("predicted time (us)")
+  ax.set_ylabel("SM")
+  ax.set_ylim(plan.num_sms - 0.5, -0.5)
+  ax.set_xlim(0, max(run.makespan_ns / 1e3, 1e-3))
+  ax.legend(loc="lower right")
+  if title is None:
+    title = (f"{plan.scheduler}: predicted makespan"
+             f" {run.makespan_ns / 1e3:.1f} us,"
+             f" {int(np.sum(run.opcode == isa.OP_PARTIAL))} PARTIALs,"
+             f" {int(np.sum(run.opcode == isa.OP_REDUCE))} REDUCEs")
+  ax.set_title(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -1,0 +1,97 @@
+"""Instruction lists to the instruction tensor, with bucketed capacities."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jax_thundermla import isa
+
+# Smallest capacity of a plan (instructions per SM, slots, counters).
+MIN_CAPACITY = 8
+
+
+def bucket(count: int) -> int:
+  """Capacity for ``count`` entries: a power of two, at least MIN_CAPACITY."""
+  return max(MIN_CAPACITY, 1 << max(0, int(count) - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """Instructions with the SM that runs each and their order on it.
+
+  Attributes:
+    rows: int64 ``[m, INSTRUCTION_WORDS]`` instruction words.
+    sm: int64 ``[m]`` SM of each instruction.
+    key: ``[m]`` order key: an SM runs its instructions by increasing key
+      (ties keep the order of ``rows``).
+    positional: the keys are already the positions 0, 1, ... of each list.
+  """
+
+  rows: np.ndarray
+  sm: np.ndarray
+  key: np.ndarray
+  positional: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Capacities:
+  """Sizes a plan needs, before bucketing.
+
+  Attributes:
+    max_instructions: longest instruction list.
+    num_slots: partial slots used.
+    num_counters: counters used.
+  """
+
+  max_instructions: int
+  num_slots: int
+  num_counters: int
+
+  def bucketed(self) -> Capacities:
+    return Capacities(bucket(self.max_instructions), bucket(self.num_slots),
+                      bucket(self.num_counters))
+
+
+def capacities_of(rows: np.ndarray, longest: int) -> Capacities:
+  """Capacities used by instruction rows ``[m, W]`` in lists of at most
+  ``longest`` instructions."""
+  op = rows[:, isa.FIELD_OPCODE]
+  dst = rows[:, isa.FIELD_DST_SLOT]
+  reduce = op == isa.OP_REDUCE
+  src_end = np.where(reduce, rows[:, isa.FIELD_SRC_SLOT]
+                     + rows[:, isa.FIELD_NUM_SRC], 0)
+  slots = max(int(dst.max(initial=-1)) + 1, int(src_end.max(initial=0)))
+  counters = 1 + max(int(rows[:, isa.FIELD_SIGNAL_COUNTER].max(initial=-1)),
+                     int(rows[:, isa.FIELD_WAIT_COUNTER].max(initial=-1)))
+  return Capacities(longest, slots, counters)
+
+
+def tensorize(schedule: Schedule, num_sms: int) -> tuple[np.ndarray,
+                                                           Capacities]:
+  """Lays a schedule out as an instruction tensor.
+
+  Args:
+    schedule: the instructions, their SMs and order keys.
+    num_sms: SMs of the grid.
+
+  Returns:
+    ``(instructions, capacities)``: int32 ``[num_sms, max_instructions,
+    INSTRUCTION_WORDS]`` with zero (STOP) rows after each list, and the
+    bucketed capacities (``max_instructions`` is the tensor's second dim).
+  """
+  if schedule.positional:
+    sm, pos, rows = schedule.sm, schedule.key, schedule.rows
+    longest = int(pos.max(initial=-1)) + 1
+  else:
+    order = np.lexsort((schedule.key, schedule.sm))
+    sm, rows = schedule.sm[order], schedule.rows[order]
+    per_sm = np.bincount(sm, minlength=num_sms)
+    pos = np.arange(sm.shape[0]) - (np.cumsum(per_sm) - per_sm)[sm]
+    longest = int(per_sm.max(initial=0))
+  caps = capacities_of(rows, longest).bucketed()
+  out = np.zeros((num_sms, caps.max_instructions, isa.INSTRUCTION_WORDS),
+                 np.int32)
+  out[sm, pos] = rows
+  return out, caps

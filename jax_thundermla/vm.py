@@ -1,0 +1,494 @@
+"""A CPU virtual machine for instruction tensors: the kernel's oracle.
+
+`execute` runs an instruction tensor (or a DecodePlan) in float64 numpy with
+the semantics of csrc/isa.h; `simulate` does everything but the arithmetic.
+Both
+
+* check every field (opcodes, sequence and head indices, row and KV ranges
+  within the sequence, slot and counter indices) and raise ProgramError;
+* run the simulated clock (jax_thundermla.plan.timing): every SM executes its
+  list in order, an instruction starts when its SM is free and its wait
+  counter is satisfied; a wait that can never be satisfied raises
+  DeadlockError;
+* follow the data: a REDUCE may read a slot only if the slot's writer
+  happens before it (same SM earlier, or through counter waits, transitively:
+  vector clocks), and a slot may be overwritten only after its previous
+  writer and readers happen before; otherwise HazardError. Every (sequence,
+  KV head, query row) must be written exactly once, from KV ranges that tile
+  ``[0, len)`` exactly; otherwise CoverageError.
+
+Numerics: a PARTIAL over ``[kv_start, kv_end)`` computes, for each row of its
+tile (row r is query token r // g of head kv_head * g + r % g, g = h_q /
+h_kv), softmax attention over the keys it sees (all of the range, or with
+causal masking the keys ``<= len - s_q + token``). A result written to a slot
+is the normalised output and the base-2 log-sum-exp ``log2(sum 2^(score *
+scale * log2 e))``, -inf for a row that saw no key. A REDUCE merges slots
+with weights ``2^(lse_i - max lse)``. A final write stores the output and
+the natural-log LSE; a row that saw no key gets out = 0, lse = +inf. Only KV
+positions below the sequence length are read: NaN anywhere else cannot leak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+from typing import Any
+
+import numpy as np
+
+from jax_thundermla import isa
+from jax_thundermla.plan import timing
+from jax_thundermla.plan.cost import CostModel
+from jax_thundermla.plan.plan import DecodePlan
+
+DeadlockError = timing.DeadlockError
+
+_LOG2E = math.log2(math.e)
+
+
+class ProgramError(ValueError):
+  """An instruction has a field the instruction set does not allow."""
+
+
+class HazardError(RuntimeError):
+  """A slot is read or overwritten without the ordering that makes it safe."""
+
+
+class CoverageError(RuntimeError):
+  """An output row is missing, written twice, or covers KV tokens wrongly."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VMResult:
+  """Outcome of a run.
+
+  Attributes:
+    out: float64 ``[b, s_q, h_q, d_v]`` (None from `simulate`).
+    lse: float64 ``[b, h_q, s_q]``, natural log (None from `simulate`).
+    makespan_ns: simulated duration.
+    sm: ``[n]`` SM of each executed instruction, in (SM, position) order.
+    index: ``[n]`` position of the instruction in its SM's list.
+    opcode: ``[n]`` opcode.
+    start_ns: ``[n]`` simulated start.
+    end_ns: ``[n]`` simulated end.
+  """
+
+  out: np.ndarray | None
+  lse: np.ndarray | None
+  makespan_ns: float
+  sm: np.ndarray
+  index: np.ndarray
+  opcode: np.ndarray
+  start_ns: np.ndarray
+  end_ns: np.ndarray
+
+
+@dataclasses.dataclass
+class _Machine:
+  """Decoded program and the shapes it runs on."""
+
+  instructions: np.ndarray  # int64 [S, I, W]
+  seqlens: np.ndarray  # int64 [b]
+  s_q: int
+  h_q: int
+  h_kv: int
+  page_size: int | None
+  num_slots: int | None
+  num_counters: int | None
+
+  @property
+  def rows_per_head(self) -> int:
+    return self.s_q * (self.h_q // self.h_kv)
+
+
+def _machine(program: Any, seqlens: Any, s_q: Any, h_q: Any, h_kv: Any,
+             page_size: Any) -> _Machine:
+  if isinstance(program, DecodePlan):
+    lens = program.seqlens if seqlens is None else seqlens
+    m = _Machine(np.asarray(program.instructions, np.int64),
+                 np.asarray(lens, np.int64), program.s_q, program.h_q,
+                 program.h_kv, program.page_size, program.num_slots,
+                 program.num_counters)
+    given = {"s_q": s_q, "h_q": h_q, "h_kv": h_kv, "page_size": page_size}
+    for name, value in given.items():
+      if value is not None and value != getattr(m, name):
+        raise ValueError(
+            f"{name}={value} does not match the plan's {name}="
+            f"{getattr(m, name)}")
+  else:
+    missing = [n for n, v in (("seqlens", seqlens), ("s_q", s_q),
+                              ("h_q", h_q), ("h_kv", h_kv)) if v is None]
+    if missing:
+      raise ValueError(
+          f"a raw instruction tensor needs {', '.join(missing)}")
+    m = _Machine(np.asarray(program, np.int64), np.asarray(seqlens, np.int64),
+                 int(s_q), int(h_q), int(h_kv),
+                 None if page_size is None else int(page_size), None, None)
+  ins = m.instructions
+  if ins.ndim != 3 or ins.shape[2] != isa.INSTRUCTION_WORDS:
+    raise ProgramError(
+        f"instructions must have shape [num_sms, max_instructions,"
+        f" {isa.INSTRUCTION_WORDS}], got {ins.shape}")
+  if m.seqlens.ndim != 1:
+    raise ValueError(f"seqlens must have shape [b], got {m.seqlens.shape}")
+  if m.h_q % m.h_kv:
+    raise ValueError(f"h_q={m.h_q} is not a multiple of h_kv={m.h_kv}")
+  return m
+
+
+def _check_fields(m: _Machine, words: np.ndarray, sm: np.ndarray,
+                  index: np.ndarray) -> None:
+  """Raises ProgramError at the first instruction with a bad field."""
+  op = words[:, isa.FIELD_OPCODE]
+  b = words[:, isa.FIELD_BATCH]
+  row0 = words[:, isa.FIELD_ROW_START]
+  rows = words[:, isa.FIELD_NUM_ROWS]
+  dst = words[:, isa.FIELD_DST_SLOT]
+  partial = op == isa.OP_PARTIAL
+  reduce = op == isa.OP_REDUCE
+  batch = m.seqlens.shape[0]
+  length = m.seqlens[np.clip(b, 0, max(batch - 1, 0))]
+  f5, f6 = words[:, 5], words[:, 6]
+  slots = np.inf if m.num_slots is None else m.num_slots
+  counters = np.inf if m.num_counters is None else m.num_counters
+  checks = (
+      (~(partial | reduce), "unknown opcode"),
+      ((b < 0) | (b >= batch), "batch out of range"),
+      ((words[:, isa.FIELD_KV_HEAD] < 0)
+       | (words[:, isa.FIELD_KV_HEAD] >= m.h_kv), "kv_head out of range"),
+      ((rows < 1) | (rows > isa.TILE_ROWS) | (row0 < 0)
+       | (row0 + rows > m.rows_per_head), "query rows out of range"),
+      (partial & ((f5 < 0) | (f5 > f6) | (f6 > length)),
+       "KV range outside [0, len)"),
+      (partial & (dst == isa.FINAL_OUTPUT) & ((f5 != 0) | (f6 != length)),
+       "PARTIAL to the final output must cover the whole sequence"),
+      (reduce & ((f5 < 0) | (f6 < 1) | (f5 + f6 > slots)),
+       "source slots out of range"),
+      (reduce & (f6 > isa.MAX_REDUCE_INPUTS),
+       f"more than {isa.MAX_REDUCE_INPUTS} REDUCE inputs"),
+      ((dst < isa.FINAL_OUTPUT) | (dst >= slots), "dst_slot out of range"),
+      ((words[:, isa.FIELD_SIGNAL_COUNTER] < isa.NO_COUNTER)
+       | (words[:, isa.FIELD_SIGNAL_COUNTER] >= counters),
+       "signal_counter out of range"),
+      ((words[:, isa.FIELD_WAIT_COUNTER] < isa.NO_COUNTER)
+       | (words[:, isa.FIELD_WAIT_COUNTER] >= counters)
+       | (words[:, isa.FIELD_WAIT_COUNT] < 0), "wait counter out of range"),
+  )
+  for bad, what in checks:
+    if bad.any():
+      i = int(np.flatnonzero(bad)[0])
+      raise ProgramError(
+          f"SM {sm[i]} instruction {index[i]}: {what}: {words[i].tolist()}")
+
+
+def _order_and_clocks(words: np.ndarray, sm: np.ndarray, index: np.ndarray,
+                      t: timing.Timing, num_sms: int):
+  """Topological execution order and happens-before vector clocks.
+
+  Returns:
+    ``(order, clock)``: instruction ids in an order that respects program
+    order and counter waits, and int64 ``[n, num_sms]`` where ``clock[x, s]``
+    is how many instructions of SM s happen before or at x.
+  """
+  n = words.shape[0]
+  signal = words[:, isa.FIELD_SIGNAL_COUNTER]
+  wait = words[:, isa.FIELD_WAIT_COUNTER]
+  count = words[:, isa.FIELD_WAIT_COUNT]
+  signallers: dict[int, list[int]] = {}
+  for x in np.flatnonzero(signal >= 0).tolist():
+    signallers.setdefault(int(signal[x]), []).append(x)
+  preds: list[list[int]] = [[] for _ in range(n)]
+  needs = [0] * n
+  succs: list[list[int]] = [[] for _ in range(n)]
+  for x in range(n):
+    if index[x] > 0:
+      preds[x].append(x - 1)
+      succs[x - 1].append(x)
+      needs[x] += 1
+    if wait[x] >= 0 and count[x] > 0:
+      group = signallers[int(wait[x])]
+      first = sorted(group, key=lambda y: t.end_ns[y])[:int(count[x])]
+      for y in first:
+        succs[y].append(x)
+        needs[x] += 1
+  heap = [(t.start_ns[x], x) for x in range(n) if needs[x] == 0]
+  heapq.heapify(heap)
+  order = []
+  clock = np.zeros((n, num_sms), np.int64)
+  while heap:
+    _, x = heapq.heappop(heap)
+    order.append(x)
+    if index[x] > 0:
+      clock[x] = clock[x - 1]
+    if wait[x] >= 0 and count[x] > 0:
+      group = signallers[int(wait[x])]
+      k = int(count[x])
+      known = np.sort(clock[group], axis=0)[k - 1]
+      clock[x] = np.maximum(clock[x], known)
+    clock[x, sm[x]] = index[x] + 1
+    for y in succs[x]:
+      needs[y] -= 1
+      if needs[y] == 0:
+        heapq.heappush(heap, (t.start_ns[y], y))
+  return order, clock
+
+
+@dataclasses.dataclass
+class _Value:
+  """What a slot holds: which rows, which KV ranges, and the numbers."""
+
+  key: tuple[int, int, int, int]  # (batch, kv_head, row_start, num_rows)
+  ranges: list[tuple[int, int]]
+  out: np.ndarray | None  # [num_rows, d_v]
+  lse2: np.ndarray | None  # [num_rows] base 2
+
+
+def _merge_ranges(values: list[_Value], where: str) -> list[tuple[int, int]]:
+  ranges = sorted(r for v in values for r in v.ranges)
+  for (_, e0), (s1, _) in zip(ranges, ranges[1:]):
+    if s1 < e0:
+      raise CoverageError(f"{where}: KV tokens merged twice (double coverage)"
+                          f" in ranges {ranges}")
+  return ranges
+
+
+class _Numerics:
+  """float64 attention of the paged inputs."""
+
+  def __init__(self, m: _Machine, q, kv_cache, block_table, head_dim_v: int,
+               softmax_scale: float | None, causal: bool):
+    self.q = np.asarray(q, np.float64)
+    self.kv = np.asarray(kv_cache, np.float64)
+    self.table = np.asarray(block_table, np.int64)
+    self.d_v = head_dim_v
+    d_qk = self.q.shape[-1]
+    self.scale = d_qk ** -0.5 if softmax_scale is None else softmax_scale
+    self.causal = causal
+    self.m = m
+    self.group = m.h_q // m.h_kv
+
+  def partial(self, key, start: int, end: int):
+    b, k, row0, rows = key
+    m = self.m
+    r = np.arange(row0, row0 + rows)
+    token = r // self.group
+    head = k * self.group + r % self.group
+    qq = self.q[b, token, head]  # [rows, d_qk]
+    pos = np.arange(start, end)
+    page_idx = pos // m.page_size
+    if end > start and page_idx[-1] >= self.table.shape[1]:
+      raise ValueError(
+          f"block_table has {self.table.shape[1]} pages per sequence,"
+          f" sequence {b} needs {page_idx[-1] + 1}")
+    pages = self.table[b, page_idx]
+    if ((pages < 0) | (pages >= self.kv.shape[0])).any():
+      bad = int(page_idx[(pages < 0) | (pages >= self.kv.shape[0])][0])
+      raise ValueError(
+          f"block_table[{b}, {bad}] = {self.table[b, bad]} is not a page id"
+          f" in [0, {self.kv.shape[0]})")
+    keys = self.kv[pages, pos % m.page_size, k]  # [n, d_qk]
+    scores = qq @ keys.T * self.scale
+    if self.causal:
+      seen = pos[None, :] <= (m.seqlens[b] - m.s_q + token)[:, None]
+    else:
+      seen = np.ones(scores.shape, bool)
+    scores = np.where(seen, scores, -np.inf)
+    top = scores.max(axis=1, initial=-np.inf)
+    safe = np.where(np.isfinite(top), top, 0.0)
+    p = np.where(seen, np.exp(scores - safe[:, None]), 0.0)
+    total = p.sum(axis=1)
+    values = np.where(seen.any(axis=0)[:, None], keys[:, :self.d_v], 0.0)
+    out = np.divide(p @ values, total[:, None], out=np.zeros((rows, self.d_v)),
+                    where=total[:, None] > 0)
+    lse2 = np.where(total > 0, (safe + np.log(np.where(total > 0, total, 1)))
+                    * _LOG2E, -np.inf)
+    return out, lse2
+
+  @staticmethod
+  def reduce(values: list[_Value]):
+    lse2 = np.stack([v.lse2 for v in values])  # [n, rows]
+    outs = np.stack([v.out for v in values])  # [n, rows, d_v]
+    top = lse2.max(axis=0)
+    safe = np.where(np.isfinite(top), top, 0.0)
+    w = np.where(np.isfinite(lse2), np.exp2(lse2 - safe), 0.0)
+    total = w.sum(axis=0)
+    out = np.divide((w[..., None] * outs).sum(axis=0), total[:, None],
+                    out=np.zeros(outs.shape[1:]), where=total[:, None] > 0)
+    lse = np.where(total > 0, safe + np.log2(np.where(total > 0, total, 1)),
+                   -np.inf)
+    return out, lse
+
+
+def _run(m: _Machine, numerics: _Numerics | None, cost_model,
+         head_dim_v: int, check: bool) -> VMResult:
+  ins = m.instructions
+  live = timing.live_mask(ins)
+  sm, index = np.nonzero(live)
+  words = ins[live]
+  _check_fields(m, words, sm, index)
+  durations = None
+  if cost_model is not None:
+    if m.page_size is None:
+      raise ValueError("a cost_model needs page_size to price PARTIALs")
+    durations = cost_model.instruction_ns(ins, page_size=m.page_size,
+                                          head_dim_v=head_dim_v)
+  t = timing.simulate(ins, durations)
+  out = lse = None
+  if check or numerics is not None:
+    b, s_q, h_q = m.seqlens.shape[0], m.s_q, m.h_q
+    if numerics is not None:
+      out = np.zeros((b, s_q, h_q, numerics.d_v))
+      lse = np.zeros((b, h_q, s_q))
+    order, clock = _order_and_clocks(words, sm, index, t, ins.shape[0])
+    slots: dict[int, tuple[int, _Value, list[int]]] = {}
+    written = np.zeros((b, m.h_kv, m.rows_per_head), bool)
+    group = h_q // m.h_kv
+
+    def hb(x: int, y: int) -> bool:
+      return clock[y, sm[x]] >= index[x] + 1
+
+    def name(x: int) -> str:
+      return f"SM {sm[x]} instruction {index[x]}"
+
+    for x in order:
+      w = words[x]
+      key = tuple(int(v) for v in w[[isa.FIELD_BATCH, isa.FIELD_KV_HEAD,
+                                      isa.FIELD_ROW_START,
+                                      isa.FIELD_NUM_ROWS]])
+      if w[isa.FIELD_OPCODE] == isa.OP_PARTIAL:
+        start, end = int(w[isa.FIELD_KV_START]), int(w[isa.FIELD_KV_END])
+        value = _Value(key, [(start, end)] if end > start else [], None, None)
+        if numerics is not None:
+          value.out, value.lse2 = numerics.partial(key, start, end)
+      else:
+        src, num = int(w[isa.FIELD_SRC_SLOT]), int(w[isa.FIELD_NUM_SRC])
+        inputs = []
+        for slot in range(src, src + num):
+          if slot not in slots:
+            raise HazardError(f"{name(x)} reads slot {slot} before any"
+                              " instruction writes it")
+          writer, held, readers = slots[slot]
+          if not hb(writer, x):
+            raise HazardError(
+                f"{name(x)} reads slot {slot} without waiting for its writer"
+                f" ({name(writer)})")
+          if held.key != key:
+            raise ProgramError(f"{name(x)} merges slot {slot} holding rows"
+                               f" {held.key}, not {key}")
+          readers.append(x)
+          inputs.append(held)
+        value = _Value(key, _merge_ranges(inputs, name(x)), None, None)
+        if numerics is not None:
+          value.out, value.lse2 = numerics.reduce(inputs)
+      dst = int(w[isa.FIELD_DST_SLOT])
+      if dst != isa.FINAL_OUTPUT:
+        if dst in slots:
+          writer, _, readers = slots[dst]
+          for y in [writer] + readers:
+            if not hb(y, x):
+              raise HazardError(
+                  f"{name(x)} overwrites slot {dst} while {name(y)} may"
+                  " still use it")
+        slots[dst] = (x, value, [])
+        continue
+      b_, k_, row0, rows = key
+      if written[b_, k_, row0:row0 + rows].any():
+        raise CoverageError(f"{name(x)} writes output rows {key} that are"
+                            " already written (double coverage)")
+      written[b_, k_, row0:row0 + rows] = True
+      expect = int(m.seqlens[b_])
+      got = value.ranges
+      tiled = (not got and expect == 0) or (
+          got and got[0][0] == 0 and got[-1][1] == expect
+          and all(e == s for (_, e), (s, _) in zip(got, got[1:])))
+      if not tiled:
+        raise CoverageError(
+            f"{name(x)} writes rows {key} from KV ranges {got}, which do not"
+            f" tile [0, {expect})")
+      if numerics is not None:
+        r = np.arange(row0, row0 + rows)
+        token, head = r // group, k_ * group + r % group
+        out[b_, token, head] = value.out
+        lse[b_, head, token] = np.where(np.isfinite(value.lse2),
+                                        value.lse2 / _LOG2E, np.inf)
+    if not written.all():
+      b_, k_, r = (int(v[0]) for v in np.nonzero(~written))
+      raise CoverageError(f"output row {r} of sequence {b_}, KV head {k_} is"
+                          " never written")
+  return VMResult(out, lse, t.makespan_ns, t.sm, t.index, t.opcode,
+                  t.start_ns, t.end_ns)
+
+
+def simulate(program: DecodePlan | Any, *, seqlens: Any = None,
+             s_q: int | None = None, h_q: int | None = None,
+             h_kv: int | None = None, page_size: int | None = None,
+             head_dim_v: int = 512, cost_model: CostModel | None = None,
+             check: bool = True) -> VMResult:
+  """Runs the clock and the checks of a program, without the arithmetic.
+
+  Args:
+    program: a DecodePlan or an int ``[num_sms, max_instructions,
+      INSTRUCTION_WORDS]`` instruction tensor.
+    seqlens: ``[b]`` lengths (a plan's own by default; required otherwise).
+    s_q, h_q, h_kv: shapes (a plan's own; required for a raw tensor).
+    page_size: tokens per page (needed with ``cost_model``).
+    head_dim_v: value head dim (prices instructions with ``cost_model``).
+    cost_model: price instructions with it instead of their cost words.
+    check: also check data flow and coverage.
+
+  Returns:
+    A VMResult without ``out``/``lse``.
+
+  Raises:
+    ProgramError, DeadlockError, HazardError, CoverageError: as named.
+  """
+  m = _machine(program, seqlens, s_q, h_q, h_kv, page_size)
+  return _run(m, None, cost_model, head_dim_v, check)
+
+
+def execute(program: DecodePlan | Any, q: Any, kv_cache: Any,
+            block_table: Any, cache_seqlens: Any, *, head_dim_v: int,
+            softmax_scale: float | None = None, causal: bool,
+            cost_model: CostModel | None = None) -> VMResult:
+  """Executes a program on paged inputs in float64.
+
+  Args:
+    program: a DecodePlan or an int ``[num_sms, max_instructions,
+      INSTRUCTION_WORDS]`` instruction tensor.
+    q: ``[b, s_q, h_q, d_qk]`` queries.
+    kv_cache: ``[num_pages, page_size, h_kv, d_qk]``; V is ``[..., :d_v]``.
+    block_table: int ``[b, max_pages]`` page ids.
+    cache_seqlens: int ``[b]`` tokens per sequence.
+    head_dim_v: value head dim d_v.
+    softmax_scale: score scale, ``d_qk ** -0.5`` by default.
+    causal: bottom-right causal masking.
+    cost_model: price instructions with it instead of their cost words.
+
+  Returns:
+    A VMResult with ``out`` ``[b, s_q, h_q, d_v]`` and ``lse`` ``[b, h_q,
+    s_q]``.
+
+  Raises:
+    ProgramError, DeadlockError, HazardError, CoverageError: as named.
+    ValueError: shapes disagree, or a needed block table entry is no page.
+  """
+  q = np.asarray(q)
+  kv_cache = np.asarray(kv_cache)
+  if q.ndim != 4 or kv_cache.ndim != 4:
+    raise ValueError(
+        f"q and kv_cache must be 4-D, got shapes {q.shape} and"
+        f" {kv_cache.shape}")
+  b, s_q, h_q, d_qk = q.shape
+  _, page_size, h_kv, _ = kv_cache.shape
+  if kv_cache.shape[3] != d_qk or not 0 < head_dim_v <= d_qk:
+    raise ValueError(
+        f"kv_cache head dim {kv_cache.shape[3]} and head_dim_v {head_dim_v}"
+        f" do not fit q head dim {d_qk}")
+  lens = np.asarray(cache_seqlens, np.int64)
+  if lens.shape != (b,):
+    raise ValueError(f"cache_seqlens must have shape [{b}], got {lens.shape}")
+  m = _machine(program, lens, s_q, h_q, h_kv, page_size)
+  numerics = _Numerics(m, q, kv_cache, block_table, head_dim_v,
+                       softmax_scale, causal)
+  return _run(m, numerics, cost_model, head_dim_v, True)

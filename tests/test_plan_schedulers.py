@@ -1,0 +1,144 @@
+"""Every scheduler's plans are complete, ordered and deadlock free.
+
+Checked with the virtual machine's simulation (no arithmetic): every
+(sequence, KV head, query row) is written once from KV ranges that tile
+[0, len); every slot is read only after its writer, through counters; no SM
+can block forever; and every REDUCE starts after the instructions it waits
+for have ended.
+"""
+
+import hypothesis
+from hypothesis import strategies as st
+import numpy as np
+import pytest
+
+from jax_thundermla import isa
+from jax_thundermla import vm
+from jax_thundermla.plan import SCHEDULERS
+from jax_thundermla.plan import CostModel
+from jax_thundermla.plan import balanced
+from jax_thundermla.plan import makespan
+from jax_thundermla.plan import plan_decode
+from jax_thundermla.plan import timing
+from jax_thundermla.plan.problem import Problem
+from jax_thundermla.plan.problem import WorkItems
+from jax_thundermla.plan.tensorize import Schedule
+from jax_thundermla.plan.tensorize import tensorize
+from jax_thundermla.workloads import WORKLOADS
+
+
+def check_plan(plan) -> vm.VMResult:
+  """Structure checks of a plan; returns its simulation."""
+  run = vm.simulate(plan)
+  ins = np.asarray(plan.instructions)
+  assert ins.dtype == np.int32
+  assert ins.shape == (plan.num_sms, plan.max_instructions,
+                       isa.INSTRUCTION_WORDS)
+  live = timing.live_mask(ins)
+  assert not ins[~live].any(), "rows after a list's STOP must be zero"
+  words = ins[live]
+  signal = words[:, isa.FIELD_SIGNAL_COUNTER]
+  for x in np.flatnonzero(words[:, isa.FIELD_WAIT_COUNT] > 0):
+    producers = signal == words[x, isa.FIELD_WAIT_COUNTER]
+    assert producers.sum() == words[x, isa.FIELD_WAIT_COUNT]
+    assert run.start_ns[x] >= run.end_ns[producers].max()
+  for cap in (plan.max_instructions, plan.num_slots, plan.num_counters):
+    assert cap >= 8 and cap & (cap - 1) == 0
+  assert run.makespan_ns == pytest.approx(plan.predicted_makespan_ns)
+  return run
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("name", sorted(WORKLOADS))
+def test_workloads(name, scheduler):
+  w = WORKLOADS[name]
+  plan = plan_decode(w.seqlens, s_q=w.s_q, h_q=w.h_q, h_kv=w.h_kv,
+                     page_size=w.page_size, num_sms=132, scheduler=scheduler)
+  check_plan(plan)
+
+
+@pytest.mark.parametrize("name", sorted(WORKLOADS))
+def test_makespan_scheduler_is_not_worse_than_balanced(name):
+  w = WORKLOADS[name]
+  plans = {s: plan_decode(w.seqlens, s_q=w.s_q, h_q=w.h_q, num_sms=132,
+                          scheduler=s) for s in ("balanced", "makespan")}
+  assert (plans["makespan"].predicted_makespan_ns
+          <= plans["balanced"].predicted_makespan_ns)
+
+
+@st.composite
+def shapes(draw):
+  """Shapes across the supported range (b, lengths, s_q, h_q, h_kv)."""
+  b = draw(st.integers(1, 48))
+  length = st.one_of(st.just(0), st.integers(0, 300), st.integers(0, 20000),
+                     st.integers(900_000, 1_000_000))
+  lens = draw(st.lists(length, min_size=b, max_size=b))
+  s_q = draw(st.integers(1, 16))
+  h_kv = draw(st.sampled_from([1, 1, 2, 4]))
+  most = max(1, min(128, 2048 // s_q) // h_kv)
+  h_q = h_kv * draw(st.integers(1, most))
+  return dict(seqlens=lens, s_q=s_q, h_q=h_q, h_kv=h_kv,
+              page_size=draw(st.sampled_from([1, 16, 64, 256])),
+              num_sms=draw(st.sampled_from([1, 2, 7, 33, 132])))
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@hypothesis.settings(max_examples=30, deadline=None)
+@hypothesis.given(shape=shapes())
+def test_drawn_shapes(scheduler, shape):
+  check_plan(plan_decode(scheduler=scheduler, **shape))
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_largest_problem(scheduler):
+  """4096 sequences of up to 1e6 tokens, 2048 query rows each."""
+  rng = np.random.default_rng(4096)
+  lens = rng.integers(0, 1_000_001, 4096)
+  lens[rng.random(4096) < 0.3] = 0
+  plan = plan_decode(lens, s_q=16, h_q=128, page_size=256, num_sms=132,
+                     scheduler=scheduler)
+  check_plan(plan)
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_most_query_rows(scheduler):
+  plan = plan_decode([1_000_000, 0, 70_000], s_q=16, h_q=128, num_sms=132,
+                     page_size=256, scheduler=scheduler)
+  assert plan.max_instructions >= 1
+  check_plan(plan)
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_deterministic(scheduler):
+  w = WORKLOADS["W3"]
+  a = plan_decode(w.seqlens, s_q=4, h_q=16, num_sms=132, scheduler=scheduler)
+  b = plan_decode(list(w.seqlens), s_q=4, h_q=16, num_sms=132,
+                  scheduler=scheduler)
+  np.testing.assert_array_equal(a.instructions, b.instructions)
+  assert a.predicted_makespan_ns == b.predicted_makespan_ns
+
+
+@pytest.mark.parametrize("lens, s_q, h_q", [
+    (WORKLOADS["W1"].seqlens, 4, 16), (WORKLOADS["W2"].seqlens, 1, 16),
+    (WORKLOADS["W4"].seqlens, 2, 16), ((0, 1, 64, 65, 5000), 3, 40),
+])
+def test_one_piece_per_sm_layout_matches_emit(lens, s_q, h_q):
+  """The makespan scheduler's host fast path lays out what emit would."""
+  problem = Problem(seqlens=np.asarray(lens, np.int64), s_q=s_q, h_q=h_q,
+                    h_kv=1, page_size=64, head_dim_v=512, num_sms=132,
+                    cost=CostModel())
+  st_ = balanced.statics_for(problem)
+  items = WorkItems.build(problem)
+  _, k = makespan._split(items, st_.fanin, 132)
+  fast, predicted = makespan._one_per_sm(items, k, st_.fanin, 64)
+  p_item = np.repeat(np.arange(items.size), k)
+  j = np.arange(p_item.shape[0]) - (np.cumsum(k) - k)[p_item]
+  rows, sm, pos, _, _, _ = balanced.emit(
+      np, np.int64, st_, items.length, k, p_item,
+      (j * items.pages[p_item]) // k[p_item], np.arange(p_item.shape[0]))
+  keep = sm < 132
+  slow = Schedule(rows[keep], sm[keep], pos[keep], positional=True)
+  a, _ = tensorize(fast, 132)
+  b, _ = tensorize(slow, 132)
+  np.testing.assert_array_equal(a, b)
+  assert predicted == timing.simulate(a).makespan_ns

@@ -1,0 +1,296 @@
+"""The virtual machine: numerics against float64 numpy, and its checks."""
+
+import math
+
+import hypothesis
+import jax
+from hypothesis import strategies as st
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_thundermla import isa
+from jax_thundermla import vm
+from jax_thundermla.plan import SCHEDULERS
+from jax_thundermla.plan import CostModel
+from jax_thundermla.plan import plan_decode
+from jax_thundermla.plan import plan_on_device
+from jax_thundermla.workloads import Workload
+from jax_thundermla.workloads import make_inputs
+
+D_QK, D_V = 24, 16
+
+_STATIC = ("s_q", "h_q", "h_kv", "page_size", "max_seqlen", "head_dim_v",
+           "num_sms")
+_device_plan = jax.jit(plan_on_device, static_argnames=_STATIC)
+
+
+def reference(q, kv_cache, block_table, seqlens, *, d_v, scale, causal):
+  """Paged MLA decode in float64, one (sequence, head, token) at a time.
+
+  Returns:
+    ``(out [b, s_q, h_q, d_v], lse [b, h_q, s_q])``; a row that sees no key
+    has out 0 and lse +inf.
+  """
+  b, s_q, h_q, _ = q.shape
+  page_size, h_kv = kv_cache.shape[1], kv_cache.shape[2]
+  group = h_q // h_kv
+  out = np.zeros((b, s_q, h_q, d_v))
+  lse = np.full((b, h_q, s_q), np.inf)
+  for i in range(b):
+    n = int(seqlens[i])
+    pos = np.arange(n)
+    keys = kv_cache[block_table[i, pos // page_size], pos % page_size]
+    keys = keys.astype(np.float64)  # [n, h_kv, d_qk]
+    for h in range(h_q):
+      k = keys[:, h // group]
+      for t in range(s_q):
+        seen = pos <= n - s_q + t if causal else np.ones(n, bool)
+        if not seen.any():
+          continue
+        s = (k[seen] @ q[i, t, h].astype(np.float64)) * scale
+        m = s.max()
+        p = np.exp(s - m)
+        out[i, t, h] = p @ k[seen, :d_v] / p.sum()
+        lse[i, h, t] = m + math.log(p.sum())
+  return out, lse
+
+
+def _assert_matches(result, want_out, want_lse):
+  assert np.isfinite(result.out).all()
+  np.testing.assert_allclose(result.out, want_out, rtol=1e-9, atol=1e-12)
+  np.testing.assert_array_equal(np.isinf(result.lse), np.isinf(want_lse))
+  finite = np.isfinite(want_lse)
+  np.testing.assert_allclose(result.lse[finite], want_lse[finite],
+                             rtol=1e-9, atol=1e-12)
+
+
+@st.composite
+def workloads(draw):
+  b = draw(st.integers(1, 5))
+  short = st.integers(0, 5)
+  lens = tuple(draw(st.lists(st.one_of(short, st.integers(0, 260)),
+                             min_size=b, max_size=b)))
+  h_kv = draw(st.sampled_from([1, 2]))
+  return Workload(
+      "drawn", lens, s_q=draw(st.integers(1, 4)),
+      h_q=h_kv * draw(st.sampled_from([1, 3, 8, 20])), h_kv=h_kv, d_qk=D_QK,
+      d_v=D_V, page_size=draw(st.sampled_from([1, 4, 16, 64])),
+      causal=draw(st.booleans()))
+
+
+def _run(w: Workload, plan, seed: int = 0):
+  q, (kv,), table, lens = make_inputs(w, seed=seed, extra_pages=2)
+  result = vm.execute(plan, q, kv, table, lens, head_dim_v=D_V,
+                      causal=w.causal)
+  want = reference(q, kv, table, lens, d_v=D_V, scale=D_QK ** -0.5,
+                   causal=w.causal)
+  return result, want
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(w=workloads(), num_sms=st.integers(1, 12))
+def test_every_scheduler_matches_reference(scheduler, w, num_sms):
+  plan = plan_decode(w.seqlens, s_q=w.s_q, h_q=w.h_q, h_kv=w.h_kv,
+                     page_size=w.page_size, head_dim_v=D_V, num_sms=num_sms,
+                     scheduler=scheduler)
+  result, (out, lse) = _run(w, plan)
+  _assert_matches(result, out, lse)
+  assert result.makespan_ns == pytest.approx(plan.predicted_makespan_ns)
+
+
+@pytest.mark.parametrize("shape", [
+    dict(s_q=2, h_q=6, h_kv=2, page_size=4, num_sms=5, causal=True),
+    dict(s_q=1, h_q=40, h_kv=1, page_size=16, num_sms=3, causal=False),
+])
+@hypothesis.settings(max_examples=15, deadline=None)
+@hypothesis.given(lens=st.lists(st.integers(0, 64), min_size=3, max_size=3))
+def test_device_plan_matches_reference(shape, lens):
+  shape = dict(shape)
+  num_sms, causal = shape.pop("num_sms"), shape.pop("causal")
+  w = Workload("device", tuple(lens), d_qk=D_QK, d_v=D_V, causal=causal,
+               **shape)
+  plan = _device_plan(jnp.asarray(lens, jnp.int32), num_sms=num_sms,
+                      max_seqlen=64, head_dim_v=D_V, **shape)
+  result, (out, lse) = _run(w, plan)
+  _assert_matches(result, out, lse)
+
+
+def test_rows_without_keys_and_causal_edges():
+  # len 2 < s_q 4: causal rows of tokens 0 and 1 see no key.
+  w = Workload("edge", (2, 0, 5), s_q=4, h_q=2, d_qk=D_QK, d_v=D_V,
+               page_size=4, causal=True)
+  plan = plan_decode(w.seqlens, s_q=4, h_q=2, page_size=4, num_sms=3,
+                     head_dim_v=D_V)
+  result, (out, lse) = _run(w, plan)
+  _assert_matches(result, out, lse)
+  assert np.isinf(result.lse[0, :, :2]).all() and result.lse[0, :, 2:].all()
+  assert (result.out[1] == 0).all() and np.isinf(result.lse[1]).all()
+  assert (result.lse > 0).all() or np.isfinite(result.lse).any()
+
+
+def test_cost_words_are_the_cost_model():
+  w = Workload("c", (700, 0, 33), s_q=2, h_q=40, page_size=16)
+  cost = CostModel(partial_fixed_ns=1000, kv_token_ns=7)
+  for scheduler in SCHEDULERS:
+    plan = plan_decode(w.seqlens, s_q=2, h_q=40, page_size=16, num_sms=9,
+                       scheduler=scheduler, cost_model=cost)
+    words = np.asarray(plan.instructions)
+    np.testing.assert_array_equal(
+        cost.instruction_ns(words, page_size=16, head_dim_v=512),
+        words[..., isa.FIELD_COST])
+    priced = vm.simulate(plan, cost_model=cost, page_size=16)
+    assert priced.makespan_ns == plan.predicted_makespan_ns
+
+
+def _program(lists):
+  """Instruction tensor from per-SM lists of {word: value} dicts."""
+  width = max(1, max(len(x) for x in lists))
+  out = np.zeros((len(lists), width, isa.INSTRUCTION_WORDS), np.int32)
+  for s, instructions in enumerate(lists):
+    for i, fields in enumerate(instructions):
+      out[s, i, isa.FIELD_SIGNAL_COUNTER] = isa.NO_COUNTER
+      out[s, i, isa.FIELD_WAIT_COUNTER] = isa.NO_COUNTER
+      out[s, i, isa.FIELD_DST_SLOT] = isa.FINAL_OUTPUT
+      out[s, i, isa.FIELD_NUM_ROWS] = 1
+      out[s, i, isa.FIELD_COST] = 10
+      for word, value in fields.items():
+        out[s, i, word] = value
+  return out
+
+
+def partial(start, end, dst=isa.FINAL_OUTPUT, signal=isa.NO_COUNTER,
+            wait=isa.NO_COUNTER, count=0, batch=0):
+  return {isa.FIELD_OPCODE: isa.OP_PARTIAL, isa.FIELD_BATCH: batch,
+          isa.FIELD_KV_START: start, isa.FIELD_KV_END: end,
+          isa.FIELD_DST_SLOT: dst, isa.FIELD_SIGNAL_COUNTER: signal,
+          isa.FIELD_WAIT_COUNTER: wait, isa.FIELD_WAIT_COUNT: count}
+
+
+def reduce(src, num, wait, count, dst=isa.FINAL_OUTPUT,
+           signal=isa.NO_COUNTER):
+  return {isa.FIELD_OPCODE: isa.OP_REDUCE, isa.FIELD_SRC_SLOT: src,
+          isa.FIELD_NUM_SRC: num, isa.FIELD_DST_SLOT: dst,
+          isa.FIELD_SIGNAL_COUNTER: signal, isa.FIELD_WAIT_COUNTER: wait,
+          isa.FIELD_WAIT_COUNT: count}
+
+
+def _simulate(lists, seqlens=(10,)):
+  return vm.simulate(_program(lists), seqlens=np.asarray(seqlens), s_q=1,
+                     h_q=1, h_kv=1)
+
+
+def test_valid_split_and_timing():
+  run = _simulate([[partial(0, 4, dst=0, signal=0)],
+                   [partial(4, 10, dst=1, signal=0), reduce(0, 2, 0, 2)]])
+  assert run.makespan_ns == 20
+  order = np.lexsort((run.index, run.sm))
+  np.testing.assert_array_equal(run.start_ns[order], [0, 0, 10])
+  np.testing.assert_array_equal(run.opcode[order],
+                                [isa.OP_PARTIAL, isa.OP_PARTIAL,
+                                 isa.OP_REDUCE])
+
+
+def test_wait_starts_after_the_signal():
+  slow = partial(0, 4, dst=0, signal=0)
+  slow[isa.FIELD_COST] = 50
+  run = _simulate([[slow], [partial(4, 10, dst=1, signal=0),
+                            reduce(0, 2, 0, 2)]])
+  assert run.makespan_ns == 60
+
+
+def test_deadlock_on_a_counter_with_too_few_signals():
+  with pytest.raises(vm.DeadlockError, match="needs 3"):
+    _simulate([[partial(0, 4, dst=0, signal=0)],
+               [partial(4, 10, dst=1, signal=0), reduce(0, 2, 0, 3)]])
+
+
+def test_deadlock_on_a_wait_cycle():
+  with pytest.raises(vm.DeadlockError, match="cycle"):
+    _simulate([[reduce(0, 2, 1, 1), partial(0, 4, dst=0, signal=0)],
+               [reduce(0, 2, 0, 1, dst=2), partial(4, 10, dst=1, signal=1)]])
+
+
+def test_read_without_waiting_for_the_writer():
+  with pytest.raises(vm.HazardError, match="without waiting"):
+    _simulate([[partial(0, 4, dst=0, signal=0), reduce(0, 2, 0, 1)],
+               [partial(4, 10, dst=1)]])
+
+
+def test_read_of_a_slot_nobody_writes():
+  with pytest.raises(vm.HazardError, match="before any instruction"):
+    _simulate([[partial(0, 4, dst=0, signal=0), reduce(0, 2, 0, 1)],
+               [partial(4, 10, dst=3)]])
+
+
+def test_overwrite_before_the_reader_is_done():
+  with pytest.raises(vm.HazardError, match="overwrites slot 0"):
+    _simulate([[partial(0, 4, dst=0, signal=0), partial(4, 10, dst=1,
+                                                        signal=0)],
+               [reduce(0, 2, 0, 2)],
+               [partial(4, 10, dst=0)]], seqlens=(10,))
+
+
+def test_same_sm_order_needs_no_counter():
+  run = _simulate([[partial(0, 4, dst=0), partial(4, 10, dst=1),
+                    reduce(0, 2, isa.NO_COUNTER, 0)]])
+  assert run.makespan_ns == 30
+
+
+def test_double_coverage():
+  with pytest.raises(vm.CoverageError, match="double coverage"):
+    _simulate([[partial(0, 10)], [partial(0, 10)]])
+  with pytest.raises(vm.CoverageError, match="double coverage"):
+    _simulate([[partial(0, 6, dst=0), partial(4, 10, dst=1),
+                reduce(0, 2, isa.NO_COUNTER, 0)]])
+
+
+def test_missing_coverage():
+  with pytest.raises(vm.CoverageError, match="never written"):
+    _simulate([[partial(0, 10)]], seqlens=(10, 3))
+  with pytest.raises(vm.CoverageError, match="do not tile"):
+    _simulate([[partial(0, 4, dst=0), partial(6, 10, dst=1),
+                reduce(0, 2, isa.NO_COUNTER, 0)]])
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({isa.FIELD_OPCODE: 7}, "unknown opcode"),
+    ({isa.FIELD_KV_END: 11}, "KV range"),
+    ({isa.FIELD_KV_START: 3}, "whole sequence"),
+    ({isa.FIELD_BATCH: 1}, "batch"),
+    ({isa.FIELD_NUM_ROWS: 2}, "query rows"),
+    ({isa.FIELD_WAIT_COUNTER: -2}, "wait counter"),
+])
+def test_bad_fields(bad, match):
+  with pytest.raises(vm.ProgramError, match=match):
+    _simulate([[{**partial(0, 10), **bad}]])
+
+
+def test_rows_after_stop_are_not_executed():
+  program = _program([[partial(0, 10), {}, partial(0, 10)]])
+  program[0, 1] = 0
+  run = vm.simulate(program, seqlens=np.array([10]), s_q=1, h_q=1, h_kv=1)
+  assert run.sm.shape == (1,)
+
+
+def test_raw_tensor_needs_shapes():
+  with pytest.raises(ValueError, match="needs"):
+    vm.simulate(_program([[partial(0, 10)]]))
+
+
+def test_execute_checks_the_block_table():
+  w = Workload("t", (40,), s_q=1, h_q=2, d_qk=D_QK, d_v=D_V, page_size=16)
+  q, (kv,), table, lens = make_inputs(w)
+  plan = plan_decode(w.seqlens, s_q=1, h_q=2, page_size=16, num_sms=2)
+  table[0, 1] = kv.shape[0] + 5
+  with pytest.raises(ValueError, match="not a page id"):
+    vm.execute(plan, q, kv, table, lens, head_dim_v=D_V, causal=True)
+
+
+def test_stale_plan_is_detected():
+  w = Workload("t", (40, 9), s_q=1, h_q=2, d_qk=D_QK, d_v=D_V, page_size=16)
+  q, (kv,), table, lens = make_inputs(w)
+  plan = plan_decode((40, 7), s_q=1, h_q=2, page_size=16, num_sms=2)
+  with pytest.raises((vm.ProgramError, vm.CoverageError)):
+    vm.execute(plan, q, kv, table, lens, head_dim_v=D_V, causal=True)
