@@ -40,10 +40,8 @@ static_assert(kProducerRegisters * kWarpgroupThreads +
               "register file overcommitted");
 
 // Named barriers (0 is __syncthreads).
-constexpr int kBarPFree = 1;      // consumer 1 done with P / row scales
-constexpr int kBarPReady = 2;     // consumer 0 wrote P / row scales
-constexpr int kBarConsumers = 3;  // both consumer warpgroups
-constexpr int kBarConsumer0 = 4;  // consumer warpgroup c uses 4 + c
+constexpr int kBarConsumers = 1;  // both consumer warpgroups
+constexpr int kBarConsumer0 = 2;  // consumer warpgroup c uses 2 + c
 
 // Shared memory plan (bytes from a 1024-byte aligned base).
 constexpr int kColBlockBytes = kTileRows * kSwizzleBytes;  // 8 KB
@@ -56,7 +54,8 @@ constexpr int kSmemKv = kSmemQ + kQBytes;
 constexpr int kSmemP = kSmemKv + kStages * kStageBytes;
 constexpr int kSmemRowScale = kSmemP + kPBytes;
 constexpr int kSmemBarriers = kSmemRowScale + kTileRows * 4;
-constexpr int kSmemUsed = kSmemBarriers + 2 * kStages * 8;
+// mbarriers: full[kStages], empty[kStages], hand_full, hand_empty.
+constexpr int kSmemUsed = kSmemBarriers + (2 * kStages + 2) * 8;
 constexpr int kSmemAlign = kSwizzleAtomBytes;
 constexpr int kSmemBytes = kSmemUsed + kSmemAlign;
 constexpr int kMaxSmemPerBlock = 232448;  // 227 KB opt-in limit of sm_90
@@ -66,5 +65,6 @@ static_assert(kSmemKv % kSwizzleAtomBytes == 0 &&
                   kStageBytes % kSwizzleAtomBytes == 0,
               "swizzled buffers must be 1024-byte aligned");
 static_assert(kPBytes == kColBlockBytes, "P is one 128-byte swizzled block");
+
 
 }  // namespace tmla::config

@@ -63,7 +63,8 @@ struct Instruction {
     if (!RowsValid(p) || !DstValid(p)) return false;
     if (opcode == isa::kOpPartial) return true;
     if (opcode == isa::kOpReduce) {
-      return arg1 >= 1 && arg0 >= 0 && arg0 + arg1 <= p.num_slots;
+      return arg1 >= 1 && arg1 <= isa::kMaxReduceInputs && arg0 >= 0 &&
+             arg0 + arg1 <= p.num_slots;
     }
     return false;
   }

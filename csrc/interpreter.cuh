@@ -18,6 +18,7 @@
 #include "producer.cuh"
 #include "ptx.cuh"
 #include "smem.cuh"
+#include "timing.cuh"
 
 namespace tmla {
 
@@ -41,43 +42,44 @@ __device__ __forceinline__ void Signal(const MlaDecodeParams& p,
   if (consumer_thread == 0) atomicAdd(p.counters + in.signal_counter, 1);
 }
 
-template <typename T>
+template <typename T, bool kTiming>
 __device__ __forceinline__ void RunConsumer(const MlaDecodeParams& p,
                                             const Smem& smem, int consumer,
                                             int thread_in_wg) {
-  int block_counter = 0;
-  // Consumer 1 opens the P hand-off ring; consumer 0 closes it at the end.
-  if (consumer == 1) {
-    ptx::BarArrive(config::kBarPFree, config::kConsumerThreads);
-  }
-  for (int i = 0; i < p.max_instructions; ++i) {
+  Pipeline pipe{0, 0};
+  // Consumer 0's first thread keeps the timing records.
+  const bool timer = consumer == 0 && thread_in_wg == 0;
+  int i = 0;
+  for (; i < p.max_instructions; ++i) {
     const Instruction in = Instruction::Fetch(p, blockIdx.x, i);
     if (in.opcode == isa::kOpStop) break;
+    Marks<kTiming> marks;
+    marks.Start();
     if (in.Valid(p)) {
       WaitFor(p, in, consumer, thread_in_wg);
+      marks.Ready();
       switch (in.opcode) {
         case isa::kOpPartial:
           if (consumer == 0) {
-            ops::PartialSoftmaxConsumer<T>(p, in, smem, thread_in_wg,
-                                           block_counter);
+            ops::PartialSoftmaxConsumer<T>(p, in, smem, thread_in_wg, pipe,
+                                           marks);
           } else {
-            ops::PartialPvConsumer<T>(p, in, smem, thread_in_wg,
-                                      block_counter);
+            ops::PartialPvConsumer<T>(p, in, smem, thread_in_wg, pipe);
           }
           break;
         case isa::kOpReduce:
           ops::Reduce<T>(p, in, consumer, thread_in_wg);
+          marks.Computed();
           break;
       }
     }
     Signal(p, in, consumer * config::kWarpgroupThreads + thread_in_wg);
+    if (timer) marks.Store(p, i, in.opcode);
   }
-  if (consumer == 0) {
-    ptx::BarSync(config::kBarPFree, config::kConsumerThreads);
-  }
+  if (timer) Marks<kTiming>().ClearFrom(p, i);
 }
 
-template <typename T>
+template <typename T, bool kTiming>
 __global__ void __launch_bounds__(config::kThreads, 1)
     MlaDecodeKernel(const __grid_constant__ MlaDecodeParams p,
                     const __grid_constant__ CUtensorMap kv_map) {
@@ -88,6 +90,8 @@ __global__ void __launch_bounds__(config::kThreads, 1)
       ptx::MbarInit(&smem.full[s], 1);
       ptx::MbarInit(&smem.empty[s], config::kNumConsumers);
     }
+    ptx::MbarInit(smem.hand_full, config::kWarpgroupThreads);
+    ptx::MbarInit(smem.hand_empty, config::kWarpgroupThreads);
     ptx::FenceMbarInit();
   }
   __syncthreads();
@@ -99,7 +103,7 @@ __global__ void __launch_bounds__(config::kThreads, 1)
     if (thread_in_wg == 0) RunProducer(p, &kv_map, smem);
   } else {
     ptx::SetMaxRegistersInc<config::kConsumerRegisters>();
-    RunConsumer<T>(p, smem, warpgroup - 1, thread_in_wg);
+    RunConsumer<T, kTiming>(p, smem, warpgroup - 1, thread_in_wg);
   }
 }
 

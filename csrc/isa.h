@@ -19,7 +19,8 @@
 //   be the whole sequence); otherwise it writes an fp32 partial into slot
 //   dst_slot of the workspace.
 // REDUCE: LSE-weighted merge of the num_src partials in slots
-//   [src_slot, src_slot + num_src) into dst_slot (final output or a slot).
+//   [src_slot, src_slot + num_src) into dst_slot (final output or a slot);
+//   1 <= num_src <= kMaxReduceInputs.
 // Any instruction may wait for counter `wait_counter` to reach `wait_count`
 // before it starts (acquire) and add 1 to `signal_counter` when its result
 // is visible (release), GPU scope. -1 means "none" for both.
@@ -68,6 +69,18 @@ constexpr int32_t kFieldKvEnd = 6;
 // REDUCE fields.
 constexpr int32_t kFieldSrcSlot = 5;
 constexpr int32_t kFieldNumSrc = 6;
+constexpr int32_t kMaxReduceInputs = 256;
+
+// In-kernel timing (the opt-in timed build of the kernel): one record per
+// instruction slot, int32 [num_ctas, max_instructions, kTimingWords]. Times
+// are %globaltimer nanoseconds (one clock for all SMs) split in two int32
+// words, low word first. Slots a CTA did not execute are all zero.
+constexpr int32_t kTimingWords = 9;
+constexpr int32_t kTimingOpcode = 0;    // the opcode executed
+constexpr int32_t kTimingStart = 1;     // fetched, before any wait
+constexpr int32_t kTimingReady = 3;     // dependencies met, first data in smem
+constexpr int32_t kTimingComputed = 5;  // last MMA or merge finished
+constexpr int32_t kTimingEnd = 7;       // results written and signalled
 
 // Sentinels.
 constexpr int32_t kFinalOutput = -1;

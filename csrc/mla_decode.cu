@@ -56,10 +56,10 @@ cudaError_t EncodeKvMap(const MlaDecodeLaunch& l, CUtensorMap* map) {
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-template <typename T>
+template <typename T, bool kTiming>
 cudaError_t Launch(const MlaDecodeLaunch& l, const CUtensorMap& map,
                    cudaStream_t stream) {
-  auto kernel = MlaDecodeKernel<T>;
+  auto kernel = MlaDecodeKernel<T, kTiming>;
   cudaError_t status = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
       config::kSmemBytes);
@@ -87,9 +87,13 @@ cudaError_t LaunchMlaDecode(const MlaDecodeLaunch& l, cudaStream_t stream) {
     if (status != cudaSuccess) return status;
   }
   if (launch.num_ctas == 0) return cudaSuccess;
-  return launch.dtype == ElementType::kBFloat16
-             ? Launch<__nv_bfloat16>(launch, map, stream)
-             : Launch<__half>(launch, map, stream);
+  const bool bf16 = launch.dtype == ElementType::kBFloat16;
+  if (launch.params.timings != nullptr) {
+    return bf16 ? Launch<__nv_bfloat16, true>(launch, map, stream)
+                : Launch<__half, true>(launch, map, stream);
+  }
+  return bf16 ? Launch<__nv_bfloat16, false>(launch, map, stream)
+              : Launch<__half, false>(launch, map, stream);
 }
 
 }  // namespace tmla

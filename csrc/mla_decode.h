@@ -22,6 +22,7 @@ struct MlaDecodeLaunch {
 // Dynamic shared memory one CTA needs.
 int MlaDecodeSmemBytes();
 
+// Launches the timed build of the kernel when launch.params.timings is set.
 cudaError_t LaunchMlaDecode(const MlaDecodeLaunch& launch,
                             cudaStream_t stream);
 

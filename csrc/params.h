@@ -16,6 +16,7 @@ struct MlaDecodeParams {
   float* partial_o;             // [num_slots, 64, 512]
   float* partial_lse;           // [num_slots, 64], base 2
   int32_t* counters;            // [num_counters]
+  int32_t* timings;             // [num_ctas, max_instructions, 9] or null
   int32_t batch;
   int32_t s_q;
   int32_t h_q;

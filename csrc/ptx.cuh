@@ -50,6 +50,13 @@ __device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
       : "memory");
 }
 
+// MbarWait for all lanes of a warp; leaves the warp converged for the
+// .sync.aligned instructions (wgmma) that follow.
+__device__ __forceinline__ void MbarWaitWarp(uint64_t* bar, uint32_t parity) {
+  MbarWait(bar, parity);
+  __syncwarp();
+}
+
 // ---- TMA -----------------------------------------------------------------
 
 // 3-D tiled bulk copy global -> shared, completing on `bar`.
@@ -70,6 +77,20 @@ __device__ __forceinline__ void PrefetchTensorMap(const CUtensorMap* map) {
                : "memory");
 }
 
+// ---- cp.async (16-byte global -> shared, zero-filled when !valid) ----
+
+__device__ __forceinline__ void CpAsync16(void* dst, const void* src,
+                                          bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(
+                   SmemAddr(dst)),
+               "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+__device__ __forceinline__ void CpAsyncWaitAll() {
+  asm volatile("cp.async.wait_all;" ::: "memory");
+}
+
 // ---- fences and named barriers -------------------------------------------
 
 // Orders this thread's generic-proxy shared-memory writes before later
@@ -78,12 +99,11 @@ __device__ __forceinline__ void FenceProxyAsync() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
 
+// Named barrier over `threads` threads (a multiple of 32). The non-aligned
+// form: lanes of a warp may arrive from diverged paths (after a one-lane
+// spin or a row-dependent branch).
 __device__ __forceinline__ void BarSync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
-
-__device__ __forceinline__ void BarArrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+  asm volatile("barrier.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
 // ---- cross-CTA counters --------------------------------------------------

@@ -14,12 +14,19 @@ struct Smem {
   float* row_scale;    // [64]: per-row rescale (per block) or 1/l (end)
   uint64_t* full;      // [kStages] mbarriers: stage loaded
   uint64_t* empty;     // [kStages] mbarriers: stage consumed
+  // The P / row_scale hand-off from consumer 0 to consumer 1, one round per
+  // KV block and one per PARTIAL epilogue.
+  uint64_t* hand_full;   // consumer 0 wrote P and row_scale (128 arrivals)
+  uint64_t* hand_empty;  // consumer 1 is done with them (128 arrivals)
 
+  // `raw` is the dynamic shared array itself; offsetting it (rather than
+  // rebuilding a pointer from an integer) keeps the shared state space
+  // visible to the compiler, so accesses compile to LDS/STS.
   static __device__ __forceinline__ Smem Carve(uint8_t* raw) {
-    const uintptr_t base =
-        (reinterpret_cast<uintptr_t>(raw) + config::kSmemAlign - 1) &
-        ~static_cast<uintptr_t>(config::kSmemAlign - 1);
-    uint8_t* s = reinterpret_cast<uint8_t*>(base);
+    const uint32_t misalign = static_cast<uint32_t>(
+        __cvta_generic_to_shared(raw)) & (config::kSmemAlign - 1);
+    uint8_t* s = raw + ((config::kSmemAlign - misalign) &
+                        (config::kSmemAlign - 1));
     Smem m;
     m.q = s + config::kSmemQ;
     m.kv = s + config::kSmemKv;
@@ -27,12 +34,21 @@ struct Smem {
     m.row_scale = reinterpret_cast<float*>(s + config::kSmemRowScale);
     m.full = reinterpret_cast<uint64_t*>(s + config::kSmemBarriers);
     m.empty = m.full + config::kStages;
+    m.hand_full = m.empty + config::kStages;
+    m.hand_empty = m.hand_full + 1;
     return m;
   }
 
   __device__ __forceinline__ uint8_t* Stage(int stage) const {
     return kv + stage * config::kStageBytes;
   }
+};
+
+// A consumer's position in its two rings: KV blocks consumed, and P
+// hand-off rounds (identical in both consumers, which walk the same list).
+struct Pipeline {
+  int block_counter;
+  int round;
 };
 
 // Position of a pipeline step: stage buffer and mbarrier phase parity.

@@ -8,3 +8,6 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(TmlaSmokeScale);
 
 // Paged MLA decode: the persistent megakernel over an instruction tensor.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(TmlaMlaDecode);
+
+// The same with per-instruction timestamps in an extra output.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(TmlaMlaDecodeTimed);

@@ -48,16 +48,18 @@ ffi::Error Invalid(const std::string& message) {
   return ffi::Error::InvalidArgument("tmla_mla_decode: " + message);
 }
 
-ffi::Error MlaDecodeImpl(cudaStream_t stream, int32_t device,
-                         float softmax_scale, int32_t causal,
-                         int32_t num_slots, int32_t num_counters,
-                         ffi::AnyBuffer q, ffi::AnyBuffer kv_cache,
-                         ffi::Buffer<ffi::S32> block_table,
-                         ffi::Buffer<ffi::S32> seqlens,
-                         ffi::Buffer<ffi::S32> instructions,
-                         ffi::Result<ffi::AnyBuffer> out,
-                         ffi::Result<ffi::Buffer<ffi::F32>> lse,
-                         ffi::Result<ffi::Buffer<ffi::F32>> workspace) {
+// Shared by the plain and the timed target; `timings` is null for the
+// plain one ([ctas, n, kTimingWords] int32 otherwise).
+ffi::Error Decode(cudaStream_t stream, int32_t device, float softmax_scale,
+                  int32_t causal, int32_t num_slots, int32_t num_counters,
+                  ffi::AnyBuffer q, ffi::AnyBuffer kv_cache,
+                  ffi::Buffer<ffi::S32> block_table,
+                  ffi::Buffer<ffi::S32> seqlens,
+                  ffi::Buffer<ffi::S32> instructions,
+                  ffi::Result<ffi::AnyBuffer> out,
+                  ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                  ffi::Result<ffi::Buffer<ffi::F32>> workspace,
+                  int32_t* timings, size_t timing_words) {
   namespace config = tmla::config;
   namespace isa = tmla::isa;
   const auto qd = q.dimensions();
@@ -110,6 +112,13 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, int32_t device,
                    " SMs; build the plan with num_sms <= the SM count");
   }
 
+  if (timings != nullptr &&
+      timing_words != static_cast<size_t>(id[0] * id[1]) *
+                          isa::kTimingWords) {
+    return Invalid("timings must be [ctas, n, " +
+                   std::to_string(isa::kTimingWords) + "]");
+  }
+
   tmla::MlaDecodeLaunch launch{};
   tmla::MlaDecodeParams& p = launch.params;
   p.q = q.untyped_data();
@@ -135,6 +144,7 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, int32_t device,
   p.num_slots = num_slots;
   p.num_counters = num_counters;
   p.causal = causal;
+  p.timings = timings;
   p.scale_log2 = softmax_scale * 1.4426950408889634f;
   launch.kv_cache = kv_cache.untyped_data();
   launch.dtype = q.element_type() == ffi::DataType::BF16
@@ -145,23 +155,60 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, int32_t device,
   return ffi::Error::Success();
 }
 
+ffi::Error MlaDecodeImpl(cudaStream_t stream, int32_t device,
+                         float softmax_scale, int32_t causal,
+                         int32_t num_slots, int32_t num_counters,
+                         ffi::AnyBuffer q, ffi::AnyBuffer kv_cache,
+                         ffi::Buffer<ffi::S32> block_table,
+                         ffi::Buffer<ffi::S32> seqlens,
+                         ffi::Buffer<ffi::S32> instructions,
+                         ffi::Result<ffi::AnyBuffer> out,
+                         ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                         ffi::Result<ffi::Buffer<ffi::F32>> workspace) {
+  return Decode(stream, device, softmax_scale, causal, num_slots,
+                num_counters, q, kv_cache, block_table, seqlens,
+                instructions, out, lse, workspace, nullptr, 0);
+}
+
+ffi::Error MlaDecodeTimedImpl(
+    cudaStream_t stream, int32_t device, float softmax_scale, int32_t causal,
+    int32_t num_slots, int32_t num_counters, ffi::AnyBuffer q,
+    ffi::AnyBuffer kv_cache, ffi::Buffer<ffi::S32> block_table,
+    ffi::Buffer<ffi::S32> seqlens, ffi::Buffer<ffi::S32> instructions,
+    ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
+    ffi::Result<ffi::Buffer<ffi::F32>> workspace,
+    ffi::Result<ffi::Buffer<ffi::S32>> timings) {
+  return Decode(stream, device, softmax_scale, causal, num_slots,
+                num_counters, q, kv_cache, block_table, seqlens,
+                instructions, out, lse, workspace, timings->typed_data(),
+                timings->element_count());
+}
+
+// Buffers and attributes common to both targets, in handler order.
+auto BindDecode() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::PlatformStream<cudaStream_t>>()
+      .Ctx<ffi::DeviceOrdinal>()
+      .Attr<float>("softmax_scale")
+      .Attr<int32_t>("causal")
+      .Attr<int32_t>("num_slots")
+      .Attr<int32_t>("num_counters")
+      .Arg<ffi::AnyBuffer>()           // q: [b, s_q, h_q, 576]
+      .Arg<ffi::AnyBuffer>()           // kv_cache: [pages, ps, h_kv, 576]
+      .Arg<ffi::Buffer<ffi::S32>>()    // block_table: [b, max_pages]
+      .Arg<ffi::Buffer<ffi::S32>>()    // seqlens: [b]
+      .Arg<ffi::Buffer<ffi::S32>>()    // instructions: [ctas, n, 16]
+      .Ret<ffi::AnyBuffer>()           // out: [b, s_q, h_q, 512]
+      .Ret<ffi::Buffer<ffi::F32>>()    // lse: [b, h_q, s_q]
+      .Ret<ffi::Buffer<ffi::F32>>();   // workspace: [words]
+}
+
 }  // namespace
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TmlaMlaDecode, MlaDecodeImpl, BindDecode(),
+                              {ffi::Traits::kCmdBufferCompatible});
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    TmlaMlaDecode, MlaDecodeImpl,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::PlatformStream<cudaStream_t>>()
-        .Ctx<ffi::DeviceOrdinal>()
-        .Attr<float>("softmax_scale")
-        .Attr<int32_t>("causal")
-        .Attr<int32_t>("num_slots")
-        .Attr<int32_t>("num_counters")
-        .Arg<ffi::AnyBuffer>()              // q: [b, s_q, h_q, 576]
-        .Arg<ffi::AnyBuffer>()              // kv_cache: [pages, ps, h_kv, 576]
-        .Arg<ffi::Buffer<ffi::S32>>()       // block_table: [b, max_pages]
-        .Arg<ffi::Buffer<ffi::S32>>()       // seqlens: [b]
-        .Arg<ffi::Buffer<ffi::S32>>()       // instructions: [ctas, n, 16]
-        .Ret<ffi::AnyBuffer>()              // out: [b, s_q, h_q, 512]
-        .Ret<ffi::Buffer<ffi::F32>>()       // lse: [b, h_q, s_q]
-        .Ret<ffi::Buffer<ffi::F32>>(),      // workspace: [words]
+    TmlaMlaDecodeTimed, MlaDecodeTimedImpl,
+    BindDecode().Ret<ffi::Buffer<ffi::S32>>(),  // timings: [ctas, n, 9]
     {ffi::Traits::kCmdBufferCompatible});

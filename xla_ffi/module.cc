@@ -21,6 +21,7 @@ NB_MODULE(_C, m) {
     nb::dict targets;
     targets["tmla_smoke_scale"] = Capsule(TmlaSmokeScale);
     targets["tmla_mla_decode"] = Capsule(TmlaMlaDecode);
+    targets["tmla_mla_decode_timed"] = Capsule(TmlaMlaDecodeTimed);
     return targets;
   }, "FFI target name -> handler capsule, for platform \"CUDA\".");
   m.def("isa_version", []() { return tmla::isa::kIsaVersion; },

@@ -5,8 +5,11 @@
 // P (T, swizzled) and the per-row rescale to consumer 1 through shared
 // memory; each consumer then accumulates its 256 output columns with
 // O += P V (wgmma, V read transposed from the same stage as K).
-// The P hand-off is a two-barrier ring: consumer 0 waits kBarPFree before
-// writing and arrives on kBarPReady after; consumer 1 the other way round.
+// The P hand-off is a ring of one buffer and two mbarriers: consumer 0 waits
+// hand_empty (consumer 1 is done with the previous P), writes, arrives on
+// hand_full; consumer 1 waits hand_full, reads, and arrives on hand_empty
+// once its PV has finished reading P. Consumer 0's next QK^T overlaps
+// consumer 1's PV.
 #pragma once
 
 #include <cmath>
@@ -20,6 +23,7 @@
 #include "../params.h"
 #include "../ptx.cuh"
 #include "../smem.cuh"
+#include "../timing.cuh"
 #include "../wgmma.cuh"
 
 namespace tmla::ops {
@@ -160,29 +164,35 @@ __device__ __forceinline__ void StoreO(const MlaDecodeParams& p,
 }
 
 // Loads the query tile into shared memory (swizzled, zero rows past
-// num_rows) with consumer 0's 128 threads.
+// num_rows) with consumer 0's 128 threads: every 16-byte piece is in flight
+// at once (cp.async), then one wait.
 template <typename T>
 __device__ __forceinline__ void LoadQ(const MlaDecodeParams& p,
                                       const Instruction& in, const Smem& smem,
                                       int thread_in_wg) {
   constexpr int kChunksPerRow = config::kHeadDimQK * 2 / 16;  // 72
+  constexpr int kPieces = config::kTileRows * kChunksPerRow;
+  static_assert(kPieces % config::kWarpgroupThreads == 0, "even split");
   const RowMap map{p.h_q / p.h_kv};
   const T* q = static_cast<const T*>(p.q);
-  for (int w = thread_in_wg; w < config::kTileRows * kChunksPerRow;
-       w += config::kWarpgroupThreads) {
+#pragma unroll 4
+  for (int k = 0; k < kPieces / config::kWarpgroupThreads; ++k) {
+    const int w = k * config::kWarpgroupThreads + thread_in_wg;
     const int r = w / kChunksPerRow;
     const int chunk = w % kChunksPerRow;
-    int4 v = make_int4(0, 0, 0, 0);
-    if (r < in.num_rows) {
-      const int64_t row =
-          (static_cast<int64_t>(in.batch) * p.s_q + map.Token(in, r)) *
-              p.h_q + map.Head(in, r);
-      v = __ldg(reinterpret_cast<const int4*>(q + row * config::kHeadDimQK) +
-                chunk);
-    }
-    *reinterpret_cast<int4*>(smem.q + (chunk / 8) * config::kColBlockBytes +
-                             ptx::Swizzle128(r, chunk % 8)) = v;
+    const bool valid = r < in.num_rows;
+    // Rows past num_rows read row 0 of the tile (in bounds) with size 0.
+    const int src_r = valid ? r : 0;
+    const int64_t row =
+        (static_cast<int64_t>(in.batch) * p.s_q + map.Token(in, src_r)) *
+            p.h_q + map.Head(in, src_r);
+    ptx::CpAsync16(smem.q + (chunk / 8) * config::kColBlockBytes +
+                       ptx::Swizzle128(r, chunk % 8),
+                   reinterpret_cast<const int4*>(q + row * config::kHeadDimQK) +
+                       chunk,
+                   valid);
   }
+  ptx::CpAsyncWaitAll();
   ptx::FenceProxyAsync();
   ptx::BarSync(config::kBarConsumer0, config::kWarpgroupThreads);
 }
@@ -206,10 +216,10 @@ __device__ __forceinline__ float QuadSum(float v) {
 }
 
 // Consumer 0: QK^T, softmax, P hand-off, its half of PV, LSE.
-template <typename T>
+template <typename T, typename MarksT>
 __device__ __forceinline__ void PartialSoftmaxConsumer(
     const MlaDecodeParams& p, const Instruction& in, const Smem& smem,
-    int thread_in_wg, int& block_counter) {
+    int thread_in_wg, Pipeline& pipe, MarksT& marks) {
   const Fragment f = Fragment::Of(thread_in_wg);
   const KvRange range = KvRange::Of(in, p, config::kBlockTokens);
   const int len = min(max(__ldg(p.seqlens + in.batch), 0),
@@ -226,11 +236,12 @@ __device__ __forceinline__ void PartialSoftmaxConsumer(
   for (int i = 0; i < 128; ++i) o[i] = 0.f;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
 
-  for (int b = 0; b < range.num_blocks; ++b, ++block_counter) {
-    const int stage = StageOf(block_counter);
+  for (int b = 0; b < range.num_blocks; ++b, ++pipe.block_counter) {
+    const int stage = StageOf(pipe.block_counter);
     const int block_start = range.first + b * config::kBlockTokens;
     uint8_t* kv = smem.Stage(stage);
-    ptx::MbarWait(&smem.full[stage], PhaseOf(block_counter));
+    ptx::MbarWaitWarp(&smem.full[stage], PhaseOf(pipe.block_counter));
+    if (b == 0) marks.Ready();
     if (valid_hi - block_start < config::kBlockTokens) {
       ZeroTail(kv, block_start, valid_hi, 0, thread_in_wg);
       ptx::FenceProxyAsync();
@@ -287,7 +298,7 @@ __device__ __forceinline__ void PartialSoftmaxConsumer(
     l1 = l1 * alpha1 + sum1;
 
     // Hand P and the rescale to consumer 1.
-    ptx::BarSync(config::kBarPFree, config::kConsumerThreads);
+    ptx::MbarWaitWarp(smem.hand_empty, (pipe.round & 1) ^ 1);
 #pragma unroll
     for (int i = 0; i < 32; i += 2) {
       const int r = (i % 4) >= 2 ? f.r1 : f.r0;
@@ -296,12 +307,14 @@ __device__ __forceinline__ void PartialSoftmaxConsumer(
                                    (key % 8) * 2) =
           Pack2<T>::Of(s[i], s[i + 1]);
     }
-    if (f.col == 0) {
-      smem.row_scale[f.r0] = alpha0;
-      smem.row_scale[f.r1] = alpha1;
-    }
+    // The four lanes of a row store the same value: a lane-divergent branch
+    // here would make ptxas serialize the wgmma below (warning C7520).
+    smem.row_scale[f.r0] = alpha0;
+    smem.row_scale[f.r1] = alpha1;
     ptx::FenceProxyAsync();
-    ptx::BarArrive(config::kBarPReady, config::kConsumerThreads);
+    ptx::MbarArrive(smem.hand_full);
+    ++pipe.round;
+    // Every lane's P before this consumer's own wgmma reads it.
     ptx::BarSync(config::kBarConsumer0, config::kWarpgroupThreads);
 
 #pragma unroll
@@ -310,17 +323,17 @@ __device__ __forceinline__ void PartialSoftmaxConsumer(
     if (thread_in_wg == 0) ptx::MbarArrive(&smem.empty[stage]);
   }
 
+  marks.Computed();
   // Epilogue: 1/l to consumer 1, then O and LSE out.
   l0 = QuadSum(l0);
   l1 = QuadSum(l1);
   const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
   const float inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-  ptx::BarSync(config::kBarPFree, config::kConsumerThreads);
-  if (f.col == 0) {
-    smem.row_scale[f.r0] = inv0;
-    smem.row_scale[f.r1] = inv1;
-  }
-  ptx::BarArrive(config::kBarPReady, config::kConsumerThreads);
+  ptx::MbarWaitWarp(smem.hand_empty, (pipe.round & 1) ^ 1);
+  smem.row_scale[f.r0] = inv0;
+  smem.row_scale[f.r1] = inv1;
+  ptx::MbarArrive(smem.hand_full);
+  ++pipe.round;
   StoreO<T>(p, in, o, f, inv0, inv1, 0);
 
   if (f.col == 0) {
@@ -351,7 +364,7 @@ __device__ __forceinline__ void PartialPvConsumer(const MlaDecodeParams& p,
                                                   const Instruction& in,
                                                   const Smem& smem,
                                                   int thread_in_wg,
-                                                  int& block_counter) {
+                                                  Pipeline& pipe) {
   const Fragment f = Fragment::Of(thread_in_wg);
   const KvRange range = KvRange::Of(in, p, config::kBlockTokens);
   const int len = min(max(__ldg(p.seqlens + in.batch), 0),
@@ -362,31 +375,33 @@ __device__ __forceinline__ void PartialPvConsumer(const MlaDecodeParams& p,
 #pragma unroll
   for (int i = 0; i < 128; ++i) o[i] = 0.f;
 
-  for (int b = 0; b < range.num_blocks; ++b, ++block_counter) {
-    const int stage = StageOf(block_counter);
+  for (int b = 0; b < range.num_blocks; ++b, ++pipe.block_counter) {
+    const int stage = StageOf(pipe.block_counter);
     const int block_start = range.first + b * config::kBlockTokens;
     uint8_t* kv = smem.Stage(stage);
-    ptx::MbarWait(&smem.full[stage], PhaseOf(block_counter));
+    ptx::MbarWaitWarp(&smem.full[stage], PhaseOf(pipe.block_counter));
     if (valid_hi - block_start < config::kBlockTokens) {
       ZeroTail(kv, block_start, valid_hi, config::kColsPerConsumer,
                thread_in_wg);
       ptx::FenceProxyAsync();
       ptx::BarSync(config::kBarConsumer0 + 1, config::kWarpgroupThreads);
     }
-    ptx::BarSync(config::kBarPReady, config::kConsumerThreads);
+    ptx::MbarWaitWarp(smem.hand_full, pipe.round & 1);
     const float alpha0 = smem.row_scale[f.r0];
     const float alpha1 = smem.row_scale[f.r1];
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] *= (i % 4) >= 2 ? alpha1 : alpha0;
     AccumulatePv<T>(o, smem, kv, 1);
-    ptx::BarArrive(config::kBarPFree, config::kConsumerThreads);
+    ptx::MbarArrive(smem.hand_empty);
+    ++pipe.round;
     if (thread_in_wg == 0) ptx::MbarArrive(&smem.empty[stage]);
   }
 
-  ptx::BarSync(config::kBarPReady, config::kConsumerThreads);
+  ptx::MbarWaitWarp(smem.hand_full, pipe.round & 1);
   const float inv0 = smem.row_scale[f.r0];
   const float inv1 = smem.row_scale[f.r1];
-  ptx::BarArrive(config::kBarPFree, config::kConsumerThreads);
+  ptx::MbarArrive(smem.hand_empty);
+  ++pipe.round;
   StoreO<T>(p, in, o, f, inv0, inv1, 1);
 }
 
