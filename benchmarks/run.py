@@ -1,12 +1,17 @@
-"""Decodes named workloads with mla_decode and prints a short table.
+"""Decodes workloads with mla_decode and prints a short table.
 
-On a GPU with the kernel built it times the CUDA backend beside the pure-XLA
-reference; elsewhere it runs the reference. Each timed step attends
-``--layers`` distinct KV caches (as a model's layers would, so L2 stays
-cold) inside one jit; the table reports per-call figures.
+On a GPU with the kernel built, every implementation (the megakernel with
+the on-device planner and with each host scheduler, and the pure-XLA
+reference) runs on the same inputs; device time comes from the profiler
+trace (CUPTI): all GPU activity of the timed steps, planning included,
+divided by steps x layers. Each step attends ``--layers`` distinct KV caches
+(cold L2, like a model's layers) sharing one plan. Without a GPU the
+reference runs and is timed by wall clock.
 
-  python benchmarks/run.py                      # defaults for this machine
-  python benchmarks/run.py --workloads=W1,W3 --layers=8
+  python benchmarks/run.py                          # defaults for this machine
+  python benchmarks/run.py --workloads=W1,W3 --impls=device,makespan,xla
+  python benchmarks/run.py --lens=4641,45118 --s_q=4 --h_q=16 --page_size=64
+  python benchmarks/run.py --workloads=W1 --profile=/tmp/mla_trace
 """
 
 from __future__ import annotations
@@ -18,70 +23,149 @@ import time
 from absl import app
 from absl import flags
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 import jax_thundermla as tmla
 from jax_thundermla import _ffi
-from jax_thundermla.workloads import WORKLOADS, Workload, device_inputs
+from jax_thundermla import profiling
+from jax_thundermla.workloads import (FLASHMLA_H100_US, WORKLOADS, Workload,
+                                      device_inputs)
+
+IMPLS = ("device", "balanced", "static", "makespan", "xla")
 
 _WORKLOADS = flags.DEFINE_list(
     "workloads", None,
     f"Workload names from {sorted(WORKLOADS)}; default: all on a GPU, W4 on"
-    " a CPU.")
+    " a CPU. Ignored when --lens is given.")
+_LENS = flags.DEFINE_list("lens", None, "A custom workload: its lengths.")
+_S_Q = flags.DEFINE_integer("s_q", 1, "Custom workload: query tokens.")
+_H_Q = flags.DEFINE_integer("h_q", 16, "Custom workload: query heads.")
+_PAGE = flags.DEFINE_integer("page_size", 64, "Custom workload: page size.")
+_CAUSAL = flags.DEFINE_bool("causal", True, "Custom workload: causal.")
+_DTYPE = flags.DEFINE_enum("dtype", "bf16", ["bf16", "fp16"],
+                           "Element type of q and the cache.")
+_IMPLS = flags.DEFINE_list(
+    "impls", None,
+    f"Implementations from {IMPLS}: 'device' plans inside the jitted step,"
+    " the scheduler names pass a host plan, 'xla' is the pure-JAX"
+    " reference. Default: all on a GPU with the kernel, 'xla' otherwise.")
 _LAYERS = flags.DEFINE_integer(
-    "layers", None, "Distinct KV caches per step; default 8 on GPU, 1 on CPU.")
-_ITERS = flags.DEFINE_integer(
-    "iters", None, "Timed steps (median reported); default 20 GPU, 3 CPU.")
+    "layers", None, "Distinct KV caches per step; default 8 GPU, 1 CPU.")
+_STEPS = flags.DEFINE_integer(
+    "steps", None, "Timed steps; default 10 on GPU, 3 on CPU.")
+_BREAKDOWN = flags.DEFINE_bool(
+    "breakdown", False, "Also print device time per kernel name.")
+_PROFILE = flags.DEFINE_string(
+    "profile", None, "Keep the jax.profiler trace of every timed region"
+    " under this directory (open in XProf/TensorBoard or Perfetto).")
 
 
-def _backends() -> list[str]:
-  if jax.default_backend() == "gpu" and _ffi.kernel_available():
-    return ["cuda", "reference"]
-  return ["reference"]
+def _workloads() -> list[Workload]:
+  if _LENS.value:
+    return [Workload("custom", tuple(int(n) for n in _LENS.value),
+                     s_q=_S_Q.value, h_q=_H_Q.value,
+                     page_size=_PAGE.value, causal=_CAUSAL.value)]
+  on_gpu = jax.default_backend() == "gpu"
+  names = _WORKLOADS.value or (sorted(WORKLOADS) if on_gpu else ["W4"])
+  unknown = [n for n in names if n not in WORKLOADS]
+  if unknown:
+    sys.exit(f"unknown workload(s) {unknown}; known: {sorted(WORKLOADS)}")
+  return [WORKLOADS[n] for n in names]
 
 
-def time_step(w: Workload, backend: str, layers: int, iters: int) -> float:
-  """Median wall-clock seconds of one mla_decode call (step / layers)."""
-  q, caches, table, lens = device_inputs(w, num_caches=layers)
+def _impls() -> list[str]:
+  kernel = jax.default_backend() == "gpu" and _ffi.kernel_available()
+  impls = _IMPLS.value or (list(IMPLS) if kernel else ["xla"])
+  bad = [i for i in impls if i not in IMPLS or (i != "xla" and not kernel)]
+  if bad:
+    sys.exit(f"cannot run {bad}: known {IMPLS}; kernel impls need a GPU")
+  return impls
+
+
+def make_step(w: Workload, impl: str):
+  """A jitted decode step over a list of caches, and its extra argument."""
+  backend = "reference" if impl == "xla" else "cuda"
+  kw = dict(head_dim_v=w.d_v, softmax_scale=w.softmax_scale,
+            causal=w.causal, backend=backend)
 
   @jax.jit
-  def step(q, caches, table, lens):
-    return [tmla.mla_decode(q, kv, table, lens, head_dim_v=w.d_v,
-                            softmax_scale=w.softmax_scale, causal=w.causal,
-                            backend=backend) for kv in caches]
+  def step(q, caches, table, lens, plan):
+    with jax.named_scope(f"mla_decode_{impl}"):
+      if impl == "device":
+        plan = tmla.plan_on_device(
+            lens, s_q=w.s_q, h_q=w.h_q, h_kv=w.h_kv, page_size=w.page_size,
+            max_seqlen=table.shape[1] * w.page_size, head_dim_v=w.d_v)
+      return [tmla.mla_decode(q, kv, table, lens, plan=plan, **kw)[0]
+              for kv in caches]
 
-  jax.block_until_ready(step(q, caches, table, lens))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(step(q, caches, table, lens))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times) / layers
+  plan = None
+  if impl in ("balanced", "static", "makespan"):
+    plan = tmla.plan_decode(np.asarray(w.seqlens), s_q=w.s_q, h_q=w.h_q,
+                            h_kv=w.h_kv, page_size=w.page_size,
+                            head_dim_v=w.d_v, scheduler=impl)
+  return step, plan
+
+
+def copy_bandwidth() -> float:
+  """Device-to-device bytes per second (read + write) of a 1 GiB copy."""
+  x = jnp.ones((1 << 29,), jnp.bfloat16)
+  ns, _ = profiling.trace_device_time(lambda: x + 1, repeats=5)
+  return 2 * x.nbytes / (ns * 1e-9)
+
+
+def _profile_dir(w: Workload, impl: str) -> str | None:
+  return f"{_PROFILE.value}/{w.name}_{impl}" if _PROFILE.value else None
 
 
 def main(argv):
   del argv
   on_gpu = jax.default_backend() == "gpu"
-  names = _WORKLOADS.value or (sorted(WORKLOADS) if on_gpu else ["W4"])
   layers = _LAYERS.value or (8 if on_gpu else 1)
-  iters = _ITERS.value or (20 if on_gpu else 3)
-  unknown = [n for n in names if n not in WORKLOADS]
-  if unknown:
-    sys.exit(f"unknown workload(s) {unknown}; known: {sorted(WORKLOADS)}")
+  steps = _STEPS.value or (10 if on_gpu else 3)
+  dtype = jnp.bfloat16 if _DTYPE.value == "bf16" else jnp.float16
   device = jax.devices()[0].device_kind
+  is_h100 = "H100" in device
+  bandwidth = copy_bandwidth() if on_gpu else None
+  method = ("CUPTI device time (jax.profiler)" if on_gpu
+            else "wall clock (no GPU)")
   print(f"jax_thundermla {tmla.__version__}, jax {jax.__version__}, device:"
-        f" {device}, {layers} layer(s) per step, median of {iters} steps,"
-        " wall clock")
-  header = (f"{'workload':>8} {'backend':>9} {'us/call':>10} {'TFLOP/s':>8}"
-            f" {'GB/s':>8}")
+        f" {device}, {layers} cache(s) per step, {steps} steps, {method}")
+  if bandwidth:
+    print(f"measured copy bandwidth: {bandwidth / 1e12:.2f} TB/s")
+  header = (f"{'workload':>8} {'impl':>9} {'us/call':>9} {'TFLOP/s':>8}"
+            f" {'GB/s':>7} {'floor':>6}" + (" vs FlashMLA" if is_h100 else ""))
   print(header)
   print("-" * len(header))
-  for name in names:
-    w = WORKLOADS[name]
-    for backend in _backends():
-      seconds = time_step(w, backend, layers, iters)
-      print(f"{name:>8} {backend:>9} {seconds * 1e6:>10.1f}"
-            f" {w.flops / seconds / 1e12:>8.2f}"
-            f" {w.bytes_moved / seconds / 1e9:>8.1f}")
+  for w in _workloads():
+    q, caches, table, lens = device_inputs(w, num_caches=layers, dtype=dtype)
+    for impl in _impls():
+      step, plan = make_step(w, impl)
+      run = lambda: step(q, caches, table, lens, plan)  # pylint: disable=cell-var-from-loop
+      if on_gpu:
+        ns, events = profiling.trace_device_time(
+            run, repeats=steps, trace_dir=_profile_dir(w, impl))
+        seconds = ns * 1e-9 / layers
+        if _BREAKDOWN.value:
+          for name, count, kns in profiling.summarize(events,
+                                                      per=steps * layers):
+            print(f"    {kns / 1e3:8.2f} us x{count:<3} {name[:80]}")
+      else:
+        jax.block_until_ready(run())
+        times = []
+        for _ in range(steps):
+          start = time.perf_counter()
+          jax.block_until_ready(run())
+          times.append(time.perf_counter() - start)
+        seconds = statistics.median(times) / layers
+      floor = (f"{w.bytes_moved / bandwidth / seconds:>6.2f}" if bandwidth
+               else f"{'-':>6}")
+      row = (f"{w.name:>8} {impl:>9} {seconds * 1e6:>9.1f}"
+             f" {w.flops / seconds / 1e12:>8.1f}"
+             f" {w.bytes_moved / seconds / 1e9:>7.0f} {floor}")
+      if is_h100 and w.name in FLASHMLA_H100_US:
+        row += f" {FLASHMLA_H100_US[w.name] / (seconds * 1e6):>10.2f}x"
+      print(row)
 
 
 if __name__ == "__main__":

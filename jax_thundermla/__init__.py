@@ -8,6 +8,18 @@ elsewhere through a pure-JAX reference with the same semantics.
 __version__ = "0.1.0"
 
 from jax_thundermla.api import mla_decode
+from jax_thundermla.plan import CostModel
+from jax_thundermla.plan import DecodePlan
+from jax_thundermla.plan import plan_decode
+from jax_thundermla.plan import plan_on_device
 from jax_thundermla.reference import mla_decode_reference
 
-__all__ = ["__version__", "mla_decode", "mla_decode_reference"]
+__all__ = [
+    "__version__",
+    "CostModel",
+    "DecodePlan",
+    "mla_decode",
+    "mla_decode_reference",
+    "plan_decode",
+    "plan_on_device",
+]

@@ -58,7 +58,8 @@ def mla_decode(
     causal: bool = False,
     plan=None,
     backend: str | None = None,
-) -> tuple[jax.Array, jax.Array]:
+    timing: bool = False,
+) -> tuple[jax.Array, ...]:
   """Multi-head latent attention decode over a paged KV cache.
 
   FlashMLA-compatible semantics; works eagerly and inside ``jax.jit`` (the
@@ -88,9 +89,16 @@ def mla_decode(
     backend: ``"cuda"`` (the megakernel; head_dim_v 512 only), ``"reference"``
       (pure JAX), or None: the kernel when JAX's default backend is a GPU,
       the kernel is built and supports the shapes, the reference otherwise.
+    timing: run the kernel's timed build (``backend="cuda"`` only) and also
+      return its per-instruction records: int32 ``[num_sms,
+      max_instructions, 9]``, %globaltimer start / ready / computed / end of
+      every instruction; ``jax_thundermla.profiling`` turns them into a
+      Gantt chart, a Perfetto trace and a summary. Off by default: the
+      default build carries no timing code at all.
 
   Returns:
-    ``(out, lse)``: out [b, s_q, h_q, head_dim_v] in q's dtype, and lse
+    ``(out, lse)`` (and the timing records when ``timing``): out
+    [b, s_q, h_q, head_dim_v] in q's dtype, and lse
     [b, h_q, s_q] float32, the natural-log sum of exponentiated scaled
     scores. A query row that sees no key gets out 0 and lse +inf. Cache
     slots past a sequence's length and pages outside its table are never
@@ -111,21 +119,29 @@ def mla_decode(
   scale = (shapes.d_qk ** -0.5 if softmax_scale is None
            else float(softmax_scale))
   resolved = _resolve_backend(backend, shapes)
+  if not isinstance(timing, bool):
+    raise TypeError(f"timing must be a bool, got {timing!r}")
+  if timing and resolved != "cuda":
+    raise ValueError(
+        f"timing=True records the CUDA kernel; the call runs backend"
+        f" {resolved!r}")
   if plan is not None:
     _check_plan(plan, shapes)
   return _mla_decode_jit(q, kv_cache, block_table, cache_seqlens, plan,
                          head_dim_v=int(head_dim_v), softmax_scale=scale,
-                         causal=bool(causal), backend=resolved)
+                         causal=bool(causal), backend=resolved,
+                         timing=timing)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7, 8))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7, 8, 9))
 def _mla_decode_nondiff(q, kv_cache, block_table, cache_seqlens, plan,
-                        head_dim_v, softmax_scale, causal, backend):
+                        head_dim_v, softmax_scale, causal, backend, timing):
   if backend == "cuda":
     from jax_thundermla import kernel  # pylint: disable=g-import-not-at-top
     return kernel.mla_decode_cuda(
         q, kv_cache, block_table, cache_seqlens, plan,
-        head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal)
+        head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal,
+        timing=timing)
   out, lse = reference.mla_decode_reference(
       q, kv_cache, block_table, cache_seqlens, head_dim_v=head_dim_v,
       softmax_scale=softmax_scale, causal=causal)
@@ -137,9 +153,9 @@ def _mla_decode_nondiff(q, kv_cache, block_table, cache_seqlens, plan,
 
 
 @_mla_decode_nondiff.defjvp
-def _mla_decode_jvp(head_dim_v, softmax_scale, causal, backend, primals,
-                    tangents):
-  del head_dim_v, softmax_scale, causal, backend, primals, tangents
+def _mla_decode_jvp(head_dim_v, softmax_scale, causal, backend, timing,
+                    primals, tangents):
+  del head_dim_v, softmax_scale, causal, backend, timing, primals, tangents
   raise TypeError(
       "jax_thundermla.mla_decode is not differentiable: it is a decode"
       " (inference) kernel. Wrap its inputs in jax.lax.stop_gradient if the"
@@ -148,8 +164,9 @@ def _mla_decode_jvp(head_dim_v, softmax_scale, causal, backend, primals,
 
 @functools.partial(
     jax.jit, static_argnames=("head_dim_v", "softmax_scale", "causal",
-                              "backend"))
+                              "backend", "timing"))
 def _mla_decode_jit(q, kv_cache, block_table, cache_seqlens, plan, *,
-                    head_dim_v, softmax_scale, causal, backend):
+                    head_dim_v, softmax_scale, causal, backend, timing):
   return _mla_decode_nondiff(q, kv_cache, block_table, cache_seqlens, plan,
-                             head_dim_v, softmax_scale, causal, backend)
+                             head_dim_v, softmax_scale, causal, backend,
+                             timing)

@@ -7,11 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_thundermla import _ffi
+from jax_thundermla import isa
 from jax_thundermla import reference
 from jax_thundermla.plan import DecodePlan
 from jax_thundermla.plan import plan_on_device
 
 TARGET = "tmla_mla_decode"
+TIMED_TARGET = "tmla_mla_decode_timed"
 HEAD_DIM_V = 512
 HEAD_DIM_QK = 576
 
@@ -27,8 +29,8 @@ def unsupported_reason(*, head_dim_v: int, d_qk: int) -> str | None:
 def mla_decode_cuda(q: jax.Array, kv_cache: jax.Array,
                     block_table: jax.Array, cache_seqlens: jax.Array,
                     plan: DecodePlan | None, *, head_dim_v: int,
-                    softmax_scale: float, causal: bool
-                    ) -> tuple[jax.Array, jax.Array]:
+                    softmax_scale: float, causal: bool, timing: bool = False
+                    ) -> tuple[jax.Array, ...]:
   """MLA decode by the megakernel; inputs already validated by mla_decode.
 
   Args:
@@ -41,12 +43,15 @@ def mla_decode_cuda(q: jax.Array, kv_cache: jax.Array,
     head_dim_v: 512.
     softmax_scale: factor applied to QK^T.
     causal: bottom-right causal masking.
+    timing: run the timed build of the kernel and also return its records.
 
   Returns:
     ``(out [b, s_q, h_q, 512] in q.dtype, lse [b, h_q, s_q] float32)``, NaN
     for sequences that cannot be decoded from their table (see
     ``reference.invalid_sequences``) and everywhere when a host plan was
-    built for other lengths.
+    built for other lengths; with ``timing``, a third element: int32
+    ``[num_sms, max_instructions, isa.TIMING_WORDS]`` records (decode them
+    with ``jax_thundermla.profiling.decode_timings``).
   """
   _ffi.register_targets()
   b, s_q, h_q, _ = q.shape
@@ -60,13 +65,15 @@ def mla_decode_cuda(q: jax.Array, kv_cache: jax.Array,
                           head_dim_v=head_dim_v)
   else:
     stale = jnp.any(plan.seqlens != cache_seqlens)
-  call = jax.ffi.ffi_call(
-      TARGET,
-      (jax.ShapeDtypeStruct((b, s_q, h_q, head_dim_v), q.dtype),
-       jax.ShapeDtypeStruct((b, h_q, s_q), jnp.float32),
-       jax.ShapeDtypeStruct((plan.workspace_words(head_dim_v),),
-                            jnp.float32)))
-  out, lse, _ = call(
+  results = [jax.ShapeDtypeStruct((b, s_q, h_q, head_dim_v), q.dtype),
+             jax.ShapeDtypeStruct((b, h_q, s_q), jnp.float32),
+             jax.ShapeDtypeStruct((plan.workspace_words(head_dim_v),),
+                                  jnp.float32)]
+  if timing:
+    results.append(jax.ShapeDtypeStruct(
+        (plan.num_sms, plan.max_instructions, isa.TIMING_WORDS), jnp.int32))
+  call = jax.ffi.ffi_call(TIMED_TARGET if timing else TARGET, tuple(results))
+  out, lse, _, *timings = call(
       q, kv_cache, block_table, cache_seqlens,
       jnp.asarray(plan.instructions, jnp.int32),
       softmax_scale=np.float32(softmax_scale), causal=np.int32(causal),
@@ -78,4 +85,4 @@ def mla_decode_cuda(q: jax.Array, kv_cache: jax.Array,
     bad = bad | stale
   out = jnp.where(bad[:, None, None, None], jnp.nan, out).astype(q.dtype)
   lse = jnp.where(bad[:, None, None], jnp.nan, lse)
-  return out, lse
+  return (out, lse, *timings)

@@ -1,0 +1,64 @@
+"""Runs the timed kernel on one workload and writes its timeline.
+
+Writes ``<out>/<workload>_<scheduler>_gantt.png`` (measured, and the plan's
+predicted schedule beside it) and ``..._trace.json`` (Perfetto/Chrome, one
+track per SM), and prints the summary: makespan, per-op mean duration, idle
+fraction and tail, next to the cost model's prediction.
+
+  python benchmarks/timeline.py --workload=W1 --scheduler=makespan --out=/tmp/tl
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_thundermla as tmla
+from jax_thundermla import profiling
+from jax_thundermla.workloads import WORKLOADS, device_inputs
+
+_WORKLOAD = flags.DEFINE_enum("workload", "W1", sorted(WORKLOADS),
+                              "Workload to time.")
+_SCHEDULER = flags.DEFINE_enum("scheduler", "makespan",
+                               ["balanced", "static", "makespan"],
+                               "Host scheduler of the plan.")
+_OUT = flags.DEFINE_string("out", "timeline", "Output directory.")
+
+
+def main(argv):
+  del argv
+  w = WORKLOADS[_WORKLOAD.value]
+  q, caches, table, lens = device_inputs(w)
+  plan = tmla.plan_decode(np.asarray(w.seqlens), s_q=w.s_q, h_q=w.h_q,
+                          page_size=w.page_size, scheduler=_SCHEDULER.value)
+  fn = jax.jit(lambda q, kv, t, l, plan: tmla.mla_decode(
+      q, kv, t, l, plan=plan, causal=w.causal, softmax_scale=w.softmax_scale,
+      backend="cuda", timing=True))
+  jax.block_until_ready(fn(q, caches[0], table, lens, plan))  # warm-up
+  records = fn(q, caches[0], table, lens, plan)[2]
+  timings = profiling.decode_timings(jnp.asarray(records))
+  summary = profiling.summarize_timings(timings, num_sms=plan.num_sms)
+  os.makedirs(_OUT.value, exist_ok=True)
+  stem = os.path.join(_OUT.value, f"{w.name}_{_SCHEDULER.value}")
+  profiling.gantt(timings, stem + "_gantt.png", num_sms=plan.num_sms,
+                  plan=plan)
+  profiling.chrome_trace(timings, stem + "_trace.json")
+  print(f"{w.name} {_SCHEDULER.value} on {jax.devices()[0].device_kind}:"
+        f" measured makespan {summary.makespan_ns / 1e3:.1f} us, predicted"
+        f" {plan.predicted_makespan_ns / 1e3:.1f} us")
+  for name, mean in summary.mean_ns.items():
+    print(f"  {name}: {summary.count[name]} x {mean / 1e3:.2f} us mean")
+  print(f"  idle fraction {summary.idle_fraction:.1%}, tail"
+        f" {summary.tail_ns / 1e3:.1f} us")
+  waits = [t.ready - t.start for t in timings]
+  print(f"  mean start->ready {np.mean(waits) / 1e3:.2f} us; wrote"
+        f" {stem}_gantt.png and {stem}_trace.json")
+
+
+if __name__ == "__main__":
+  app.run(main)
