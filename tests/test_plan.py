@@ -1,5 +1,6 @@
 """plan_decode arguments, DecodePlan as a pytree, bucketing, the cost model."""
 
+import dataclasses
 import sys
 
 import jax
@@ -179,12 +180,15 @@ def test_cost_model_validation(field, value, error):
 
 
 def test_cost_model_prices():
-  cost = CostModel()
+  # Explicit constants: the arithmetic, not the fitted defaults, is tested.
+  cost = CostModel(partial_fixed_ns=2500.0, kv_token_ns=50.3,
+                   row_token_ns=0.361, reduce_fixed_ns=1500.0,
+                   reduce_row_input_ns=4.0)
   # A 64-row DeepSeek tile is memory bound: one 64-token page ~ 64 * 50.3 ns.
   assert cost.page_ns(64, 64, 512) == round(64 * 50.3)
   assert cost.page_ns(16, 64, 512) == cost.page_ns(64, 64, 512)
   # Compute bound with enough rows per token.
-  heavy = CostModel(row_token_ns=10.0)
+  heavy = dataclasses.replace(cost, row_token_ns=10.0)
   assert heavy.page_ns(64, 64, 512) == 64 * 64 * 10
   assert cost.reduce_input_ns(64, 512) == 256
   words = np.zeros((2, isa.INSTRUCTION_WORDS), np.int32)

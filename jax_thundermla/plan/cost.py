@@ -5,25 +5,22 @@ virtual machine's simulated clock price instructions with `CostModel`. Prices
 are integer nanoseconds so that the host and the on-device planner make the
 same decisions bit for bit.
 
-Default constants, H100 SXM (132 SMs, 3.02 TB/s measured copy bandwidth,
-796 TFLOP/s measured dense bf16), DeepSeek absorbed MLA (d_qk = 576 =
-512 + 64, d_v = 512, bf16 cache). All SMs stream at once, so each gets a
-1/132 share of the chip:
+Default constants: fitted to the kernel's own per-instruction timings
+(``benchmarks/fit_cost.py``, ``profiling.fit_cost_model``) on an NVIDIA
+H200 on 2026-11-21, W1-W6 under the makespan scheduler, DeepSeek absorbed
+MLA (d_qk = 576 = 512 + 64, d_v = 512, bf16 cache), 132 SMs:
 
-* ``kv_token_ns = 50.3``: a PARTIAL reads every KV token of its range once,
-  576 x 2 B = 1152 B; one SM's share of the bandwidth is 3.02e12 / 132 =
-  22.9 GB/s, so 1152 B / 22.9 GB/s = 50.3 ns per token (the chip as a whole
-  moves a token every 0.38 ns).
-* ``row_token_ns = 0.361``: QK^T and PV cost 2 x (576 + 512) = 2176 FLOP per
-  query row per token; one SM's share of 796 TFLOP/s is 6.03 TFLOP/s, so
-  0.361 ns per row and token (23.1 ns for a full 64-row tile). A PARTIAL is
-  memory bound while ``rows x row_token_ns < kv_token_ns``; the model charges
-  the larger of the two per token.
-* ``partial_fixed_ns = 2500``: loading the query tile (64 x 576 bf16), filling
-  the KV pipeline and writing the result, paid once per PARTIAL.
-* ``reduce_fixed_ns = 1500`` and ``reduce_row_input_ns = 4.0``: a REDUCE reads
-  rows x (d_v + 1) fp32 words per input from L2 (2052 B per row, ~500 GB/s
-  for one SM with bulk copies), about 256 ns per 64-row input.
+* ``kv_token_ns = 37.1``: a PARTIAL's cost per KV token it loads (whole
+  pages). The first principles estimate is one SM's share of the copy
+  bandwidth: 1152 B per token / (3.35 TB/s / 132) = 45 ns.
+* ``partial_fixed_ns = 9393``: the query tile load, the pipeline fill and
+  the fp32/bf16 write-out, paid once per PARTIAL.
+* ``reduce_fixed_ns = 22189`` and ``reduce_row_input_ns = 42.45``: a REDUCE
+  (its dependency wait excluded) against rows x inputs it merges.
+* ``row_token_ns = 0.361`` (not fitted: the timed workloads are memory
+  bound): QK^T and PV cost 2 x (576 + 512) = 2176 FLOP per query row per
+  token; one SM's share of 796 TFLOP/s is 6.03 TFLOP/s. The model charges
+  the larger of the memory and the compute term per token.
 
 The constants are plain fields: they are meant to be refitted from measured
 instruction timings.
@@ -58,11 +55,11 @@ class CostModel:
       (d_v = 512); scaled by ``(d_v + 1) / 513``.
   """
 
-  partial_fixed_ns: float = 2500.0
-  kv_token_ns: float = 50.3
+  partial_fixed_ns: float = 9393.0
+  kv_token_ns: float = 37.1
   row_token_ns: float = 0.361
-  reduce_fixed_ns: float = 1500.0
-  reduce_row_input_ns: float = 4.0
+  reduce_fixed_ns: float = 22189.0
+  reduce_row_input_ns: float = 42.45
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
