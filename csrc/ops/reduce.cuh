@@ -1,8 +1,8 @@
 // REDUCE: the LSE-weighted merge of partials (fp32 slots, base-2 LSE) into
 // the final output or another slot, by both consumers (256 threads) with
 // no shared memory and no barrier: each thread owns one float4 column of
-// half the rows, merges four rows at a time with a running max (so every
-// load is independent of the arithmetic and many are in flight), and the
+// half the rows and merges four rows x four inputs at a time with a running
+// max, issuing the batch's 16 loads before its arithmetic, and the
 // column-0 threads write the rows' LSEs. Partials are read through L2
 // (ld.global.cg), never a stale L1 line.
 #pragma once
@@ -16,13 +16,6 @@
 #include "partial.cuh"
 
 namespace tmla::ops {
-
-__device__ __forceinline__ void Fma4(float4& acc, float w, const float4& v) {
-  acc.x += w * v.x;
-  acc.y += w * v.y;
-  acc.z += w * v.z;
-  acc.w += w * v.w;
-}
 
 template <typename T>
 __device__ __forceinline__ void StoreReduced(const MlaDecodeParams& p,
@@ -46,24 +39,22 @@ __device__ __forceinline__ void StoreReduced(const MlaDecodeParams& p,
   }
 }
 
-// Running LSE-weighted merge of one row's float4 column, base 2.
+// Running LSE-weighted merge of one row's float4 column, base 2. Branch
+// free; an input that saw no key (LSE -inf, output 0) adds nothing.
 struct Merge {
   float m = -INFINITY;
   float sum = 0.f;
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 
   __device__ __forceinline__ void Add(float lse, const float4& v) {
-    if (lse == -INFINITY) return;  // an input that saw no key
-    if (lse > m) {
-      const float scale = exp2f(m - lse);
-      sum *= scale;
-      acc = make_float4(acc.x * scale, acc.y * scale, acc.z * scale,
-                        acc.w * scale);
-      m = lse;
-    }
-    const float w = exp2f(lse - m);
-    sum += w;
-    Fma4(acc, w, v);
+    const float next = fmaxf(m, lse);
+    const float base = next == -INFINITY ? 0.f : next;
+    const float scale = exp2f(m - base);
+    const float w = exp2f(lse - base);
+    sum = sum * scale + w;
+    acc = make_float4(acc.x * scale + w * v.x, acc.y * scale + w * v.y,
+                      acc.z * scale + w * v.z, acc.w * scale + w * v.w);
+    m = next;
   }
 
   __device__ __forceinline__ float4 Value() const {
@@ -83,6 +74,7 @@ __device__ __forceinline__ void Reduce(const MlaDecodeParams& p,
   constexpr int kVecPerRow = config::kHeadDimV / 4;                 // 128
   constexpr int kRowGroups = config::kConsumerThreads / kVecPerRow;  // 2
   constexpr int kRowsAtOnce = 4;
+  constexpr int kInputsAtOnce = 4;
   constexpr int64_t kSlotStride =
       static_cast<int64_t>(config::kTileRows) * config::kHeadDimV;
   const int t = consumer * config::kWarpgroupThreads + thread_in_wg;
@@ -96,17 +88,30 @@ __device__ __forceinline__ void Reduce(const MlaDecodeParams& p,
        r0 += kRowGroups * kRowsAtOnce) {
     Merge merge[kRowsAtOnce];
     const int rows = min(kRowsAtOnce, in.num_rows - r0);
-#pragma unroll 2
-    for (int i = 0; i < num_src; ++i) {
+    for (int i0 = 0; i0 < num_src; i0 += kInputsAtOnce) {
+      // All loads of the batch first, then the arithmetic: up to 16
+      // independent float4 loads in flight per thread.
+      float lse[kInputsAtOnce][kRowsAtOnce];
+      float4 v[kInputsAtOnce][kRowsAtOnce];
 #pragma unroll
-      for (int k = 0; k < kRowsAtOnce; ++k) {
-        if (k < rows) {
-          const int r = r0 + k;
-          merge[k].Add(
-              __ldcg(lse_base + i * config::kTileRows + r),
-              __ldcg(reinterpret_cast<const float4*>(
-                  o_base + i * kSlotStride + r * config::kHeadDimV)));
+      for (int j = 0; j < kInputsAtOnce; ++j) {
+#pragma unroll
+        for (int k = 0; k < kRowsAtOnce; ++k) {
+          const bool live = i0 + j < num_src && k < rows;
+          const int i = live ? i0 + j : 0;
+          const int r = live ? r0 + k : 0;
+          lse[j][k] = live ? __ldcg(lse_base + i * config::kTileRows + r)
+                           : -INFINITY;
+          v[j][k] = live ? __ldcg(reinterpret_cast<const float4*>(
+                               o_base + i * kSlotStride +
+                               r * config::kHeadDimV))
+                         : make_float4(0.f, 0.f, 0.f, 0.f);
         }
+      }
+#pragma unroll
+      for (int j = 0; j < kInputsAtOnce; ++j) {
+#pragma unroll
+        for (int k = 0; k < kRowsAtOnce; ++k) merge[k].Add(lse[j][k], v[j][k]);
       }
     }
 #pragma unroll
