@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import numpy as np
 
 try:
   from jax_thundermla import _C  # pylint: disable=g-import-not-at-top
@@ -67,7 +68,6 @@ def smoke_scale(x: jax.Array, scale: float) -> jax.Array:
   Returns:
     ``x * scale``, float32, same shape.
   """
-  import numpy as np  # pylint: disable=g-import-not-at-top
   register_targets()
   if x.dtype != np.float32:
     raise TypeError(f"smoke_scale: x must be float32, got {x.dtype}")
