@@ -19,10 +19,12 @@ from jax_thundermla.plan import CostModel
 from jax_thundermla.plan import balanced
 from jax_thundermla.plan import makespan
 from jax_thundermla.plan import plan_decode
+from jax_thundermla.plan import static
 from jax_thundermla.plan import timing
 from jax_thundermla.plan.problem import Problem
 from jax_thundermla.plan.problem import WorkItems
 from jax_thundermla.plan.tensorize import Schedule
+from jax_thundermla.plan.tensorize import capacities_of
 from jax_thundermla.plan.tensorize import tensorize
 from jax_thundermla.workloads import WORKLOADS
 
@@ -142,3 +144,23 @@ def test_one_piece_per_sm_layout_matches_emit(lens, s_q, h_q):
   b, _ = tensorize(slow, 132)
   np.testing.assert_array_equal(a, b)
   assert predicted == timing.simulate(a).makespan_ns
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(shape=shapes())
+def test_rollout_bounds_and_workspace(shape):
+  """The bounds that skip rollouts never exceed their makespans, and the
+  slots and counters a scheduler counts are those its rows use."""
+  problem = Problem(seqlens=np.asarray(shape.pop("seqlens"), np.int64),
+                    head_dim_v=512, cost=CostModel(), **shape)
+  st_ = balanced.statics_for(problem)
+  pieces = balanced.cut(np, problem.seqlens, st_, np.int64)
+  lists, lists_makespan = balanced.host_schedule(problem, st_, pieces)
+  assert balanced.load_bound(st_, *pieces) <= lists_makespan
+  items = WorkItems.build(problem)
+  assert (static.load_bound(problem, items)
+          <= static.schedule(problem, items)[1])
+  for schedule in (lists, makespan.schedule(problem)[0]):
+    if schedule.workspace is not None:
+      used = capacities_of(schedule.rows, 0)
+      assert schedule.workspace == (used.num_slots, used.num_counters)

@@ -31,6 +31,7 @@ Details:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -114,6 +115,7 @@ class Statics:
                + cuts // (self.fanin + 1))
 
 
+@functools.lru_cache(maxsize=64)
 def statics(*, batch: int, s_q: int, h_q: int, h_kv: int, page_size: int,
             head_dim_v: int, num_sms: int, max_pages: int,
             cost: CostModel) -> Statics:
@@ -433,11 +435,52 @@ def statics_for(problem: Problem) -> Statics:
                  cost=p.cost)
 
 
-def host_schedule(problem: Problem, st: Statics) -> tuple[Schedule, float]:
-  """Balanced lists of a problem (numpy) and their simulated makespan."""
-  rows, sm, pos, _, _, _ = lists(np, problem.seqlens, st, np.int64)
+def load_bound(st: Statics, length, k, p_item, p_page, p_sm) -> float:
+  """A lower bound of the makespan of `emit`'s lists (numpy).
+
+  An SM runs its instructions one at a time, so the lists take at least the
+  most work one SM is given; counted here are its PARTIALs and final REDUCEs.
+
+  Args:
+    st: static parameters.
+    length, k, p_item, p_page, p_sm: `cut`'s result.
+  """
+  g, ps = st.fanin, st.page_size
+  last = np.add.accumulate(k) - 1
+  num = int(last[-1]) + 1
+  page = p_page[:num]
+  end = np.empty_like(page)
+  end[:-1] = page[1:]
+  end[last] = (length + ps - 1) // ps
+  cost = st.fixed_ns + (end - page) * np.asarray(st.page_ns)[
+      p_item[:num] % st.num_tiles]
+  load = np.bincount(p_sm[:num], weights=cost, minlength=st.num_sms)
+  cut = (k > 1).nonzero()[0]
+  inputs = k[cut]
+  inputs = np.where(inputs > g, (inputs + g - 1) // g, inputs)
+  load += np.bincount(
+      p_sm[last[cut]], minlength=st.num_sms,
+      weights=st.reduce_fixed_ns + inputs * np.asarray(st.input_ns)[
+          cut % st.num_tiles])
+  return float(load.max())
+
+
+def host_schedule(problem: Problem, st: Statics,
+                  pieces: tuple[np.ndarray, ...] | None = None) -> tuple[
+                      Schedule, float]:
+  """Balanced lists of a problem (numpy) and their simulated makespan.
+
+  Args:
+    problem: the shapes.
+    st: its static parameters.
+    pieces: `cut`'s result for the problem, if already computed.
+  """
+  if pieces is None:
+    pieces = cut(np, problem.seqlens, st, np.int64)
+  rows, sm, pos, _, slots, counters = emit(np, np.int64, st, *pieces)
   keep = sm < problem.num_sms
-  schedule = Schedule(rows[keep], sm[keep], pos[keep], positional=True)
+  schedule = Schedule(rows[keep], sm[keep], pos[keep], positional=True,
+                      workspace=(int(slots), int(counters)))
   makespan = emitted_makespan(rows, sm, problem.num_sms)
   if makespan is None:
     makespan = timing.simulate(

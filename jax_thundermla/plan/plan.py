@@ -17,7 +17,7 @@ from jax_thundermla.plan import static
 from jax_thundermla.plan import tensorize
 from jax_thundermla.plan.cost import CostModel
 from jax_thundermla.plan.problem import Problem
-from jax_thundermla.plan.problem import tile_rows
+from jax_thundermla.plan.problem import tile_prices
 
 SCHEDULERS = ("balanced", "static", "makespan")
 
@@ -156,6 +156,8 @@ class DecodePlan:
 
 
 def _int_arg(name: str, value: Any, minimum: int) -> int:
+  if type(value) is int and value >= minimum:  # Not bool, a subclass.
+    return value
   if isinstance(value, bool):
     raise TypeError(f"{name} must be an int, got bool")
   try:
@@ -206,13 +208,13 @@ def _host_seqlens(seqlens: Any) -> np.ndarray:
         "seqlens must be host values (list or numpy array), got a traced"
         " array; inside jax.jit build the plan with plan_on_device")
   lens = np.asarray(seqlens)
-  if lens.dtype == bool or not (np.issubdtype(lens.dtype, np.integer)
-                                or lens.size == 0):
+  # The kinds of np.integer's subtypes (timedelta64 is one), not bool's.
+  if lens.dtype.kind not in "ium" and (lens.dtype == bool or lens.size):
     raise TypeError(f"seqlens must hold integers, got dtype {lens.dtype}")
   if lens.ndim != 1 or lens.shape[0] == 0:
     raise ValueError(
         f"seqlens must have shape [b] with b >= 1, got shape {lens.shape}")
-  lo, hi = int(lens.min()), int(lens.max())
+  lo, hi = int(np.minimum.reduce(lens)), int(np.maximum.reduce(lens))
   if lo < 0 or hi > MAX_SEQLEN:
     raise ValueError(
         f"seqlens must lie in [0, {MAX_SEQLEN}], got values in [{lo}, {hi}]")
@@ -258,12 +260,12 @@ def plan_decode(seqlens: Any, *, s_q: int, h_q: int, h_kv: int = 1,
   problem = Problem(seqlens=lens, s_q=s_q, h_q=h_q, h_kv=h_kv,
                     page_size=page_size, head_dim_v=head_dim_v,
                     num_sms=num_sms, cost=cost)
-  whole = cost.partial_fixed() + -(-int(lens.max()) // page_size) * max(
-      cost.page_ns(r, page_size, head_dim_v)
-      for r in tile_rows(s_q, h_q, h_kv))
+  longest = int(np.maximum.reduce(lens))
+  whole = cost.partial_fixed() + -(-longest // page_size) * max(tile_prices(
+      s_q, h_q, h_kv, page_size, head_dim_v, cost)[1])
   if whole > MAX_COST_NS:
     raise ValueError(
-        f"seqlens: a sequence of {int(lens.max())} tokens costs {whole} ns as"
+        f"seqlens: a sequence of {longest} tokens costs {whole} ns as"
         f" one PARTIAL, more than the int32 cost word holds ({MAX_COST_NS})")
   if scheduler == "balanced":
     schedule, makespan_ns = balanced.host_schedule(

@@ -11,6 +11,7 @@ REDUCEs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -55,27 +56,65 @@ class Problem:
 
 
 
+@functools.lru_cache(maxsize=64)
+def tile_prices(s_q: int, h_q: int, h_kv: int, page_size: int,
+                head_dim_v: int, cost: CostModel) -> tuple[
+                    tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+  """``(rows, page_ns, input_ns)`` of each tile of one (sequence, KV head):
+  its rows, the cost of one KV page and of one REDUCE input."""
+  rows = tile_rows(s_q, h_q, h_kv)
+  return (rows, tuple(cost.page_ns(r, page_size, head_dim_v) for r in rows),
+          tuple(cost.reduce_input_ns(r, head_dim_v) for r in rows))
+
+
+@functools.lru_cache(maxsize=8)
+def _item_tables(batch: int, h_kv: int, rows: tuple[int, ...],
+                 page_ns: tuple[int, ...], input_ns: tuple[int, ...]) -> tuple[
+                     np.ndarray, np.ndarray, np.ndarray]:
+  """Read-only `WorkItems` arrays that do not depend on the lengths.
+
+  Returns:
+    ``(page_ns, reduce_input_ns, partial)``, as the fields of `WorkItems`.
+  """
+  num_tiles = len(rows)
+  item = np.arange(batch * h_kv * num_tiles)
+  tile = item % num_tiles
+  partial = np.zeros((item.shape[0], isa.INSTRUCTION_WORDS), np.int64)
+  partial[:, isa.FIELD_OPCODE] = isa.OP_PARTIAL
+  partial[:, isa.FIELD_BATCH] = item // (h_kv * num_tiles)
+  partial[:, isa.FIELD_KV_HEAD] = (item // num_tiles) % h_kv
+  partial[:, isa.FIELD_ROW_START] = tile * isa.TILE_ROWS
+  partial[:, isa.FIELD_NUM_ROWS] = np.asarray(rows, np.int64)[tile]
+  partial[:, isa.FIELD_WAIT_COUNTER] = isa.NO_COUNTER
+  tables = (np.asarray(page_ns, np.int64)[tile],
+            np.asarray(input_ns, np.int64)[tile], partial)
+  for table in tables:
+    table.setflags(write=False)
+  return tables
+
+
 @dataclasses.dataclass(frozen=True)
 class WorkItems:
   """One entry per (sequence, KV head, tile), in (b, kv_head, tile) order.
 
   Attributes:
-    tile_rows: rows of each tile of one (sequence, KV head).
-    h_kv: KV heads.
     length: int64 ``[n]`` KV tokens of the item's sequence.
     pages: int64 ``[n]`` ``ceil(length / page_size)``.
     page_ns: int64 ``[n]`` cost of one page of the item's tile.
     reduce_input_ns: int64 ``[n]`` cost of one REDUCE input of the tile.
+    partial: int64 ``[n, INSTRUCTION_WORDS]`` a PARTIAL of each item with
+      the words that name its rows (batch, KV head, first row, row count)
+      and no wait counter; its other words are 0. Read-only: index it
+      (``partial[item]``) to get rows to fill in.
     fixed_ns: fixed cost of a PARTIAL.
     reduce_fixed_ns: fixed cost of a REDUCE.
   """
 
-  tile_rows: tuple[int, ...]
-  h_kv: int
   length: np.ndarray
   pages: np.ndarray
   page_ns: np.ndarray
   reduce_input_ns: np.ndarray
+  partial: np.ndarray
   fixed_ns: int
   reduce_fixed_ns: int
 
@@ -83,38 +122,20 @@ class WorkItems:
   def size(self) -> int:
     return int(self.length.shape[0])
 
-  @property
-  def num_tiles(self) -> int:
-    return len(self.tile_rows)
-
   def cost_ns(self) -> np.ndarray:
     """int64 ``[n]``: cost of each item as one unsplit PARTIAL."""
     return self.fixed_ns + self.pages * self.page_ns
-
-  def fields(self, item: np.ndarray) -> dict[int, np.ndarray]:
-    """Instruction words naming the rows of items ``item`` (int ``[m]``):
-    batch, KV head, first row and row count."""
-    tile = item % self.num_tiles
-    return {
-        isa.FIELD_BATCH: item // (self.h_kv * self.num_tiles),
-        isa.FIELD_KV_HEAD: (item // self.num_tiles) % self.h_kv,
-        isa.FIELD_ROW_START: tile * isa.TILE_ROWS,
-        isa.FIELD_NUM_ROWS: np.asarray(self.tile_rows, np.int64)[tile],
-    }
 
   @classmethod
   def build(cls, problem: Problem) -> WorkItems:
     """Work items of a problem."""
     p = problem
-    rows = tile_rows(p.s_q, p.h_q, p.h_kv)
-    tile = np.arange(p.batch * p.h_kv * len(rows)) % len(rows)
-    page_ns = [p.cost.page_ns(r, p.page_size, p.head_dim_v) for r in rows]
-    input_ns = [p.cost.reduce_input_ns(r, p.head_dim_v) for r in rows]
-    length = np.repeat(p.seqlens, p.h_kv * len(rows))
-    return cls(
-        tile_rows=rows, h_kv=p.h_kv, length=length,
-        pages=-(-length // p.page_size),
-        page_ns=np.asarray(page_ns, np.int64)[tile],
-        reduce_input_ns=np.asarray(input_ns, np.int64)[tile],
-        fixed_ns=p.cost.partial_fixed(),
-        reduce_fixed_ns=p.cost.reduce_fixed())
+    rows, page_ns, input_ns = tile_prices(p.s_q, p.h_q, p.h_kv, p.page_size,
+                                          p.head_dim_v, p.cost)
+    page_ns, input_ns, partial = _item_tables(p.batch, p.h_kv, rows, page_ns,
+                                              input_ns)
+    length = p.seqlens.repeat(p.h_kv * len(rows))
+    return cls(length=length, pages=-(-length // p.page_size),
+               page_ns=page_ns, reduce_input_ns=input_ns, partial=partial,
+               fixed_ns=p.cost.partial_fixed(),
+               reduce_fixed_ns=p.cost.reduce_fixed())

@@ -49,10 +49,6 @@ class Tasks:
     return int(self.cost.shape[0])
 
 
-def _words(count: int) -> np.ndarray:
-  return np.zeros((count, isa.INSTRUCTION_WORDS), np.int64)
-
-
 def build_tree(items: WorkItems, piece_item: np.ndarray,
                piece_page: np.ndarray, fanin: int,
                page_size: int) -> Tasks:
@@ -89,15 +85,11 @@ def build_tree(items: WorkItems, piece_item: np.ndarray,
   next_page[:-1] = piece_page[1:]
   page_end = np.where(last, items.pages[piece_item], next_page)
   length = items.length[piece_item]
-  pieces = _words(num_pieces)
-  pieces[:, isa.FIELD_OPCODE] = isa.OP_PARTIAL
-  for word, value in items.fields(piece_item).items():
-    pieces[:, word] = value
+  pieces = items.partial[piece_item]
   pieces[:, isa.FIELD_KV_START] = np.minimum(piece_page * page_size, length)
   pieces[:, isa.FIELD_KV_END] = np.minimum(page_end * page_size, length)
   pieces[:, isa.FIELD_DST_SLOT] = isa.FINAL_OUTPUT
   pieces[:, isa.FIELD_SIGNAL_COUNTER] = isa.NO_COUNTER
-  pieces[:, isa.FIELD_WAIT_COUNTER] = isa.NO_COUNTER
   piece_cost = (items.fixed_ns
                 + (page_end - piece_page) * items.page_ns[piece_item])
   pieces[:, isa.FIELD_COST] = piece_cost
@@ -145,10 +137,8 @@ def build_tree(items: WorkItems, piece_item: np.ndarray,
     parent_parts[-1][local] = num_tasks + group_of
 
     g_item = item[group_first]
-    reduces = _words(num_groups)
+    reduces = items.partial[g_item]
     reduces[:, isa.FIELD_OPCODE] = isa.OP_REDUCE
-    for word, value in items.fields(g_item).items():
-      reduces[:, word] = value
     reduces[:, isa.FIELD_SRC_SLOT] = slot[group_first]
     reduces[:, isa.FIELD_NUM_SRC] = num_src
     reduces[:, isa.FIELD_DST_SLOT] = isa.FINAL_OUTPUT
@@ -181,6 +171,15 @@ def chunk_pages(problem: Problem, items: WorkItems) -> int:
   mean_page_ns = float(items.page_ns.mean())
   at_least = int(np.ceil(items.fixed_ns / mean_page_ns))
   return max(1, per_sm, at_least)
+
+
+def load_bound(problem: Problem, items: WorkItems) -> float:
+  """A lower bound of the static schedule's makespan: its PARTIALs' work
+  spread evenly over the SMs."""
+  k = np.maximum(1, -(-items.pages // chunk_pages(problem, items)))
+  work = items.fixed_ns * int(k.sum()) + int((items.pages
+                                               * items.page_ns).sum())
+  return work / problem.num_sms
 
 
 def schedule(problem: Problem,

@@ -27,12 +27,15 @@ class Schedule:
     key: ``[m]`` order key: an SM runs its instructions by increasing key
       (ties keep the order of ``rows``).
     positional: the keys are already the positions 0, 1, ... of each list.
+    workspace: ``(slots, counters)`` the rows use, where the scheduler
+      counted them; by default `tensorize` finds them in the rows.
   """
 
   rows: np.ndarray
   sm: np.ndarray
   key: np.ndarray
   positional: bool = False
+  workspace: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,15 +60,13 @@ class Capacities:
 def capacities_of(rows: np.ndarray, longest: int) -> Capacities:
   """Capacities used by instruction rows ``[m, W]`` in lists of at most
   ``longest`` instructions."""
-  op = rows[:, isa.FIELD_OPCODE]
-  dst = rows[:, isa.FIELD_DST_SLOT]
-  reduce = op == isa.OP_REDUCE
-  src_end = np.where(reduce, rows[:, isa.FIELD_SRC_SLOT]
-                     + rows[:, isa.FIELD_NUM_SRC], 0)
-  slots = max(int(dst.max(initial=-1)) + 1, int(src_end.max(initial=0)))
-  counters = 1 + max(int(rows[:, isa.FIELD_SIGNAL_COUNTER].max(initial=-1)),
-                     int(rows[:, isa.FIELD_WAIT_COUNTER].max(initial=-1)))
-  return Capacities(longest, slots, counters)
+  reduce = rows[rows[:, isa.FIELD_OPCODE] == isa.OP_REDUCE]
+  src_end = reduce[:, isa.FIELD_SRC_SLOT] + reduce[:, isa.FIELD_NUM_SRC]
+  words = rows[:, [isa.FIELD_DST_SLOT, isa.FIELD_SIGNAL_COUNTER,
+                   isa.FIELD_WAIT_COUNTER]]
+  dst, signal, wait = np.maximum.reduce(words, axis=0, initial=-1).tolist()
+  slots = max(dst + 1, int(np.maximum.reduce(src_end, initial=0)))
+  return Capacities(longest, slots, 1 + max(signal, wait))
 
 
 def tensorize(schedule: Schedule, num_sms: int) -> tuple[np.ndarray,
@@ -83,14 +84,17 @@ def tensorize(schedule: Schedule, num_sms: int) -> tuple[np.ndarray,
   """
   if schedule.positional:
     sm, pos, rows = schedule.sm, schedule.key, schedule.rows
-    longest = int(pos.max(initial=-1)) + 1
+    longest = int(np.maximum.reduce(pos, initial=-1)) + 1
   else:
     order = np.lexsort((schedule.key, schedule.sm))
     sm, rows = schedule.sm[order], schedule.rows[order]
     per_sm = np.bincount(sm, minlength=num_sms)
     pos = np.arange(sm.shape[0]) - (np.cumsum(per_sm) - per_sm)[sm]
     longest = int(per_sm.max(initial=0))
-  caps = capacities_of(rows, longest).bucketed()
+  if schedule.workspace is None:
+    caps = capacities_of(rows, longest).bucketed()
+  else:
+    caps = Capacities(longest, *schedule.workspace).bucketed()
   out = np.zeros((num_sms, caps.max_instructions, isa.INSTRUCTION_WORDS),
                  np.int32)
   out[sm, pos] = rows
