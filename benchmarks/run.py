@@ -16,15 +16,12 @@ reference runs and is timed by wall clock.
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 
 from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import jax_thundermla as tmla
 from jax_thundermla import _ffi
@@ -32,7 +29,7 @@ from jax_thundermla import profiling
 from jax_thundermla.workloads import (FLASHMLA_H100_US, WORKLOADS, Workload,
                                       device_inputs)
 
-IMPLS = ("device", "balanced", "static", "makespan", "xla")
+from common import IMPLS, copy_bandwidth, time_per_call
 
 _WORKLOADS = flags.DEFINE_list(
     "workloads", None,
@@ -83,37 +80,6 @@ def _impls() -> list[str]:
   return impls
 
 
-def make_step(w: Workload, impl: str):
-  """A jitted decode step over a list of caches, and its extra argument."""
-  backend = "reference" if impl == "xla" else "cuda"
-  kw = dict(head_dim_v=w.d_v, softmax_scale=w.softmax_scale,
-            causal=w.causal, backend=backend)
-
-  @jax.jit
-  def step(q, caches, table, lens, plan):
-    with jax.named_scope(f"mla_decode_{impl}"):
-      if impl == "device":
-        plan = tmla.plan_on_device(
-            lens, s_q=w.s_q, h_q=w.h_q, h_kv=w.h_kv, page_size=w.page_size,
-            max_seqlen=table.shape[1] * w.page_size, head_dim_v=w.d_v)
-      return [tmla.mla_decode(q, kv, table, lens, plan=plan, **kw)[0]
-              for kv in caches]
-
-  plan = None
-  if impl in ("balanced", "static", "makespan"):
-    plan = tmla.plan_decode(np.asarray(w.seqlens), s_q=w.s_q, h_q=w.h_q,
-                            h_kv=w.h_kv, page_size=w.page_size,
-                            head_dim_v=w.d_v, scheduler=impl)
-  return step, plan
-
-
-def copy_bandwidth() -> float:
-  """Device-to-device bytes per second (read + write) of a 1 GiB copy."""
-  x = jnp.ones((1 << 29,), jnp.bfloat16)
-  ns, _ = profiling.trace_device_time(lambda: x + 1, repeats=5)
-  return 2 * x.nbytes / (ns * 1e-9)
-
-
 def _profile_dir(w: Workload, impl: str) -> str | None:
   return f"{_PROFILE.value}/{w.name}_{impl}" if _PROFILE.value else None
 
@@ -140,24 +106,13 @@ def main(argv):
   for w in _workloads():
     q, caches, table, lens = device_inputs(w, num_caches=layers, dtype=dtype)
     for impl in _impls():
-      step, plan = make_step(w, impl)
-      run = lambda: step(q, caches, table, lens, plan)  # pylint: disable=cell-var-from-loop
-      if on_gpu:
-        ns, events = profiling.trace_device_time(
-            run, repeats=steps, trace_dir=_profile_dir(w, impl))
-        seconds = ns * 1e-9 / layers
-        if _BREAKDOWN.value:
-          for name, count, kns in profiling.summarize(events,
-                                                      per=steps * layers):
-            print(f"    {kns / 1e3:8.2f} us x{count:<3} {name[:80]}")
-      else:
-        jax.block_until_ready(run())
-        times = []
-        for _ in range(steps):
-          start = time.perf_counter()
-          jax.block_until_ready(run())
-          times.append(time.perf_counter() - start)
-        seconds = statistics.median(times) / layers
+      seconds, events = time_per_call(
+          w, impl, (q, caches, table, lens), steps=steps,
+          trace_dir=_profile_dir(w, impl))
+      if _BREAKDOWN.value and events:
+        for name, count, kns in profiling.summarize(events,
+                                                    per=steps * layers):
+          print(f"    {kns / 1e3:8.2f} us x{count:<3} {name[:80]}")
       floor = (f"{w.bytes_moved / bandwidth / seconds:>6.2f}" if bandwidth
                else f"{'-':>6}")
       row = (f"{w.name:>8} {impl:>9} {seconds * 1e6:>9.1f}"

@@ -1,0 +1,83 @@
+"""Pieces shared by the benchmark scripts: the timed decode step, the copy
+bandwidth, device time per call."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_thundermla as tmla
+from jax_thundermla import profiling
+from jax_thundermla.workloads import Workload
+
+IMPLS = ("device", "balanced", "static", "makespan", "xla")
+
+
+def make_step(w: Workload, impl: str):
+  """A jitted decode step over a list of caches, and its extra argument."""
+  backend = "reference" if impl == "xla" else "cuda"
+  kw = dict(head_dim_v=w.d_v, softmax_scale=w.softmax_scale,
+            causal=w.causal, backend=backend)
+
+  @jax.jit
+  def step(q, caches, table, lens, plan):
+    with jax.named_scope(f"mla_decode_{impl}"):
+      if impl == "device":
+        plan = tmla.plan_on_device(
+            lens, s_q=w.s_q, h_q=w.h_q, h_kv=w.h_kv, page_size=w.page_size,
+            max_seqlen=table.shape[1] * w.page_size, head_dim_v=w.d_v)
+      return [tmla.mla_decode(q, kv, table, lens, plan=plan, **kw)[0]
+              for kv in caches]
+
+  plan = None
+  if impl in ("balanced", "static", "makespan"):
+    plan = tmla.plan_decode(np.asarray(w.seqlens), s_q=w.s_q, h_q=w.h_q,
+                            h_kv=w.h_kv, page_size=w.page_size,
+                            head_dim_v=w.d_v, scheduler=impl)
+  return step, plan
+
+
+def copy_bandwidth() -> float:
+  """Device-to-device bytes per second (read + write) of a 1 GiB copy."""
+  x = jnp.ones((1 << 29,), jnp.bfloat16)
+  ns, _ = profiling.trace_device_time(lambda: x + 1, repeats=5)
+  return 2 * x.nbytes / (ns * 1e-9)
+
+
+def time_per_call(w: Workload, impl: str, inputs, *, steps: int,
+                  trace_dir: str | None = None):
+  """Seconds per mla_decode call of ``impl`` on ``inputs``.
+
+  On a GPU: all device activity of ``steps`` traced steps (CUPTI), divided
+  by steps x caches; elsewhere the median wall clock of a step over the
+  caches.
+
+  Args:
+    w: the workload.
+    impl: one of IMPLS.
+    inputs: ``(q, caches, table, lens)`` from ``device_inputs``.
+    steps: timed steps.
+    trace_dir: keep the profiler trace there (GPU only).
+
+  Returns:
+    ``(seconds, events)``: events are the trace's device events (empty
+    without a GPU).
+  """
+  q, caches, table, lens = inputs
+  step, plan = make_step(w, impl)
+  run = lambda: step(q, caches, table, lens, plan)
+  if jax.default_backend() == "gpu":
+    ns, events = profiling.trace_device_time(run, repeats=steps,
+                                             trace_dir=trace_dir)
+    return ns * 1e-9 / len(caches), events
+  jax.block_until_ready(run())
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(run())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times) / len(caches), []
