@@ -138,18 +138,21 @@ def _mla_decode_nondiff(q, kv_cache, block_table, cache_seqlens, plan,
                         head_dim_v, softmax_scale, causal, backend, timing):
   if backend == "cuda":
     from jax_thundermla import kernel  # pylint: disable=g-import-not-at-top
-    return kernel.mla_decode_cuda(
+    out, lse, *timings = kernel.mla_decode_cuda(
         q, kv_cache, block_table, cache_seqlens, plan,
         head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal,
         timing=timing)
-  out, lse = reference.mla_decode_reference(
-      q, kv_cache, block_table, cache_seqlens, head_dim_v=head_dim_v,
-      softmax_scale=softmax_scale, causal=causal)
+  else:
+    out, lse = reference.mla_decode_reference(
+        q, kv_cache, block_table, cache_seqlens, head_dim_v=head_dim_v,
+        softmax_scale=softmax_scale, causal=causal)
+    timings = []
   if plan is not None:
+    # A host plan used with other lengths than it was built for: NaN.
     stale = jnp.any(plan.seqlens != cache_seqlens)
     out = jnp.where(stale, jnp.nan, out).astype(out.dtype)
     lse = jnp.where(stale, jnp.nan, lse)
-  return out, lse
+  return (out, lse, *timings)
 
 
 @_mla_decode_nondiff.defjvp

@@ -38,8 +38,9 @@ def mla_decode_cuda(q: jax.Array, kv_cache: jax.Array,
     kv_cache: [num_pages, page_size, h_kv, 576], q's dtype.
     block_table: int32 [b, max_pages].
     cache_seqlens: int32 [b].
-    plan: a host-built DecodePlan for these lengths, or None to plan on the
-      device from ``cache_seqlens`` (balanced scheduler, static capacity).
+    plan: a host-built DecodePlan, or None to plan on the device from
+      ``cache_seqlens`` (balanced scheduler, static capacity). Whether a
+      host plan fits these lengths is checked by the caller (mla_decode).
     head_dim_v: 512.
     softmax_scale: factor applied to QK^T.
     causal: bottom-right causal masking.
@@ -48,8 +49,7 @@ def mla_decode_cuda(q: jax.Array, kv_cache: jax.Array,
   Returns:
     ``(out [b, s_q, h_q, 512] in q.dtype, lse [b, h_q, s_q] float32)``, NaN
     for sequences that cannot be decoded from their table (see
-    ``reference.invalid_sequences``) and everywhere when a host plan was
-    built for other lengths; with ``timing``, a third element: int32
+    ``reference.invalid_sequences``); with ``timing``, a third element: int32
     ``[num_sms, max_instructions, isa.TIMING_WORDS]`` records (decode them
     with ``jax_thundermla.profiling.decode_timings``).
   """
@@ -57,14 +57,11 @@ def mla_decode_cuda(q: jax.Array, kv_cache: jax.Array,
   b, s_q, h_q, _ = q.shape
   num_pages, page_size, h_kv, _ = kv_cache.shape
   max_pages = block_table.shape[1]
-  stale = None
   if plan is None:
     plan = plan_on_device(cache_seqlens, s_q=s_q, h_q=h_q, h_kv=h_kv,
                           page_size=page_size,
                           max_seqlen=max_pages * page_size,
                           head_dim_v=head_dim_v)
-  else:
-    stale = jnp.any(plan.seqlens != cache_seqlens)
   results = [jax.ShapeDtypeStruct((b, s_q, h_q, head_dim_v), q.dtype),
              jax.ShapeDtypeStruct((b, h_q, s_q), jnp.float32),
              jax.ShapeDtypeStruct((plan.workspace_words(head_dim_v),),
@@ -81,8 +78,6 @@ def mla_decode_cuda(q: jax.Array, kv_cache: jax.Array,
       num_counters=np.int32(plan.num_counters))
   bad = reference.invalid_sequences(block_table, cache_seqlens, num_pages,
                                     page_size)
-  if stale is not None:
-    bad = bad | stale
   out = jnp.where(bad[:, None, None, None], jnp.nan, out).astype(q.dtype)
   lse = jnp.where(bad[:, None, None], jnp.nan, lse)
   return (out, lse, *timings)
