@@ -329,16 +329,10 @@ def gantt(timings: Sequence[InstructionTiming], path: str, *, num_sms: int,
       f"measured: makespan {summary.makespan_ns / 1e3:.1f} us, idle"
       f" {summary.idle_fraction:.0%}, tail {summary.tail_ns / 1e3:.1f} us"))
   if plan is not None:
-    from jax_thundermla import vm  # pylint: disable=g-import-not-at-top
-    run = vm.simulate(plan, check=False)
+    from jax_thundermla.plan import gantt as plan_gantt  # pylint: disable=g-import-not-at-top
     pax = axes[1, 0]
-    for op, color in _COLORS.items():
-      sel = run.opcode == op
-      if sel.any():
-        pax.barh(run.sm[sel], (run.end_ns[sel] - run.start_ns[sel]) / 1e3,
-                 left=run.start_ns[sel] / 1e3, height=0.8, color=color)
+    run = plan_gantt.draw_predicted(pax, plan)
     pax.set_ylabel("SM (predicted)")
-    pax.set_ylim(plan.num_sms - 0.5, -0.5)
     pax.set_title(f"predicted by the cost model: makespan"
                   f" {run.makespan_ns / 1e3:.1f} us")
   axes[-1, 0].set_xlabel("time (us)")

@@ -34,22 +34,10 @@ def draw(plan: DecodePlan, path: str, *, title: str | None = None) -> None:
   except ImportError as e:
     raise ImportError(
         "DecodePlan.gantt needs matplotlib: pip install matplotlib") from e
-  from jax_thundermla import vm  # pylint: disable=g-import-not-at-top
-
-  run = vm.simulate(plan, check=False)
-  start_us = run.start_ns / 1e3
-  width_us = (run.end_ns - run.start_ns) / 1e3
   height = max(3.0, min(40.0, 0.12 * plan.num_sms))
   fig, ax = plt.subplots(figsize=(12, height))
-  for op, color in _COLORS.items():
-    sel = run.opcode == op
-    if sel.any():
-      ax.barh(run.sm[sel], width_us[sel], left=start_us[sel], height=0.8,
-              color=color, edgecolor="black", linewidth=0.2,
-              label=_LABELS[op])
+  run = draw_predicted(ax, plan)
   ax.set_xlabel("predicted time (us)")
-  ax.set_ylabel("SM")
-  ax.set_ylim(plan.num_sms - 0.5, -0.5)
   ax.set_xlim(0, max(run.makespan_ns / 1e3, 1e-3))
   ax.legend(loc="lower right")
   if title is None:
@@ -61,3 +49,28 @@ def draw(plan: DecodePlan, path: str, *, title: str | None = None) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def draw_predicted(ax, plan: DecodePlan):
+  """Draws the plan's simulated schedule on a matplotlib axis.
+
+  One row per SM, PARTIALs and REDUCEs in their own colours, idle blank.
+
+  Args:
+    ax: the axis.
+    plan: the plan; timed with the virtual machine's clock.
+
+  Returns:
+    The virtual machine's result (its makespan, per-instruction times).
+  """
+  from jax_thundermla import vm  # pylint: disable=g-import-not-at-top
+  run = vm.simulate(plan, check=False)
+  for op, color in _COLORS.items():
+    sel = run.opcode == op
+    if sel.any():
+      ax.barh(run.sm[sel], (run.end_ns[sel] - run.start_ns[sel]) / 1e3,
+              left=run.start_ns[sel] / 1e3, height=0.8, color=color,
+              edgecolor="black", linewidth=0.2, label=_LABELS[op])
+  ax.set_ylabel("SM")
+  ax.set_ylim(plan.num_sms - 0.5, -0.5)
+  return run
