@@ -81,3 +81,23 @@ def time_per_call(w: Workload, impl: str, inputs, *, steps: int,
     jax.block_until_ready(run())
     times.append(time.perf_counter() - start)
   return statistics.median(times) / len(caches), []
+
+
+def kernel_timings(w: Workload, inputs, plan) -> list:
+  """The timed kernel's instruction timings of one call (after a warm-up).
+
+  Args:
+    w: the workload.
+    inputs: ``(q, caches, table, lens)`` from ``device_inputs``; the first
+      cache is used.
+    plan: a host DecodePlan for the workload.
+
+  Returns:
+    ``profiling.decode_timings`` of the call's records.
+  """
+  q, caches, table, lens = inputs
+  fn = jax.jit(lambda q, kv, t, l, plan: tmla.mla_decode(
+      q, kv, t, l, plan=plan, causal=w.causal, softmax_scale=w.softmax_scale,
+      backend="cuda", timing=True)[2])
+  jax.block_until_ready(fn(q, caches[0], table, lens, plan))
+  return profiling.decode_timings(fn(q, caches[0], table, lens, plan))

@@ -19,6 +19,8 @@ import jax_thundermla as tmla
 from jax_thundermla import profiling
 from jax_thundermla.workloads import WORKLOADS, device_inputs
 
+from common import kernel_timings
+
 _WORKLOADS = flags.DEFINE_list("workloads", ["W1", "W2", "W3", "W4", "W5",
                                              "W6"], "Workloads.")
 _SCHEDULER = flags.DEFINE_enum("scheduler", "makespan",
@@ -27,15 +29,10 @@ _SCHEDULER = flags.DEFINE_enum("scheduler", "makespan",
 
 
 def _run(w, inputs, cost_model):
-  q, caches, table, lens = inputs
   plan = tmla.plan_decode(np.asarray(w.seqlens), s_q=w.s_q, h_q=w.h_q,
                           page_size=w.page_size, scheduler=_SCHEDULER.value,
                           cost_model=cost_model)
-  fn = jax.jit(lambda q, kv, t, l, plan: tmla.mla_decode(
-      q, kv, t, l, plan=plan, causal=w.causal, softmax_scale=w.softmax_scale,
-      backend="cuda", timing=True)[2])
-  jax.block_until_ready(fn(q, caches[0], table, lens, plan))
-  timings = profiling.decode_timings(fn(q, caches[0], table, lens, plan))
+  timings = kernel_timings(w, inputs, plan)
   measured = profiling.summarize_timings(timings, num_sms=plan.num_sms)
   return plan, timings, measured.makespan_ns
 

@@ -15,12 +15,13 @@ import os
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import jax_thundermla as tmla
 from jax_thundermla import profiling
 from jax_thundermla.workloads import WORKLOADS, device_inputs
+
+from common import kernel_timings
 
 _WORKLOAD = flags.DEFINE_enum("workload", "W1", sorted(WORKLOADS),
                               "Workload to time.")
@@ -33,15 +34,9 @@ _OUT = flags.DEFINE_string("out", "timeline", "Output directory.")
 def main(argv):
   del argv
   w = WORKLOADS[_WORKLOAD.value]
-  q, caches, table, lens = device_inputs(w)
   plan = tmla.plan_decode(np.asarray(w.seqlens), s_q=w.s_q, h_q=w.h_q,
                           page_size=w.page_size, scheduler=_SCHEDULER.value)
-  fn = jax.jit(lambda q, kv, t, l, plan: tmla.mla_decode(
-      q, kv, t, l, plan=plan, causal=w.causal, softmax_scale=w.softmax_scale,
-      backend="cuda", timing=True))
-  jax.block_until_ready(fn(q, caches[0], table, lens, plan))  # warm-up
-  records = fn(q, caches[0], table, lens, plan)[2]
-  timings = profiling.decode_timings(jnp.asarray(records))
+  timings = kernel_timings(w, device_inputs(w), plan)
   summary = profiling.summarize_timings(timings, num_sms=plan.num_sms)
   os.makedirs(_OUT.value, exist_ok=True)
   stem = os.path.join(_OUT.value, f"{w.name}_{_SCHEDULER.value}")
