@@ -55,7 +55,9 @@ constexpr int kSmemP = kSmemKv + kStages * kStageBytes;
 constexpr int kSmemRowScale = kSmemP + kPBytes;
 constexpr int kSmemBarriers = kSmemRowScale + kTileRows * 4;
 // mbarriers: full[kStages], empty[kStages], hand_full, hand_empty.
-constexpr int kSmemUsed = kSmemBarriers + (2 * kStages + 2) * 8;
+// The next instruction's words, staged by consumer 0 during a PARTIAL.
+constexpr int kSmemNext = kSmemBarriers + (2 * kStages + 2) * 8;
+constexpr int kSmemUsed = kSmemNext + isa::kInstructionWords * 4;
 constexpr int kSmemAlign = kSwizzleAtomBytes;
 constexpr int kSmemBytes = kSmemUsed + kSmemAlign;
 constexpr int kMaxSmemPerBlock = 232448;  // 227 KB opt-in limit of sm_90

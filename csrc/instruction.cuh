@@ -21,16 +21,23 @@ struct Instruction {
   int32_t signal_counter;
   int32_t wait_counter;
   int32_t wait_count;
+  int32_t slot_row;  // REDUCE: slot row of its first row
 
-  static __device__ __forceinline__ Instruction Fetch(
+  static __device__ __forceinline__ const int4* Words(
       const MlaDecodeParams& p, int cta, int index) {
-    const int4* src = reinterpret_cast<const int4*>(
+    return reinterpret_cast<const int4*>(
         p.instructions +
         (static_cast<int64_t>(cta) * p.max_instructions + index) *
             isa::kInstructionWords);
-    const int4 w0 = __ldg(src);
-    const int4 w1 = __ldg(src + 1);
-    const int4 w2 = __ldg(src + 2);
+  }
+
+  // Decodes the words at `src` (global or shared memory).
+  static __device__ __forceinline__ Instruction Unpack(const int4* src,
+                                                       bool global) {
+    const int4 w0 = global ? __ldg(src) : src[0];
+    const int4 w1 = global ? __ldg(src + 1) : src[1];
+    const int4 w2 = global ? __ldg(src + 2) : src[2];
+    const int4 w3 = global ? __ldg(src + 3) : src[3];
     static_assert(isa::kFieldOpcode == 0 && isa::kFieldBatch == 1 &&
                       isa::kFieldKvHead == 2 && isa::kFieldRowStart == 3 &&
                       isa::kFieldNumRows == 4 && isa::kFieldKvStart == 5 &&
@@ -38,10 +45,20 @@ struct Instruction {
                       isa::kFieldNumSrc == 6 && isa::kFieldDstSlot == 7 &&
                       isa::kFieldSignalCounter == 8 &&
                       isa::kFieldWaitCounter == 9 &&
-                      isa::kFieldWaitCount == 10,
-                  "Fetch unpacks the fields in isa.h order");
+                      isa::kFieldWaitCount == 10 &&
+                      isa::kFieldSlotRow == 12,
+                  "Unpack reads the fields in isa.h order");
     return Instruction{w0.x, w0.y, w0.z, w0.w, w1.x, w1.y,
-                       w1.z, w1.w, w2.x, w2.y, w2.z};
+                       w1.z, w1.w, w2.x, w2.y, w2.z, w3.x};
+  }
+
+  static __device__ __forceinline__ Instruction Fetch(
+      const MlaDecodeParams& p, int cta, int index) {
+    return Unpack(Words(p, cta, index), true);
+  }
+
+  static __device__ __forceinline__ Instruction Stop() {
+    return Instruction{isa::kOpStop, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
   }
 
   __device__ __forceinline__ bool RowsValid(const MlaDecodeParams& p) const {
@@ -64,7 +81,8 @@ struct Instruction {
     if (opcode == isa::kOpPartial) return true;
     if (opcode == isa::kOpReduce) {
       return arg1 >= 1 && arg1 <= isa::kMaxReduceInputs && arg0 >= 0 &&
-             arg0 + arg1 <= p.num_slots;
+             arg0 + arg1 <= p.num_slots && slot_row >= 0 &&
+             slot_row + num_rows <= isa::kTileRows;
     }
     return false;
   }

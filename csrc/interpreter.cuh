@@ -49,6 +49,8 @@ __device__ __forceinline__ void RunConsumer(const MlaDecodeParams& p,
   Pipeline pipe{0, 0};
   // Consumer 0's first thread keeps the timing records.
   const bool timer = consumer == 0 && thread_in_wg == 0;
+  // Whether consumer 0 already started loading the query tile of `in`.
+  bool q_issued = false;
   int i = 0;
   for (; i < p.max_instructions; ++i) {
     const Instruction in = Instruction::Fetch(p, blockIdx.x, i);
@@ -61,14 +63,14 @@ __device__ __forceinline__ void RunConsumer(const MlaDecodeParams& p,
       switch (in.opcode) {
         case isa::kOpPartial:
           if (consumer == 0) {
-            ops::PartialSoftmaxConsumer<T>(p, in, smem, thread_in_wg, pipe,
-                                           marks);
+            q_issued = ops::PartialSoftmaxConsumer<T>(
+                p, in, i, q_issued, smem, thread_in_wg, pipe, marks);
           } else {
             ops::PartialPvConsumer<T>(p, in, smem, thread_in_wg, pipe);
           }
           break;
         case isa::kOpReduce:
-          ops::Reduce<T>(p, in, consumer, thread_in_wg);
+          ops::Reduce<T>(p, in, smem, consumer, thread_in_wg);
           marks.Computed();
           break;
       }

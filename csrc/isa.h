@@ -20,7 +20,11 @@
 //   dst_slot of the workspace.
 // REDUCE: LSE-weighted merge of the num_src partials in slots
 //   [src_slot, src_slot + num_src) into dst_slot (final output or a slot);
-//   1 <= num_src <= kMaxReduceInputs.
+//   1 <= num_src <= kMaxReduceInputs. Its rows may be any run of its
+//   partials' tile: row r of the REDUCE is row slot_row + r of every source
+//   slot (and of dst_slot when that is a slot), so one tile's merge can be
+//   spread over several SMs by rows. slot_row is 0 for a whole tile, and
+//   slot_row + num_rows <= kTileRows.
 // Any instruction may wait for counter `wait_counter` to reach `wait_count`
 // before it starts (acquire) and add 1 to `signal_counter` when its result
 // is visible (release), GPU scope. -1 means "none" for both.
@@ -37,7 +41,7 @@
 
 namespace tmla::isa {
 
-constexpr int32_t kIsaVersion = 1;
+constexpr int32_t kIsaVersion = 2;
 
 constexpr int32_t kInstructionWords = 16;
 constexpr int32_t kTileRows = 64;
@@ -69,6 +73,7 @@ constexpr int32_t kFieldKvEnd = 6;
 // REDUCE fields.
 constexpr int32_t kFieldSrcSlot = 5;
 constexpr int32_t kFieldNumSrc = 6;
+constexpr int32_t kFieldSlotRow = 12;
 constexpr int32_t kMaxReduceInputs = 256;
 
 // In-kernel timing (the opt-in timed build of the kernel): one record per

@@ -10,6 +10,7 @@ struct MlaDecodeParams {
   const void* q;                // T [batch, s_q, h_q, 576]
   const int32_t* block_table;   // [batch, max_pages]
   const int32_t* seqlens;       // [batch]
+  const int32_t* plan_seqlens;  // [batch]: lengths the instructions are for
   const int32_t* instructions;  // [num_ctas, max_instructions, 16]
   void* out;                    // T [batch, s_q, h_q, 512]
   float* lse;                   // [batch, h_q, s_q], natural log

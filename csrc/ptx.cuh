@@ -106,6 +106,22 @@ __device__ __forceinline__ void BarSync(int id, int threads) {
   asm volatile("barrier.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
+// BarSync that also returns whether any of the threads passed true.
+__device__ __forceinline__ bool BarSyncOr(int id, int threads, bool value) {
+  uint32_t any;
+  asm volatile(
+      "{\n"
+      ".reg .pred in, out;\n"
+      "setp.ne.u32 in, %1, 0;\n"
+      "barrier.red.or.pred out, %2, %3, in;\n"
+      "selp.u32 %0, 1, 0, out;\n"
+      "}"
+      : "=r"(any)
+      : "r"(static_cast<uint32_t>(value)), "r"(id), "r"(threads)
+      : "memory");
+  return any != 0;
+}
+
 // ---- cross-CTA counters --------------------------------------------------
 
 __device__ __forceinline__ int32_t LoadAcquireGpu(const int32_t* p) {

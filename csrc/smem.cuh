@@ -18,6 +18,7 @@ struct Smem {
   // KV block and one per PARTIAL epilogue.
   uint64_t* hand_full;   // consumer 0 wrote P and row_scale (128 arrivals)
   uint64_t* hand_empty;  // consumer 1 is done with them (128 arrivals)
+  int32_t* next;         // [16]: words of the CTA's next instruction
 
   // `raw` is the dynamic shared array itself; offsetting it (rather than
   // rebuilding a pointer from an integer) keeps the shared state space
@@ -36,6 +37,7 @@ struct Smem {
     m.empty = m.full + config::kStages;
     m.hand_full = m.empty + config::kStages;
     m.hand_empty = m.hand_full + 1;
+    m.next = reinterpret_cast<int32_t*>(s + config::kSmemNext);
     return m;
   }
 

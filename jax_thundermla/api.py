@@ -85,7 +85,8 @@ def mla_decode(
     plan: a ``DecodePlan`` from ``plan_decode`` built on the host for these
       lengths and reused by every layer of a step, or None to plan on the
       device inside the same jit. A plan used with lengths other than those
-      it was built for gives NaN outputs, never a silently wrong result.
+      it was built for gives NaN in the outputs of every sequence whose
+      length differs, never a silently wrong result.
     backend: ``"cuda"`` (the megakernel; head_dim_v 512 only), ``"reference"``
       (pure JAX), or None: the kernel when JAX's default backend is a GPU,
       the kernel is built and supports the shapes, the reference otherwise.
@@ -147,11 +148,12 @@ def _mla_decode_nondiff(q, kv_cache, block_table, cache_seqlens, plan,
         q, kv_cache, block_table, cache_seqlens, head_dim_v=head_dim_v,
         softmax_scale=softmax_scale, causal=causal)
     timings = []
-  if plan is not None:
-    # A host plan used with other lengths than it was built for: NaN.
-    stale = jnp.any(plan.seqlens != cache_seqlens)
-    out = jnp.where(stale, jnp.nan, out).astype(out.dtype)
-    lse = jnp.where(stale, jnp.nan, lse)
+  if plan is not None and backend != "cuda":
+    # A sequence whose length is not the one the host plan was built for
+    # gets NaN (the kernel does this itself).
+    stale = plan.seqlens != cache_seqlens
+    out = jnp.where(stale[:, None, None, None], jnp.nan, out).astype(out.dtype)
+    lse = jnp.where(stale[:, None, None], jnp.nan, lse)
   return (out, lse, *timings)
 
 

@@ -5,7 +5,7 @@ checks that every constant here has the same value. See the header for the
 meaning of each field and for the workspace layout.
 """
 
-ISA_VERSION = 1
+ISA_VERSION = 2
 
 INSTRUCTION_WORDS = 16
 TILE_ROWS = 64
@@ -31,6 +31,7 @@ FIELD_KV_END = 6
 
 FIELD_SRC_SLOT = 5
 FIELD_NUM_SRC = 6
+FIELD_SLOT_ROW = 12
 MAX_REDUCE_INPUTS = 256
 
 TIMING_WORDS = 9

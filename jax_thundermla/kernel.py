@@ -8,7 +8,6 @@ import numpy as np
 
 from jax_thundermla import _ffi
 from jax_thundermla import isa
-from jax_thundermla import reference
 from jax_thundermla.plan import DecodePlan
 from jax_thundermla.plan import plan_on_device
 
@@ -39,8 +38,8 @@ def mla_decode_cuda(q: jax.Array, kv_cache: jax.Array,
     block_table: int32 [b, max_pages].
     cache_seqlens: int32 [b].
     plan: a host-built DecodePlan, or None to plan on the device from
-      ``cache_seqlens`` (balanced scheduler, static capacity). Whether a
-      host plan fits these lengths is checked by the caller (mla_decode).
+      ``cache_seqlens`` (balanced scheduler, static capacity). The kernel
+      checks each sequence's length against the plan's.
     head_dim_v: 512.
     softmax_scale: factor applied to QK^T.
     causal: bottom-right causal masking.
@@ -48,14 +47,15 @@ def mla_decode_cuda(q: jax.Array, kv_cache: jax.Array,
 
   Returns:
     ``(out [b, s_q, h_q, 512] in q.dtype, lse [b, h_q, s_q] float32)``, NaN
-    for sequences that cannot be decoded from their table (see
-    ``reference.invalid_sequences``); with ``timing``, a third element: int32
+    (written by the kernel itself) for sequences that cannot be decoded from
+    their table (see ``reference.invalid_sequences``) or whose length is not
+    the one the plan was built for; with ``timing``, a third element: int32
     ``[num_sms, max_instructions, isa.TIMING_WORDS]`` records (decode them
     with ``jax_thundermla.profiling.decode_timings``).
   """
   _ffi.register_targets()
   b, s_q, h_q, _ = q.shape
-  num_pages, page_size, h_kv, _ = kv_cache.shape
+  _, page_size, h_kv, _ = kv_cache.shape
   max_pages = block_table.shape[1]
   if plan is None:
     plan = plan_on_device(cache_seqlens, s_q=s_q, h_q=h_q, h_kv=h_kv,
@@ -72,12 +72,9 @@ def mla_decode_cuda(q: jax.Array, kv_cache: jax.Array,
   call = jax.ffi.ffi_call(TIMED_TARGET if timing else TARGET, tuple(results))
   out, lse, _, *timings = call(
       q, kv_cache, block_table, cache_seqlens,
+      jnp.asarray(plan.seqlens, jnp.int32),
       jnp.asarray(plan.instructions, jnp.int32),
       softmax_scale=np.float32(softmax_scale), causal=np.int32(causal),
       num_slots=np.int32(plan.num_slots),
       num_counters=np.int32(plan.num_counters))
-  bad = reference.invalid_sequences(block_table, cache_seqlens, num_pages,
-                                    page_size)
-  out = jnp.where(bad[:, None, None, None], jnp.nan, out).astype(q.dtype)
-  lse = jnp.where(bad[:, None, None], jnp.nan, lse)
   return (out, lse, *timings)

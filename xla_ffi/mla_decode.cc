@@ -55,6 +55,7 @@ ffi::Error Decode(cudaStream_t stream, int32_t device, float softmax_scale,
                   ffi::AnyBuffer q, ffi::AnyBuffer kv_cache,
                   ffi::Buffer<ffi::S32> block_table,
                   ffi::Buffer<ffi::S32> seqlens,
+                  ffi::Buffer<ffi::S32> plan_seqlens,
                   ffi::Buffer<ffi::S32> instructions,
                   ffi::Result<ffi::AnyBuffer> out,
                   ffi::Result<ffi::Buffer<ffi::F32>> lse,
@@ -67,10 +68,12 @@ ffi::Error Decode(cudaStream_t stream, int32_t device, float softmax_scale,
   const auto td = block_table.dimensions();
   const auto id = instructions.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || td.size() != 2 ||
-      seqlens.dimensions().size() != 1 || id.size() != 3) {
+      seqlens.dimensions().size() != 1 ||
+      plan_seqlens.dimensions().size() != 1 || id.size() != 3) {
     return Invalid("expected q [b, s_q, h_q, 576], kv_cache [pages, "
                    "page_size, h_kv, 576], block_table [b, max_pages], "
-                   "seqlens [b], instructions [ctas, n, 16]");
+                   "seqlens [b], plan_seqlens [b], instructions [ctas, n, "
+                   "16]");
   }
   const int64_t batch = qd[0], s_q = qd[1], h_q = qd[2];
   const int64_t num_pages = kd[0], page_size = kd[1], h_kv = kd[2];
@@ -87,7 +90,8 @@ ffi::Error Decode(cudaStream_t stream, int32_t device, float softmax_scale,
   if (h_kv < 1 || h_q % h_kv != 0 || page_size % config::kMinChunkTokens ||
       page_size < config::kMinChunkTokens ||
       page_size > config::kMaxPageSize || td[0] != batch ||
-      seqlens.dimensions()[0] != batch || td[1] < 1 || num_pages < 1) {
+      seqlens.dimensions()[0] != batch ||
+      plan_seqlens.dimensions()[0] != batch || td[1] < 1 || num_pages < 1) {
     return Invalid("inconsistent shapes: q " + Dims(qd) + " kv_cache " +
                    Dims(kd) + " block_table " + Dims(td));
   }
@@ -124,6 +128,7 @@ ffi::Error Decode(cudaStream_t stream, int32_t device, float softmax_scale,
   p.q = q.untyped_data();
   p.block_table = block_table.typed_data();
   p.seqlens = seqlens.typed_data();
+  p.plan_seqlens = plan_seqlens.typed_data();
   p.instructions = instructions.typed_data();
   p.out = out->untyped_data();
   p.lse = lse->typed_data();
@@ -161,26 +166,28 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, int32_t device,
                          ffi::AnyBuffer q, ffi::AnyBuffer kv_cache,
                          ffi::Buffer<ffi::S32> block_table,
                          ffi::Buffer<ffi::S32> seqlens,
+                         ffi::Buffer<ffi::S32> plan_seqlens,
                          ffi::Buffer<ffi::S32> instructions,
                          ffi::Result<ffi::AnyBuffer> out,
                          ffi::Result<ffi::Buffer<ffi::F32>> lse,
                          ffi::Result<ffi::Buffer<ffi::F32>> workspace) {
   return Decode(stream, device, softmax_scale, causal, num_slots,
                 num_counters, q, kv_cache, block_table, seqlens,
-                instructions, out, lse, workspace, nullptr, 0);
+                plan_seqlens, instructions, out, lse, workspace, nullptr, 0);
 }
 
 ffi::Error MlaDecodeTimedImpl(
     cudaStream_t stream, int32_t device, float softmax_scale, int32_t causal,
     int32_t num_slots, int32_t num_counters, ffi::AnyBuffer q,
     ffi::AnyBuffer kv_cache, ffi::Buffer<ffi::S32> block_table,
-    ffi::Buffer<ffi::S32> seqlens, ffi::Buffer<ffi::S32> instructions,
+    ffi::Buffer<ffi::S32> seqlens, ffi::Buffer<ffi::S32> plan_seqlens,
+    ffi::Buffer<ffi::S32> instructions,
     ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
     ffi::Result<ffi::Buffer<ffi::F32>> workspace,
     ffi::Result<ffi::Buffer<ffi::S32>> timings) {
   return Decode(stream, device, softmax_scale, causal, num_slots,
                 num_counters, q, kv_cache, block_table, seqlens,
-                instructions, out, lse, workspace, timings->typed_data(),
+                plan_seqlens, instructions, out, lse, workspace, timings->typed_data(),
                 timings->element_count());
 }
 
@@ -197,6 +204,7 @@ auto BindDecode() {
       .Arg<ffi::AnyBuffer>()           // kv_cache: [pages, ps, h_kv, 576]
       .Arg<ffi::Buffer<ffi::S32>>()    // block_table: [b, max_pages]
       .Arg<ffi::Buffer<ffi::S32>>()    // seqlens: [b]
+      .Arg<ffi::Buffer<ffi::S32>>()    // plan_seqlens: [b], planned lengths
       .Arg<ffi::Buffer<ffi::S32>>()    // instructions: [ctas, n, 16]
       .Ret<ffi::AnyBuffer>()           // out: [b, s_q, h_q, 512]
       .Ret<ffi::Buffer<ffi::F32>>()    // lse: [b, h_q, s_q]

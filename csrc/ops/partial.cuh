@@ -163,13 +163,13 @@ __device__ __forceinline__ void StoreO(const MlaDecodeParams& p,
   }
 }
 
-// Loads the query tile into shared memory (swizzled, zero rows past
-// num_rows) with consumer 0's 128 threads: every 16-byte piece is in flight
-// at once (cp.async), then one wait.
+// Starts loading the query tile into shared memory (swizzled, zero rows
+// past num_rows) with consumer 0's 128 threads: every 16-byte piece is in
+// flight at once (cp.async); the PARTIAL that uses it waits for them.
 template <typename T>
-__device__ __forceinline__ void LoadQ(const MlaDecodeParams& p,
-                                      const Instruction& in, const Smem& smem,
-                                      int thread_in_wg) {
+__device__ __forceinline__ void IssueQ(const MlaDecodeParams& p,
+                                       const Instruction& in, const Smem& smem,
+                                       int thread_in_wg) {
   constexpr int kChunksPerRow = config::kHeadDimQK * 2 / 16;  // 72
   constexpr int kPieces = config::kTileRows * kChunksPerRow;
   static_assert(kPieces % config::kWarpgroupThreads == 0, "even split");
@@ -192,9 +192,33 @@ __device__ __forceinline__ void LoadQ(const MlaDecodeParams& p,
                        chunk,
                    valid);
   }
-  ptx::CpAsyncWaitAll();
-  ptx::FenceProxyAsync();
-  ptx::BarSync(config::kBarConsumer0, config::kWarpgroupThreads);
+}
+
+// Whether the sequence of this PARTIAL cannot be decoded as planned: its
+// length is outside [0, max_pages * page_size] or differs from the length
+// the instructions were planned for, or a page the instruction reads (of
+// the sequence's first ceil(len / page_size)) is outside [0, num_pages).
+// Consumer 0's threads check a share of the pages each; all of them get the
+// verdict. A poisoned PARTIAL still runs (out-of-range pages load zeros)
+// and writes NaN, which every REDUCE reading it passes on.
+__device__ __forceinline__ bool Undecodable(const MlaDecodeParams& p,
+                                            const Instruction& in,
+                                            const KvRange& range,
+                                            int thread_in_wg) {
+  const int32_t len = __ldg(p.seqlens + in.batch);
+  const int32_t table_tokens = p.max_pages * p.page_size;
+  bool bad = len < 0 || len > table_tokens ||
+             len != __ldg(p.plan_seqlens + in.batch);
+  const int32_t* table = p.block_table +
+                         static_cast<int64_t>(in.batch) * p.max_pages;
+  const int32_t hi = min(range.hi, max(len, 0));
+  const int32_t page_hi = (hi + p.page_size - 1) / p.page_size;
+  for (int32_t page = range.lo / p.page_size + thread_in_wg; page < page_hi;
+       page += config::kWarpgroupThreads) {
+    const int32_t id = __ldg(table + page);
+    bad |= id < 0 || id >= p.num_pages;
+  }
+  return bad;
 }
 
 // Last key (exclusive) that tile row r may see, from the range and mask.
@@ -215,11 +239,29 @@ __device__ __forceinline__ float QuadSum(float v) {
   return v + __shfl_xor_sync(0xffffffff, v, 2);
 }
 
-// Consumer 0: QK^T, softmax, P hand-off, its half of PV, LSE.
+// Stages the words of the CTA's instruction `index + 1` (a STOP past the
+// end) in shared memory, with cp.async by 4 threads; visible to consumer 0
+// after its next cp.async wait and barrier.
+__device__ __forceinline__ void IssueNext(const MlaDecodeParams& p,
+                                          const Smem& smem, int index,
+                                          int thread_in_wg) {
+  constexpr int kPieces = isa::kInstructionWords / 4;
+  if (thread_in_wg >= kPieces) return;
+  const bool exists = index + 1 < p.max_instructions;
+  const int4* src = Instruction::Words(p, blockIdx.x, exists ? index + 1 : 0);
+  ptx::CpAsync16(smem.next + 4 * thread_in_wg, src + thread_in_wg, exists);
+}
+
+// Consumer 0: QK^T, softmax, P hand-off, its half of PV, LSE, for the
+// instruction `in` at position `index` of the CTA's list. The query tile is
+// already in flight when `q_issued`; once its last block is done it starts
+// loading the query tile of the next instruction when that is a PARTIAL
+// too, and returns whether it did.
 template <typename T, typename MarksT>
-__device__ __forceinline__ void PartialSoftmaxConsumer(
-    const MlaDecodeParams& p, const Instruction& in, const Smem& smem,
-    int thread_in_wg, Pipeline& pipe, MarksT& marks) {
+__device__ __forceinline__ bool PartialSoftmaxConsumer(
+    const MlaDecodeParams& p, const Instruction& in, int index,
+    bool q_issued, const Smem& smem, int thread_in_wg, Pipeline& pipe,
+    MarksT& marks) {
   const Fragment f = Fragment::Of(thread_in_wg);
   const KvRange range = KvRange::Of(in, p, config::kBlockTokens);
   const int len = min(max(__ldg(p.seqlens + in.batch), 0),
@@ -228,7 +270,15 @@ __device__ __forceinline__ void PartialSoftmaxConsumer(
   const int limit0 = RowLimit(p, in, f.r0, valid_hi, len);
   const int limit1 = RowLimit(p, in, f.r1, valid_hi, len);
 
-  LoadQ<T>(p, in, smem, thread_in_wg);
+  if (!q_issued) IssueQ<T>(p, in, smem, thread_in_wg);
+  IssueNext(p, smem, index, thread_in_wg);
+  const bool bad = Undecodable(p, in, range, thread_in_wg);
+  ptx::CpAsyncWaitAll();
+  ptx::FenceProxyAsync();
+  // The query tile is in shared memory for all, and all know the verdict.
+  const bool poisoned = ptx::BarSyncOr(config::kBarConsumer0,
+                                       config::kWarpgroupThreads, bad);
+
   const uint32_t q_addr = ptx::SmemAddr(smem.q);
 
   float o[128];
@@ -324,11 +374,19 @@ __device__ __forceinline__ void PartialSoftmaxConsumer(
   }
 
   marks.Computed();
+  // Every warp's QK^T is done with the query tile (each passed the last
+  // block's barrier): the next PARTIAL's tile loads under this epilogue.
+  const Instruction next =
+      Instruction::Unpack(reinterpret_cast<const int4*>(smem.next), false);
+  const bool prefetch = next.opcode == isa::kOpPartial && next.Valid(p);
+  // All have read the staged words before the next PARTIAL restages them.
+  ptx::BarSync(config::kBarConsumer0, config::kWarpgroupThreads);
+  if (prefetch) IssueQ<T>(p, next, smem, thread_in_wg);
   // Epilogue: 1/l to consumer 1, then O and LSE out.
   l0 = QuadSum(l0);
   l1 = QuadSum(l1);
-  const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
-  const float inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+  const float inv0 = poisoned ? NAN : l0 > 0.f ? 1.f / l0 : 0.f;
+  const float inv1 = poisoned ? NAN : l1 > 0.f ? 1.f / l1 : 0.f;
   ptx::MbarWaitWarp(smem.hand_empty, (pipe.round & 1) ^ 1);
   smem.row_scale[f.r0] = inv0;
   smem.row_scale[f.r1] = inv1;
@@ -344,18 +402,19 @@ __device__ __forceinline__ void PartialSoftmaxConsumer(
       if (r >= in.num_rows) continue;
       const float l = half ? l1 : l0;
       const float m = half ? m1 : m0;
-      const float lse2 = l > 0.f ? m + log2f(l) : -INFINITY;
+      const float lse2 = poisoned ? NAN : l > 0.f ? m + log2f(l) : -INFINITY;
       if (in.dst_slot == isa::kFinalOutput) {
         const int64_t at =
             (static_cast<int64_t>(in.batch) * p.h_q + map.Head(in, r)) *
                 p.s_q + map.Token(in, r);
-        p.lse[at] = l > 0.f ? lse2 * kLn2 : INFINITY;
+        p.lse[at] = l > 0.f || poisoned ? lse2 * kLn2 : INFINITY;
       } else {
         p.partial_lse[static_cast<int64_t>(in.dst_slot) * config::kTileRows +
                       r] = lse2;
       }
     }
   }
+  return prefetch;
 }
 
 // Consumer 1: its half of PV with consumer 0's P, then its half of O.

@@ -43,6 +43,8 @@ struct Case {
   bool causal;
   int split_tokens;  // PARTIAL length before a sequence is split
   int num_ctas;
+  int reduce_rows;   // rows of one REDUCE of a split tile (its merge is
+                     // spread over several REDUCEs by rows)
 };
 
 struct Plan {
@@ -83,11 +85,13 @@ Plan BuildPlan(const Case& c) {
         w[isa::kFieldSignalCounter] = counter;
         lists[next++ % c.num_ctas].push_back(w);
       }
-      if (pieces > 1) {
+      const int tile_rows = std::min(kTileRows, rows - r0);
+      for (int rr = 0; pieces > 1 && rr < tile_rows; rr += c.reduce_rows) {
         auto w = word(isa::kOpReduce);
         w[isa::kFieldBatch] = b;
-        w[isa::kFieldRowStart] = r0;
-        w[isa::kFieldNumRows] = std::min(kTileRows, rows - r0);
+        w[isa::kFieldRowStart] = r0 + rr;
+        w[isa::kFieldNumRows] = std::min(c.reduce_rows, tile_rows - rr);
+        w[isa::kFieldSlotRow] = rr;
         w[isa::kFieldSrcSlot] = first_slot;
         w[isa::kFieldNumSrc] = pieces;
         w[isa::kFieldDstSlot] = isa::kFinalOutput;
@@ -198,6 +202,7 @@ bool RunCase(const Case& c, std::mt19937& rng) {
   p.q = d_q;
   p.block_table = d_table;
   p.seqlens = d_lens;
+  p.plan_seqlens = d_lens;
   p.instructions = d_ins;
   p.out = d_out;
   p.lse = d_lse;
@@ -291,10 +296,13 @@ bool RunCase(const Case& c, std::mt19937& rng) {
 int main() {
   std::mt19937 rng(1234);
   const Case cases[] = {
-      {"ragged", {70, 0, 1, 300}, 2, 16, 16, true, 1 << 20, 8},
-      {"split", {2000, 65, 129}, 1, 16, 64, false, 256, 16},
-      {"rows128", {700, 5}, 4, 32, 256, true, 192, 12},
-      {"heads128", {900, 20}, 1, 128, 48, true, 320, 20},
+      {"ragged", {70, 0, 1, 300}, 2, 16, 16, true, 1 << 20, 8, 64},
+      {"split", {2000, 65, 129}, 1, 16, 64, false, 256, 16, 64},
+      {"rows128", {700, 5}, 4, 32, 256, true, 192, 12, 64},
+      {"heads128", {900, 20}, 1, 128, 48, true, 320, 20, 64},
+      {"spread1", {3000, 40}, 1, 16, 64, false, 128, 24, 1},
+      {"spread3", {2500, 333}, 4, 16, 64, true, 192, 16, 3},
+      {"spread5", {900, 20}, 1, 128, 48, true, 320, 20, 5},
   };
   int failures = 0;
   for (const Case& c : cases) failures += !RunCase(c, rng);
