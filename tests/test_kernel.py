@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import jax_thundermla as tmla
+from jax_thundermla import isa
 from jax_thundermla.workloads import WORKLOADS, Workload, make_inputs
 
 from conftest import assert_decode_close, requires_gpu
@@ -92,7 +93,7 @@ def test_matches_reference(b, s_q, h_q, page_size, causal, scheduler, long):
   _check(w, scheduler=scheduler, seed=b + s_q)
 
 
-@pytest.mark.parametrize("name", ["W1", "W4"])
+@pytest.mark.parametrize("name", ["W1", "W2", "W4"])
 @pytest.mark.parametrize("scheduler", (None,) + SCHEDULERS)
 def test_anchor_workloads(name, scheduler):
   _check(WORKLOADS[name], scheduler=scheduler)
@@ -152,13 +153,43 @@ def test_bad_tables_and_lengths_give_nan_never_a_fault():
                       np.asarray(want[1][4:], np.float64))
 
 
-def test_plan_for_other_lengths_gives_nan():
+def test_plan_for_other_lengths_gives_nan_for_those_sequences():
   w = Workload("t", (500, 70), s_q=1, h_q=16, page_size=64)
   q, kv, table, lens = _inputs(w, 2)
   plan = tmla.plan_decode(np.array([400, 70]), s_q=1, h_q=16)
   out, lse = tmla.mla_decode(q, kv, table, lens, plan=plan, backend="cuda")
-  assert np.isnan(np.asarray(out, np.float32)).all()
-  assert np.isnan(np.asarray(lse)).all()
+  out = np.asarray(out, np.float32)
+  lse = np.asarray(lse)
+  assert np.isnan(out[0]).all() and np.isnan(lse[0]).all()
+  want = tmla.mla_decode(q, kv, table, lens, backend="reference")
+  assert_decode_close(out[1:], lse[1:], np.asarray(want[0][1:], np.float64),
+                      np.asarray(want[1][1:], np.float64))
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_bad_page_in_one_piece_poisons_the_merged_sequence(scheduler):
+  # Sequence 0 is cut into many pieces merged by REDUCEs (spread by rows
+  # under the makespan scheduler); one bad page id in one piece must turn
+  # every output row of the sequence into NaN, and leave the others exact.
+  w = Workload("t", (40_000, 900, 3000), s_q=4, h_q=16, page_size=64,
+               causal=True)
+  q, kv, table, lens = _inputs(w, 13)
+  table = np.asarray(table).copy()
+  table[0, 300] = -7
+  plan = tmla.plan_decode(np.asarray(lens), s_q=4, h_q=16,
+                          scheduler=scheduler)
+  ops = np.asarray(plan.instructions)[..., isa.FIELD_OPCODE]
+  assert (ops == isa.OP_REDUCE).sum() >= 1
+  out, lse = tmla.mla_decode(q, kv, jnp.asarray(table), lens, plan=plan,
+                             causal=True, softmax_scale=w.softmax_scale,
+                             backend="cuda")
+  out = np.asarray(out, np.float32)
+  lse = np.asarray(lse)
+  assert np.isnan(out[0]).all() and np.isnan(lse[0]).all()
+  want = tmla.mla_decode(q, kv, jnp.asarray(table), lens, causal=True,
+                         softmax_scale=w.softmax_scale, backend="reference")
+  assert_decode_close(out[1:], lse[1:], np.asarray(want[0][1:], np.float64),
+                      np.asarray(want[1][1:], np.float64))
 
 
 def test_scan_over_layers_with_one_plan():
