@@ -10,12 +10,15 @@ Both
   list in order, an instruction starts when its SM is free and its wait
   counter is satisfied; a wait that can never be satisfied raises
   DeadlockError;
-* follow the data: a REDUCE may read a slot only if the slot's writer
-  happens before it (same SM earlier, or through counter waits, transitively:
-  vector clocks), and a slot may be overwritten only after its previous
-  writer and readers happen before; otherwise HazardError. Every (sequence,
-  KV head, query row) must be written exactly once, from KV ranges that tile
-  ``[0, len)`` exactly; otherwise CoverageError.
+* follow the data, row by row of each slot: a PARTIAL writes rows ``[0,
+  num_rows)`` of its slot, a REDUCE reads rows ``[slot_row, slot_row +
+  num_rows)`` of its source slots and writes those of a slot destination. A
+  REDUCE may read a row only if the row's writer happens before it (same SM
+  earlier, or through counter waits, transitively: vector clocks), and a row
+  may be overwritten only after its previous writer and readers happen
+  before; otherwise HazardError. Every (sequence, KV head, query row) must be
+  written exactly once, from KV ranges that tile ``[0, len)`` exactly;
+  otherwise CoverageError.
 
 Numerics: a PARTIAL over ``[kv_start, kv_end)`` computes, for each row of its
 tile (row r is query token r // g of head kv_head * g + r % g, g = h_q /
@@ -145,6 +148,7 @@ def _check_fields(m: _Machine, words: np.ndarray, sm: np.ndarray,
   row0 = words[:, isa.FIELD_ROW_START]
   rows = words[:, isa.FIELD_NUM_ROWS]
   dst = words[:, isa.FIELD_DST_SLOT]
+  slot_row = words[:, isa.FIELD_SLOT_ROW]
   partial = op == isa.OP_PARTIAL
   reduce = op == isa.OP_REDUCE
   batch = m.seqlens.shape[0]
@@ -167,6 +171,8 @@ def _check_fields(m: _Machine, words: np.ndarray, sm: np.ndarray,
        "source slots out of range"),
       (reduce & (f6 > isa.MAX_REDUCE_INPUTS),
        f"more than {isa.MAX_REDUCE_INPUTS} REDUCE inputs"),
+      (reduce & ((slot_row < 0) | (slot_row + rows > isa.TILE_ROWS)),
+       "slot rows out of the tile"),
       ((dst < isa.FINAL_OUTPUT) | (dst >= slots), "dst_slot out of range"),
       ((words[:, isa.FIELD_SIGNAL_COUNTER] < isa.NO_COUNTER)
        | (words[:, isa.FIELD_SIGNAL_COUNTER] >= counters),
@@ -234,23 +240,176 @@ def _order_and_clocks(words: np.ndarray, sm: np.ndarray, index: np.ndarray,
   return order, clock
 
 
+# Writer of a slot row that no instruction has written.
+_UNWRITTEN = -1
+
+
 @dataclasses.dataclass
 class _Value:
-  """What a slot holds: which rows, which KV ranges, and the numbers."""
+  """The rows an instruction produces.
 
-  key: tuple[int, int, int, int]  # (batch, kv_head, row_start, num_rows)
-  ranges: list[tuple[int, int]]
-  out: np.ndarray | None  # [num_rows, d_v]
-  lse2: np.ndarray | None  # [num_rows] base 2
+  Attributes:
+    key: ``(batch, kv_head, row_start, num_rows)`` of the instruction.
+    ranges: int64 ``[num_rows]`` id (in `_Flow.ranges`) of the KV ranges
+      each row covers.
+    out: ``[num_rows, d_v]`` normalised outputs (None without numerics).
+    lse2: ``[num_rows]`` base-2 LSEs (None without numerics).
+  """
+
+  key: tuple[int, int, int, int]
+  ranges: np.ndarray
+  out: np.ndarray | None = None
+  lse2: np.ndarray | None = None
 
 
-def _merge_ranges(values: list[_Value], where: str) -> list[tuple[int, int]]:
-  ranges = sorted(r for v in values for r in v.ranges)
-  for (_, e0), (s1, _) in zip(ranges, ranges[1:]):
-    if s1 < e0:
-      raise CoverageError(f"{where}: KV tokens merged twice (double coverage)"
-                          f" in ranges {ranges}")
-  return ranges
+@dataclasses.dataclass
+class _Slot:
+  """One workspace slot, row by row.
+
+  Attributes:
+    writer: int64 ``[TILE_ROWS]`` last instruction that wrote each row, or
+      _UNWRITTEN.
+    rows: int64 ``[TILE_ROWS, 3]`` (batch, KV head, query row) of each row.
+    ranges: int64 ``[TILE_ROWS]`` id of the KV ranges each row covers.
+    out: ``[TILE_ROWS, d_v]`` outputs (None without numerics).
+    lse2: ``[TILE_ROWS]`` base-2 LSEs (None without numerics).
+    readers: ``(instruction, first row, end row)`` of the reads of rows
+      that have not been wholly overwritten since.
+  """
+
+  writer: np.ndarray
+  rows: np.ndarray
+  ranges: np.ndarray
+  out: np.ndarray | None
+  lse2: np.ndarray | None
+  readers: list[tuple[int, int, int]]
+
+  @classmethod
+  def empty(cls, d_v: int | None) -> _Slot:
+    tile = isa.TILE_ROWS
+    return cls(np.full(tile, _UNWRITTEN), np.zeros((tile, 3), np.int64),
+               np.zeros(tile, np.int64),
+               None if d_v is None else np.zeros((tile, d_v)),
+               None if d_v is None else np.zeros(tile), [])
+
+
+def _query_rows(key: tuple[int, int, int, int]) -> np.ndarray:
+  """int64 ``[num_rows, 3]``: (batch, KV head, query row) of a key's rows."""
+  b, k, row0, rows = key
+  out = np.empty((rows, 3), np.int64)
+  out[:, 0], out[:, 1] = b, k
+  out[:, 2] = np.arange(row0, row0 + rows)
+  return out
+
+
+class _Flow:
+  """The slots, row by row, and the happens-before checks of their use.
+
+  Attributes:
+    slots: the slots written so far.
+    ranges: KV range lists; rows refer to them by index.
+  """
+
+  def __init__(self, sm: np.ndarray, index: np.ndarray, clock: np.ndarray,
+               d_v: int | None):
+    self._sm, self._index, self._clock, self._d_v = sm, index, clock, d_v
+    self.slots: dict[int, _Slot] = {}
+    self.ranges: list[list[tuple[int, int]]] = []
+
+  def hb(self, x: int, y: int) -> bool:
+    """Whether instruction x happens before instruction y (or is y)."""
+    return self._clock[y, self._sm[x]] >= self._index[x] + 1
+
+  def name(self, x: int) -> str:
+    return f"SM {self._sm[x]} instruction {self._index[x]}"
+
+  def new_ranges(self, ranges: list[tuple[int, int]],
+                 rows: int) -> np.ndarray:
+    """Range ids ``[rows]`` of rows that all cover ``ranges``."""
+    self.ranges.append(ranges)
+    return np.full(rows, len(self.ranges) - 1)
+
+  def read(self, x: int, key: tuple[int, int, int, int], src: int, num: int,
+           slot_row: int) -> tuple[np.ndarray, np.ndarray | None,
+                                   np.ndarray | None]:
+    """Rows ``[slot_row, slot_row + num_rows)`` of slots ``[src, src + num)``.
+
+    Returns:
+      ``(ranges, out, lse2)``: range ids ``[num, num_rows]``, outputs
+      ``[num, num_rows, d_v]`` and LSEs ``[num, num_rows]`` (these two None
+      without numerics).
+
+    Raises:
+      HazardError: a row is unwritten or its writer does not happen before.
+      ProgramError: a row holds another query row than the key's.
+    """
+    lo, hi = slot_row, slot_row + key[3]
+    want = _query_rows(key)
+    held = []
+    for s in range(src, src + num):
+      slot = self.slots.get(s)
+      if slot is None or (slot.writer[lo:hi] == _UNWRITTEN).any():
+        raise HazardError(f"{self.name(x)} reads rows [{lo}, {hi}) of slot"
+                          f" {s} before any instruction writes them")
+      for writer in np.unique(slot.writer[lo:hi]).tolist():
+        if not self.hb(writer, x):
+          raise HazardError(
+              f"{self.name(x)} reads slot {s} without waiting for its writer"
+              f" ({self.name(writer)})")
+      if not np.array_equal(slot.rows[lo:hi], want):
+        raise ProgramError(
+            f"{self.name(x)} merges rows [{lo}, {hi}) of slot {s}, which do"
+            f" not hold the query rows {key}")
+      slot.readers.append((x, lo, hi))
+      held.append(slot)
+    ranges = np.stack([slot.ranges[lo:hi] for slot in held])
+    if self._d_v is None:
+      return ranges, None, None
+    return (ranges, np.stack([slot.out[lo:hi] for slot in held]),
+            np.stack([slot.lse2[lo:hi] for slot in held]))
+
+  def merge(self, x: int, ranges: np.ndarray) -> np.ndarray:
+    """Range ids ``[rows]`` of the unions of the columns of ``ranges``.
+
+    Raises:
+      CoverageError: two merged ranges overlap.
+    """
+    columns, inverse = np.unique(ranges, axis=1, return_inverse=True)
+    merged = []
+    for column in columns.T.tolist():
+      union = sorted(r for i in column for r in self.ranges[i])
+      for (_, e0), (s1, _) in zip(union, union[1:]):
+        if s1 < e0:
+          raise CoverageError(
+              f"{self.name(x)}: KV tokens merged twice (double coverage) in"
+              f" ranges {union}")
+      merged.append(self.new_ranges(union, 1)[0])
+    return np.asarray(merged, np.int64)[inverse.ravel()]
+
+  def write(self, x: int, dst: int, slot_row: int, value: _Value) -> None:
+    """Stores a value in rows ``[slot_row, slot_row + num_rows)`` of dst.
+
+    Raises:
+      HazardError: a previous writer or reader of those rows does not
+        happen before x.
+    """
+    lo, hi = slot_row, slot_row + value.key[3]
+    slot = self.slots.setdefault(dst, _Slot.empty(self._d_v))
+    users = [w for w in np.unique(slot.writer[lo:hi]).tolist()
+             if w != _UNWRITTEN]
+    users += [y for y, a, b in slot.readers if a < hi and lo < b]
+    for y in users:
+      if not self.hb(y, x):
+        raise HazardError(f"{self.name(x)} overwrites slot {dst} while"
+                          f" {self.name(y)} may still use it")
+    slot.readers = [(y, a, b) for y, a, b in slot.readers
+                    if not lo <= a < b <= hi]
+    slot.writer[lo:hi] = x
+    slot.rows[lo:hi] = _query_rows(value.key)
+    slot.ranges[lo:hi] = value.ranges
+    if self._d_v is not None:
+      slot.out[lo:hi] = value.out
+      slot.lse2[lo:hi] = value.lse2
 
 
 class _Numerics:
@@ -306,9 +465,8 @@ class _Numerics:
     return out, lse2
 
   @staticmethod
-  def reduce(values: list[_Value]):
-    lse2 = np.stack([v.lse2 for v in values])  # [n, rows]
-    outs = np.stack([v.out for v in values])  # [n, rows, d_v]
+  def reduce(outs: np.ndarray, lse2: np.ndarray):
+    """Merges ``[n, rows, d_v]`` outputs by their ``[n, rows]`` LSEs."""
     top = lse2.max(axis=0)
     safe = np.where(np.isfinite(top), top, 0.0)
     w = np.where(np.isfinite(lse2), np.exp2(lse2 - safe), 0.0)
@@ -318,6 +476,107 @@ class _Numerics:
     lse = np.where(total > 0, safe + np.log2(np.where(total > 0, total, 1)),
                    -np.inf)
     return out, lse
+
+
+class _Outputs:
+  """The final output: each row written once, from KV ranges tiling
+  ``[0, len)``.
+
+  Attributes:
+    out: float64 ``[b, s_q, h_q, d_v]`` (None without numerics).
+    lse: float64 ``[b, h_q, s_q]``, natural log (None without numerics).
+  """
+
+  def __init__(self, m: _Machine, d_v: int | None):
+    b = m.seqlens.shape[0]
+    self._m = m
+    self._written = np.zeros((b, m.h_kv, m.rows_per_head), bool)
+    self.out = self.lse = None
+    if d_v is not None:
+      self.out = np.zeros((b, m.s_q, m.h_q, d_v))
+      self.lse = np.zeros((b, m.h_q, m.s_q))
+
+  def store(self, where: str, value: _Value,
+            ranges: list[list[tuple[int, int]]]) -> None:
+    """Writes a value's rows; ``ranges`` resolves its range ids.
+
+    Raises:
+      CoverageError: a row is written twice, or its KV ranges do not tile
+        ``[0, len)``.
+    """
+    b, k, row0, rows = value.key
+    if self._written[b, k, row0:row0 + rows].any():
+      raise CoverageError(f"{where} writes output rows {value.key} that are"
+                          " already written (double coverage)")
+    self._written[b, k, row0:row0 + rows] = True
+    expect = int(self._m.seqlens[b])
+    for i in np.unique(value.ranges).tolist():
+      got = ranges[i]
+      tiled = (not got and expect == 0) or (
+          got and got[0][0] == 0 and got[-1][1] == expect
+          and all(e == s for (_, e), (s, _) in zip(got, got[1:])))
+      if not tiled:
+        raise CoverageError(
+            f"{where} writes rows {value.key} from KV ranges {got}, which do"
+            f" not tile [0, {expect})")
+    if self.out is not None:
+      group = self._m.h_q // self._m.h_kv
+      r = np.arange(row0, row0 + rows)
+      token, head = r // group, k * group + r % group
+      self.out[b, token, head] = value.out
+      self.lse[b, head, token] = np.where(np.isfinite(value.lse2),
+                                          value.lse2 / _LOG2E, np.inf)
+
+  def check_complete(self) -> None:
+    """Raises CoverageError if some output row was never written."""
+    if not self._written.all():
+      b, k, r = (int(v[0]) for v in np.nonzero(~self._written))
+      raise CoverageError(f"output row {r} of sequence {b}, KV head {k} is"
+                          " never written")
+
+
+def _follow(m: _Machine, numerics: _Numerics | None, words: np.ndarray,
+            sm: np.ndarray, index: np.ndarray,
+            t: timing.Timing) -> _Outputs:
+  """Follows the data through the slots in an execution order.
+
+  Returns:
+    The final output (with numbers when ``numerics`` is given).
+
+  Raises:
+    ProgramError, HazardError, CoverageError: as named.
+  """
+  order, clock = _order_and_clocks(words, sm, index, t,
+                                   m.instructions.shape[0])
+  d_v = None if numerics is None else numerics.d_v
+  flow = _Flow(sm, index, clock, d_v)
+  outputs = _Outputs(m, d_v)
+  for x in order:
+    w = words[x]
+    key = tuple(int(v) for v in w[[isa.FIELD_BATCH, isa.FIELD_KV_HEAD,
+                                    isa.FIELD_ROW_START,
+                                    isa.FIELD_NUM_ROWS]])
+    if w[isa.FIELD_OPCODE] == isa.OP_PARTIAL:
+      slot_row = 0
+      start, end = int(w[isa.FIELD_KV_START]), int(w[isa.FIELD_KV_END])
+      value = _Value(key, flow.new_ranges(
+          [(start, end)] if end > start else [], key[3]))
+      if numerics is not None:
+        value.out, value.lse2 = numerics.partial(key, start, end)
+    else:
+      slot_row = int(w[isa.FIELD_SLOT_ROW])
+      ranges, outs, lse2 = flow.read(x, key, int(w[isa.FIELD_SRC_SLOT]),
+                                     int(w[isa.FIELD_NUM_SRC]), slot_row)
+      value = _Value(key, flow.merge(x, ranges))
+      if numerics is not None:
+        value.out, value.lse2 = numerics.reduce(outs, lse2)
+    dst = int(w[isa.FIELD_DST_SLOT])
+    if dst == isa.FINAL_OUTPUT:
+      outputs.store(flow.name(x), value, flow.ranges)
+    else:
+      flow.write(x, dst, slot_row, value)
+  outputs.check_complete()
+  return outputs
 
 
 def _run(m: _Machine, numerics: _Numerics | None, cost_model,
@@ -336,86 +595,8 @@ def _run(m: _Machine, numerics: _Numerics | None, cost_model,
   t = timing.simulate(ins, durations)
   out = lse = None
   if check or numerics is not None:
-    b, s_q, h_q = m.seqlens.shape[0], m.s_q, m.h_q
-    if numerics is not None:
-      out = np.zeros((b, s_q, h_q, numerics.d_v))
-      lse = np.zeros((b, h_q, s_q))
-    order, clock = _order_and_clocks(words, sm, index, t, ins.shape[0])
-    slots: dict[int, tuple[int, _Value, list[int]]] = {}
-    written = np.zeros((b, m.h_kv, m.rows_per_head), bool)
-    group = h_q // m.h_kv
-
-    def hb(x: int, y: int) -> bool:
-      return clock[y, sm[x]] >= index[x] + 1
-
-    def name(x: int) -> str:
-      return f"SM {sm[x]} instruction {index[x]}"
-
-    for x in order:
-      w = words[x]
-      key = tuple(int(v) for v in w[[isa.FIELD_BATCH, isa.FIELD_KV_HEAD,
-                                      isa.FIELD_ROW_START,
-                                      isa.FIELD_NUM_ROWS]])
-      if w[isa.FIELD_OPCODE] == isa.OP_PARTIAL:
-        start, end = int(w[isa.FIELD_KV_START]), int(w[isa.FIELD_KV_END])
-        value = _Value(key, [(start, end)] if end > start else [], None, None)
-        if numerics is not None:
-          value.out, value.lse2 = numerics.partial(key, start, end)
-      else:
-        src, num = int(w[isa.FIELD_SRC_SLOT]), int(w[isa.FIELD_NUM_SRC])
-        inputs = []
-        for slot in range(src, src + num):
-          if slot not in slots:
-            raise HazardError(f"{name(x)} reads slot {slot} before any"
-                              " instruction writes it")
-          writer, held, readers = slots[slot]
-          if not hb(writer, x):
-            raise HazardError(
-                f"{name(x)} reads slot {slot} without waiting for its writer"
-                f" ({name(writer)})")
-          if held.key != key:
-            raise ProgramError(f"{name(x)} merges slot {slot} holding rows"
-                               f" {held.key}, not {key}")
-          readers.append(x)
-          inputs.append(held)
-        value = _Value(key, _merge_ranges(inputs, name(x)), None, None)
-        if numerics is not None:
-          value.out, value.lse2 = numerics.reduce(inputs)
-      dst = int(w[isa.FIELD_DST_SLOT])
-      if dst != isa.FINAL_OUTPUT:
-        if dst in slots:
-          writer, _, readers = slots[dst]
-          for y in [writer] + readers:
-            if not hb(y, x):
-              raise HazardError(
-                  f"{name(x)} overwrites slot {dst} while {name(y)} may"
-                  " still use it")
-        slots[dst] = (x, value, [])
-        continue
-      b_, k_, row0, rows = key
-      if written[b_, k_, row0:row0 + rows].any():
-        raise CoverageError(f"{name(x)} writes output rows {key} that are"
-                            " already written (double coverage)")
-      written[b_, k_, row0:row0 + rows] = True
-      expect = int(m.seqlens[b_])
-      got = value.ranges
-      tiled = (not got and expect == 0) or (
-          got and got[0][0] == 0 and got[-1][1] == expect
-          and all(e == s for (_, e), (s, _) in zip(got, got[1:])))
-      if not tiled:
-        raise CoverageError(
-            f"{name(x)} writes rows {key} from KV ranges {got}, which do not"
-            f" tile [0, {expect})")
-      if numerics is not None:
-        r = np.arange(row0, row0 + rows)
-        token, head = r // group, k_ * group + r % group
-        out[b_, token, head] = value.out
-        lse[b_, head, token] = np.where(np.isfinite(value.lse2),
-                                        value.lse2 / _LOG2E, np.inf)
-    if not written.all():
-      b_, k_, r = (int(v[0]) for v in np.nonzero(~written))
-      raise CoverageError(f"output row {r} of sequence {b_}, KV head {k_} is"
-                          " never written")
+    outputs = _follow(m, numerics, words, sm, index, t)
+    out, lse = outputs.out, outputs.lse
   return VMResult(out, lse, t.makespan_ns, t.sm, t.index, t.opcode,
                   t.start_ns, t.end_ns)
 

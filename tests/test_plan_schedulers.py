@@ -7,6 +7,8 @@ can block forever; and every REDUCE starts after the instructions it waits
 for have ended.
 """
 
+import dataclasses
+
 import hypothesis
 from hypothesis import strategies as st
 import numpy as np
@@ -81,7 +83,7 @@ def shapes(draw):
   h_q = h_kv * draw(st.integers(1, most))
   return dict(seqlens=lens, s_q=s_q, h_q=h_q, h_kv=h_kv,
               page_size=draw(st.sampled_from([1, 16, 64, 256])),
-              num_sms=draw(st.sampled_from([1, 2, 7, 33, 132])))
+              num_sms=draw(st.sampled_from([1, 2, 7, 33, 132, 300])))
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
@@ -120,30 +122,119 @@ def test_deterministic(scheduler):
   assert a.predicted_makespan_ns == b.predicted_makespan_ns
 
 
-@pytest.mark.parametrize("lens, s_q, h_q", [
-    (WORKLOADS["W1"].seqlens, 4, 16), (WORKLOADS["W2"].seqlens, 1, 16),
-    (WORKLOADS["W4"].seqlens, 2, 16), ((0, 1, 64, 65, 5000), 3, 40),
+def _spread_by_rows(schedule: Schedule, k: np.ndarray, num_tiles: int,
+                    fanin: int, cost: CostModel) -> Schedule:
+  """A schedule (h_kv = 1) whose one-level final REDUCEs are each replaced,
+  one at a time, by its runs of rows on the SMs of the item's last pieces."""
+  rows, sm, pos = [], [], []
+  for row, s, p in zip(schedule.rows, schedule.sm, schedule.key):
+    item = (row[isa.FIELD_BATCH] * num_tiles
+            + row[isa.FIELD_ROW_START] // isa.TILE_ROWS)
+    one_level = (row[isa.FIELD_OPCODE] == isa.OP_REDUCE
+                 and row[isa.FIELD_DST_SLOT] == isa.FINAL_OUTPUT
+                 and k[item] <= fanin)
+    if not one_level:
+      rows.append(row)
+      sm.append(s)
+      pos.append(p)
+      continue
+    r = int(row[isa.FIELD_NUM_ROWS])
+    runs = min(int(k[item]), r)
+    for j in range(runs):
+      lo, hi = j * r // runs, (j + 1) * r // runs
+      run = row.copy()
+      run[isa.FIELD_ROW_START] += lo
+      run[isa.FIELD_NUM_ROWS] = hi - lo
+      run[isa.FIELD_SLOT_ROW] = lo
+      run[isa.FIELD_COST] = cost.reduce_fixed() + k[item] * (
+          cost.reduce_input_ns(hi - lo, 512))
+      rows.append(run)
+      sm.append(s - j)
+      pos.append(p)
+  return Schedule(np.stack(rows), np.asarray(sm), np.asarray(pos),
+                  positional=True)
+
+
+@pytest.mark.parametrize("lens, s_q, h_q, fanin", [
+    (WORKLOADS["W1"].seqlens, 4, 16, isa.MAX_REDUCE_INPUTS),
+    (WORKLOADS["W2"].seqlens, 1, 16, isa.MAX_REDUCE_INPUTS),
+    (WORKLOADS["W4"].seqlens, 2, 16, isa.MAX_REDUCE_INPUTS),
+    ((0, 1, 64, 65, 5000), 3, 40, isa.MAX_REDUCE_INPUTS),
+    ((0, 1, 64, 65, 50000), 3, 40, 5),
+    (WORKLOADS["W1"].seqlens, 4, 16, 12),
 ])
-def test_one_piece_per_sm_layout_matches_emit(lens, s_q, h_q):
-  """The makespan scheduler's host fast path lays out what emit would."""
+def test_one_piece_per_sm_layout_matches_emit(lens, s_q, h_q, fanin):
+  """The makespan scheduler's host fast path lays out what emit would, with
+  each one-level final merge spread by rows."""
+  cost = CostModel()
   problem = Problem(seqlens=np.asarray(lens, np.int64), s_q=s_q, h_q=h_q,
                     h_kv=1, page_size=64, head_dim_v=512, num_sms=132,
-                    cost=CostModel())
-  st_ = balanced.statics_for(problem)
+                    cost=cost)
+  st_ = dataclasses.replace(balanced.statics_for(problem), fanin=fanin)
   items = WorkItems.build(problem)
-  _, k = makespan._split(items, st_.fanin, 132)
-  fast, predicted = makespan._one_per_sm(items, k, st_.fanin, 64)
+  _, k = makespan._split(items, fanin, 132)
+  fast, predicted = makespan._one_per_sm(items, k, fanin, 64)
   p_item = np.repeat(np.arange(items.size), k)
   j = np.arange(p_item.shape[0]) - (np.cumsum(k) - k)[p_item]
   rows, sm, pos, _, _, _ = balanced.emit(
       np, np.int64, st_, items.length, k, p_item,
       (j * items.pages[p_item]) // k[p_item], np.arange(p_item.shape[0]))
   keep = sm < 132
-  slow = Schedule(rows[keep], sm[keep], pos[keep], positional=True)
+  slow = _spread_by_rows(
+      Schedule(rows[keep], sm[keep], pos[keep], positional=True), k,
+      st_.num_tiles, fanin, cost)
   a, _ = tensorize(fast, 132)
   b, _ = tensorize(slow, 132)
   np.testing.assert_array_equal(a, b)
   assert predicted == timing.simulate(a).makespan_ns
+
+
+@pytest.mark.parametrize("name", ["W1", "W2"])
+def test_makespan_spreads_final_merges_by_rows(name):
+  """Each cut item's merge is several REDUCEs on distinct SMs whose rows
+  partition the tile, each merging all of the item's pieces."""
+  w = WORKLOADS[name]
+  plan = plan_decode(w.seqlens, s_q=w.s_q, h_q=w.h_q, num_sms=132)
+  ins = np.asarray(plan.instructions)
+  live = timing.live_mask(ins)
+  sm = np.nonzero(live)[0]
+  words = ins[live].astype(np.int64)
+  reduce = words[:, isa.FIELD_OPCODE] == isa.OP_REDUCE
+  assert (words[reduce, isa.FIELD_DST_SLOT] == isa.FINAL_OUTPUT).all()
+  tile = w.s_q * w.h_q
+  counters = np.unique(words[reduce, isa.FIELD_WAIT_COUNTER])
+  assert counters.size >= 1
+  for counter in counters.tolist():
+    runs = reduce & (words[:, isa.FIELD_WAIT_COUNTER] == counter)
+    pieces = (words[:, isa.FIELD_OPCODE] == isa.OP_PARTIAL) & (
+        words[:, isa.FIELD_SIGNAL_COUNTER] == counter)
+    k = int(pieces.sum())
+    assert runs.sum() == min(k, tile) > 1
+    assert np.unique(sm[runs]).size == runs.sum()
+    assert set(sm[runs].tolist()) <= set(sm[pieces].tolist())
+    assert (words[runs, isa.FIELD_NUM_SRC] == k).all()
+    assert (words[runs, isa.FIELD_WAIT_COUNT] == k).all()
+    run = words[runs][np.argsort(words[runs, isa.FIELD_SLOT_ROW])]
+    starts = run[:, isa.FIELD_SLOT_ROW]
+    ends = starts + run[:, isa.FIELD_NUM_ROWS]
+    assert starts[0] == 0 and ends[-1] == tile
+    np.testing.assert_array_equal(starts[1:], ends[:-1])
+    np.testing.assert_array_equal(run[:, isa.FIELD_ROW_START], starts)
+  check_plan(plan)
+
+
+@pytest.mark.parametrize("h_q, num_sms", [(1, 500), (2, 400)])
+def test_makespan_merges_in_two_levels_beyond_max_reduce_inputs(h_q,
+                                                                num_sms):
+  """With more SMs than one REDUCE has inputs, a long sequence of few rows is
+  cut into more pieces than that and merged by a tree."""
+  plan = plan_decode([1_000_000], s_q=1, h_q=h_q, num_sms=num_sms)
+  ins = np.asarray(plan.instructions)
+  reduce = ins[..., isa.FIELD_OPCODE] == isa.OP_REDUCE
+  partial = ins[..., isa.FIELD_OPCODE] == isa.OP_PARTIAL
+  assert partial.sum() > isa.MAX_REDUCE_INPUTS
+  assert (ins[reduce][:, isa.FIELD_DST_SLOT] >= 0).any()
+  check_plan(plan)
 
 
 @hypothesis.settings(max_examples=40, deadline=None)

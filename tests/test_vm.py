@@ -19,6 +19,9 @@ from jax_thundermla.workloads import Workload
 from jax_thundermla.workloads import make_inputs
 
 D_QK, D_V = 24, 16
+# Cheap REDUCEs: the schedulers cut even short sequences.
+CHEAP_MERGES = CostModel(partial_fixed_ns=100.0, reduce_fixed_ns=100.0,
+                         reduce_row_input_ns=1.0)
 
 _STATIC = ("s_q", "h_q", "h_kv", "page_size", "max_seqlen", "head_dim_v",
            "num_sms")
@@ -90,11 +93,39 @@ def _run(w: Workload, plan, seed: int = 0):
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 @hypothesis.settings(max_examples=60, deadline=None)
-@hypothesis.given(w=workloads(), num_sms=st.integers(1, 12))
-def test_every_scheduler_matches_reference(scheduler, w, num_sms):
+@hypothesis.given(w=workloads(), num_sms=st.integers(1, 12),
+                  cost=st.sampled_from([CostModel(), CHEAP_MERGES]))
+def test_every_scheduler_matches_reference(scheduler, w, num_sms, cost):
   plan = plan_decode(w.seqlens, s_q=w.s_q, h_q=w.h_q, h_kv=w.h_kv,
                      page_size=w.page_size, head_dim_v=D_V, num_sms=num_sms,
-                     scheduler=scheduler)
+                     scheduler=scheduler, cost_model=cost)
+  result, (out, lse) = _run(w, plan)
+  _assert_matches(result, out, lse)
+  assert result.makespan_ns == pytest.approx(plan.predicted_makespan_ns)
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("lens, s_q, h_q, num_sms", [
+    ((20000, 30), 2, 8, 24),
+    ((9000,), 4, 16, 16),
+    ((12000, 500, 0), 3, 40, 32),
+])
+def test_long_sequence_plans_match_reference(scheduler, lens, s_q, h_q,
+                                             num_sms):
+  """A long sequence is cut over many SMs; under the makespan scheduler its
+  merge is spread by rows over several REDUCEs."""
+  w = Workload("long", lens, s_q=s_q, h_q=h_q, d_qk=D_QK, d_v=D_V,
+               page_size=64)
+  plan = plan_decode(lens, s_q=s_q, h_q=h_q, page_size=64, head_dim_v=D_V,
+                     num_sms=num_sms, scheduler=scheduler)
+  words = np.asarray(plan.instructions)
+  reduce = words[..., isa.FIELD_OPCODE] == isa.OP_REDUCE
+  if scheduler == "makespan":
+    assert (words[reduce][:, isa.FIELD_NUM_ROWS] < min(64, s_q * h_q)).any()
+    assert (words[reduce][:, isa.FIELD_SLOT_ROW] > 0).any()
+  np.testing.assert_array_equal(
+      CostModel().instruction_ns(words, page_size=64, head_dim_v=D_V),
+      words[..., isa.FIELD_COST])
   result, (out, lse) = _run(w, plan)
   _assert_matches(result, out, lse)
   assert result.makespan_ns == pytest.approx(plan.predicted_makespan_ns)
@@ -161,24 +192,28 @@ def _program(lists):
 
 
 def partial(start, end, dst=isa.FINAL_OUTPUT, signal=isa.NO_COUNTER,
-            wait=isa.NO_COUNTER, count=0, batch=0):
+            wait=isa.NO_COUNTER, count=0, batch=0, rows=1):
   return {isa.FIELD_OPCODE: isa.OP_PARTIAL, isa.FIELD_BATCH: batch,
           isa.FIELD_KV_START: start, isa.FIELD_KV_END: end,
           isa.FIELD_DST_SLOT: dst, isa.FIELD_SIGNAL_COUNTER: signal,
-          isa.FIELD_WAIT_COUNTER: wait, isa.FIELD_WAIT_COUNT: count}
+          isa.FIELD_WAIT_COUNTER: wait, isa.FIELD_WAIT_COUNT: count,
+          isa.FIELD_NUM_ROWS: rows}
 
 
 def reduce(src, num, wait, count, dst=isa.FINAL_OUTPUT,
-           signal=isa.NO_COUNTER):
+           signal=isa.NO_COUNTER, rows=(0, 1), slot_row=0):
+  """A REDUCE of query rows ``[rows[0], rows[1])``."""
   return {isa.FIELD_OPCODE: isa.OP_REDUCE, isa.FIELD_SRC_SLOT: src,
           isa.FIELD_NUM_SRC: num, isa.FIELD_DST_SLOT: dst,
           isa.FIELD_SIGNAL_COUNTER: signal, isa.FIELD_WAIT_COUNTER: wait,
-          isa.FIELD_WAIT_COUNT: count}
+          isa.FIELD_WAIT_COUNT: count, isa.FIELD_ROW_START: rows[0],
+          isa.FIELD_NUM_ROWS: rows[1] - rows[0],
+          isa.FIELD_SLOT_ROW: slot_row}
 
 
-def _simulate(lists, seqlens=(10,)):
+def _simulate(lists, seqlens=(10,), h_q=1):
   return vm.simulate(_program(lists), seqlens=np.asarray(seqlens), s_q=1,
-                     h_q=1, h_kv=1)
+                     h_q=h_q, h_kv=1)
 
 
 def test_valid_split_and_timing():
@@ -265,6 +300,108 @@ def test_missing_coverage():
 def test_bad_fields(bad, match):
   with pytest.raises(vm.ProgramError, match=match):
     _simulate([[{**partial(0, 10), **bad}]])
+
+
+# Three pieces of one 64-row tile (s_q 4, h_q 16) of a 150-token sequence,
+# each on its own SM, writing slots 0-2 and signalling counter 0.
+_TILE = isa.TILE_ROWS
+_PIECES = ((0, 40), (40, 100), (100, 150))
+
+
+def _pieces(signals=(0, 0, 0)):
+  return [[partial(a, b, dst=i, signal=c, rows=_TILE)]
+          for i, ((a, b), c) in enumerate(zip(_PIECES, signals))]
+
+
+def _whole_tile():
+  lists = _pieces()
+  lists[2].append(reduce(0, 3, 0, 3, rows=(0, _TILE)))
+  return lists
+
+
+def _split_by_rows():
+  """The merge of rows [0, 3), [3, 10), [10, 64) on three SMs."""
+  lists = _pieces()
+  for sm, (lo, hi) in enumerate(((0, 3), (3, 10), (10, _TILE))):
+    lists[sm].append(reduce(0, 3, 0, 3, rows=(lo, hi), slot_row=lo))
+  return lists
+
+
+def _two_levels_by_rows():
+  """Slots 0 and 1 merged into slot 3 by rows on two SMs, then slots 2 and 3
+  merged whole."""
+  lists = _pieces(signals=(0, 0, 1))
+  lists[0].append(reduce(0, 2, 0, 2, dst=3, signal=1, rows=(0, 10)))
+  lists[1].append(reduce(0, 2, 0, 2, dst=3, signal=1, rows=(10, _TILE),
+                         slot_row=10))
+  lists[2].append(reduce(2, 2, 1, 3, rows=(0, _TILE)))
+  return lists
+
+
+def test_merge_split_by_rows_matches_whole_tile():
+  w = Workload("rows", (150,), s_q=4, h_q=16, d_qk=D_QK, d_v=D_V,
+               page_size=16)
+  q, (kv,), table, lens = make_inputs(w, extra_pages=2)
+  want = reference(q, kv, table, lens, d_v=D_V, scale=D_QK ** -0.5,
+                   causal=True)
+  results = [vm.execute(_program(lists), q, kv, table, lens, head_dim_v=D_V,
+                        causal=True)
+             for lists in (_whole_tile(), _split_by_rows(),
+                           _two_levels_by_rows())]
+  for result in results:
+    _assert_matches(result, *want)
+    np.testing.assert_allclose(result.out, results[0].out, rtol=1e-12)
+  assert results[1].makespan_ns == 20
+  assert (results[1].opcode == isa.OP_REDUCE).sum() == 3
+  assert set(results[1].sm[results[1].opcode == isa.OP_REDUCE]) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("slot_row, rows", [(-1, (0, 5)), (60, (0, 5)),
+                                            (1, (0, _TILE))])
+def test_reduce_slot_rows_outside_the_tile(slot_row, rows):
+  lists = _pieces()
+  lists[2].append(reduce(0, 3, 0, 3, rows=rows, slot_row=slot_row))
+  with pytest.raises(vm.ProgramError, match="slot rows out of the tile"):
+    _simulate(lists, seqlens=(150,), h_q=_TILE)
+
+
+def test_partial_ignores_slot_row():
+  lists = _whole_tile()
+  lists[0][0][isa.FIELD_SLOT_ROW] = 99
+  assert _simulate(lists, seqlens=(150,), h_q=_TILE).makespan_ns == 20
+
+
+def test_read_of_rows_nobody_writes():
+  lists = [[partial(0, 4, dst=0, signal=0, rows=10)],
+           [partial(4, 10, dst=1, signal=0, rows=10),
+            reduce(0, 2, 0, 2, rows=(10, 20), slot_row=10)]]
+  with pytest.raises(vm.HazardError, match=r"rows \[10, 20\) of slot 0"):
+    _simulate(lists, h_q=20)
+
+
+def test_merge_of_rows_holding_other_query_rows():
+  lists = [[partial(0, 4, dst=0, signal=0, rows=10)],
+           [partial(4, 10, dst=1, signal=0, rows=10),
+            reduce(0, 2, 0, 2, rows=(5, 10))]]
+  with pytest.raises(vm.ProgramError, match="do not hold the query rows"):
+    _simulate(lists, h_q=10)
+
+
+def _merge_in_place(first_row):
+  """SM 1 merges rows [0, 32) of slots 0-1; SM 2 merges rows [first_row,
+  64) into slot 0 without waiting for SM 1, then writes them out."""
+  rows = (first_row, _TILE)
+  return [[partial(0, 4, dst=0, signal=0, rows=_TILE),
+           partial(4, 10, dst=1, signal=0, rows=_TILE)],
+          [reduce(0, 2, 0, 2, rows=(0, 32))],
+          [reduce(0, 2, 0, 2, dst=0, rows=rows, slot_row=first_row),
+           reduce(0, 1, isa.NO_COUNTER, 0, rows=rows, slot_row=first_row)]]
+
+
+def test_overwrite_of_rows_another_sm_reads():
+  assert _simulate(_merge_in_place(32), h_q=_TILE).makespan_ns == 40
+  with pytest.raises(vm.HazardError, match="overwrites slot 0"):
+    _simulate(_merge_in_place(16), h_q=_TILE)
 
 
 def test_rows_after_stop_are_not_executed():

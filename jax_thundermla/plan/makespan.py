@@ -1,15 +1,23 @@
-"""The makespan scheduler: built backwards from each output's final reduction.
+"""The makespan scheduler: built backwards from each output's final merge.
 
 ThunderMLA's second scheduler, in this project's own form. Fix the end of
-the schedule at time T and work backwards from each output: its final REDUCE
-ends at T; before it runs its reduction tree (one REDUCE of k inputs, or for
-k > G pieces a level of balanced groups first, G = ceil(sqrt(num_sms))); the
-k pieces must end before the tree starts, so each may hold at most ``T -
-tree(k) - F`` of page work. The fewest pieces that fit give the output's
-split; the smallest T whose pieces fit the SMs, one piece per SM, is found
-exactly from the sorted critical paths ``F + ceil(pages / k) * P + tree(k)``
-of every item and k. Every piece then starts at time 0 on its own SM and
-each REDUCE runs on the SM of the last piece it reads, right after it.
+the schedule at time T and work backwards from each output: its merge ends
+at T. An item of R rows cut into k pieces is merged in one level, spread by
+rows: ``c = min(k, R)`` REDUCEs of all k inputs, REDUCE j over tile rows
+``[j * R // c, (j + 1) * R // c)``, so that no SM reads all ``k * R`` partial
+rows. Only for k > G pieces (G = MAX_REDUCE_INPUTS, so only with more SMs
+than that) is it merged by a tree: balanced groups first, then one REDUCE of
+the groups' results. The k pieces must end before the merge starts, so each
+may hold at most ``T - merge(k) - F`` of page work, where merge(k) is the
+critical path of the merge: a REDUCE's fixed cost plus k inputs of
+``ceil(R / c)`` rows (its longest REDUCE), or the tree's two REDUCEs of
+whole tiles. The fewest pieces that fit give the item's split; the smallest
+T whose pieces fit the SMs, one piece per SM, is found exactly from the
+sorted critical paths ``F + ceil(pages / k) * P + merge(k)`` of every item
+and k. Every piece then starts at time 0 on its own SM. REDUCE j of a
+one-level merge runs on the SM of the item's piece ``last - j``, right after
+it; a tree's group REDUCE on the SM of the group's last piece, right after
+it, and its final REDUCE after that on the SM of the item's last piece.
 
 Rollouts: when this layout reaches the work bound (total cost / SMs), or
 items are few (fewer than num_sms / WRAP_ITEMS_PER_SM), it is kept as is.
@@ -19,10 +27,15 @@ and, with at least num_sms / CHUNK_ITEMS_PER_SM items, the fixed-chunk list
 schedule of the static scheduler are rolled out too, and the layout with the
 smallest predicted makespan is kept. The rollouts are skipped when lower
 bounds of their makespans (from the work of the SMs) already exceed T, for
-then the backwards layout is kept. In every layout an input ends before
-the REDUCE that reads it starts and each SM runs its tasks in that order
-(the backwards and wrap-around layouts put all PARTIALs of an SM before its
-REDUCEs), so no list can wait on a task stuck behind it.
+then the backwards layout is kept.
+
+No list can wait on a task stuck behind it. In the backwards layout every
+PARTIAL is first on its SM and waits for nothing; a one-level REDUCE or a
+group REDUCE waits only for PARTIALs; a tree's final REDUCE waits for group
+REDUCEs, which follow only a PARTIAL on their SMs; nothing waits for a final
+REDUCE. In the other layouts an input ends before the REDUCE that reads it
+starts and each SM runs its tasks in that order (the wrap-around layout
+puts all PARTIALs of an SM before its REDUCEs).
 """
 
 from __future__ import annotations
@@ -48,30 +61,33 @@ _NEVER = np.iinfo(np.int64).max
 
 
 @functools.lru_cache(maxsize=256)
-def _tree_terms(top: int, fanin: int) -> tuple[np.ndarray, np.ndarray,
-                                               np.ndarray]:
-  """The reduction tree of k pieces, for every k in ``[1, top]``.
+def _merge_terms(top: int, fanin: int) -> tuple[np.ndarray, np.ndarray,
+                                                np.ndarray, np.ndarray]:
+  """The merge of k pieces, for every k in ``[1, top]``.
 
-  The tree is one REDUCE of k inputs (none for k = 1), or for k > fanin a
-  REDUCE of the largest group followed by one of the groups' results.
+  The merge is one level of k inputs (none for k = 1), spread by rows over
+  up to k REDUCEs, or for k > fanin a tree: a REDUCE of the largest group
+  followed by one REDUCE of the groups' results, both of whole tiles.
 
   Args:
     top: largest piece count.
     fanin: most inputs of one REDUCE.
 
   Returns:
-    ``(ks, reduces, inputs)``, read-only int64 ``[top]``: the piece counts
-    1..top, the REDUCEs on the tree's critical path and the inputs they
-    merge in all.
+    ``(ks, reduces, inputs, runs)``, read-only int64 ``[top]``: the piece
+    counts 1..top, the REDUCEs on the merge's critical path, the inputs they
+    merge in all, and the most REDUCEs a level is spread over (k for one
+    level, 1 for a tree).
   """
   ks = np.arange(1, top + 1)
   groups = -(-ks // fanin)
   tree = groups > 1
   reduces = np.where(tree, 2, ks > 1)
   inputs = np.where(tree, -(-ks // groups) + groups, np.where(ks > 1, ks, 0))
-  for array in (ks, reduces, inputs):
+  runs = np.where(tree, 1, ks)
+  for array in (ks, reduces, inputs, runs):
     array.setflags(write=False)
-  return ks, reduces, inputs
+  return ks, reduces, inputs, runs
 
 
 def _split(items: WorkItems, fanin: int,
@@ -95,10 +111,13 @@ def _split(items: WorkItems, fanin: int,
   if top == 1:
     # One piece per item: each item's path is its own cost.
     return float(items.cost_ns().max()), np.ones(n, np.int64)
-  ks, reduces, inputs = _tree_terms(top, fanin)
+  ks, reduces, inputs, runs = _merge_terms(top, fanin)
+  # The merge of an item of R rows is spread over min(runs, R) REDUCEs; the
+  # longest has ceil(R / min(runs, R)) rows.
+  rows = items.rows[:, None]
   path = ((items.fixed_ns + reduces * items.reduce_fixed_ns)
           + -(-pages // ks) * items.page_ns[:, None]
-          + inputs * items.reduce_input_ns[:, None])
+          + inputs * items.row_input_ns[-(-rows // np.minimum(runs, rows))])
   np.putmask(path, ks > np.maximum(pages, 1), _NEVER)
   best = np.minimum.accumulate(path, axis=1)
   # Item i needs 1 + #{k : best[i, k] > T} pieces (`best` is below _NEVER:
@@ -118,8 +137,9 @@ def _split(items: WorkItems, fanin: int,
 def _reduces(items: WorkItems, item: np.ndarray, src: np.ndarray,
              num_src: np.ndarray, dst: Any, signal: Any, wait: np.ndarray,
              cost: np.ndarray) -> np.ndarray:
-  """REDUCE rows ``[m, INSTRUCTION_WORDS]`` of items ``item`` that wait for
-  all their inputs; the other arguments are the words of the same names."""
+  """REDUCE rows ``[m, INSTRUCTION_WORDS]`` of items ``item`` (whole tiles)
+  that wait for all their inputs; the other arguments are the words of the
+  same names."""
   rows = items.partial[item]
   rows[:, isa.FIELD_OPCODE] = isa.OP_REDUCE
   rows[:, isa.FIELD_SRC_SLOT] = src
@@ -132,14 +152,114 @@ def _reduces(items: WorkItems, item: np.ndarray, src: np.ndarray,
   return rows
 
 
+def _spread_merges(items: WorkItems, item: np.ndarray, k: np.ndarray,
+                   last: np.ndarray, slot0: np.ndarray,
+                   ctr0: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                              np.ndarray]:
+  """Final REDUCEs of items merged in one level, spread over SMs by rows.
+
+  The R rows of item i are cut into ``c = min(k_i, R)`` runs: run j is tile
+  rows ``[j * R // c, (j + 1) * R // c)``, merged from the item's k_i slots
+  on the SM of its piece ``last_i - j`` once the item's counter has all k_i
+  signals.
+
+  Args:
+    items: the work items.
+    item: int64 ``[m]`` the items.
+    k: int64 ``[n]`` pieces per item.
+    last: int64 ``[n]`` SM (and index) of each item's last piece.
+    slot0: int64 ``[n]`` first slot of each item.
+    ctr0: int64 ``[n]`` counter of each item's pieces.
+
+  Returns:
+    ``(rows, sm, run_item)``: REDUCE rows ``[runs, INSTRUCTION_WORDS]``, the
+    SM of each and its item.
+  """
+  r = items.rows[item]
+  c = np.minimum(k[item], r)
+  run_item = item.repeat(c)
+  j = np.arange(run_item.shape[0]) - (np.add.accumulate(c) - c).repeat(c)
+  r, c = r.repeat(c), c.repeat(c)
+  lo = j * r // c
+  num_rows = (j + 1) * r // c - lo
+  kk = k[run_item]
+  rows = _reduces(items, run_item, slot0[run_item], kk, isa.FINAL_OUTPUT,
+                  isa.NO_COUNTER, ctr0[run_item],
+                  items.reduce_fixed_ns + kk * items.row_input_ns[num_rows])
+  rows[:, isa.FIELD_ROW_START] += lo
+  rows[:, isa.FIELD_NUM_ROWS] = num_rows
+  rows[:, isa.FIELD_SLOT_ROW] = lo
+  return rows, last[run_item] - j, run_item
+
+
+def _tree_merges(
+    items: WorkItems, k: np.ndarray, groups: np.ndarray, slot0: np.ndarray,
+    ctr0: np.ndarray, p_item: np.ndarray, j: np.ndarray, grp: np.ndarray,
+    piece_ns: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                   np.ndarray]:
+  """REDUCEs of the items merged in two levels (those with groups > 1).
+
+  Group g of an item's pieces (piece j is in group ``grp = j * groups //
+  k``) is merged into slot ``slot0 + k + g`` on the SM of its last piece, which
+  signals counter ``ctr0 + groups``; the groups' results are merged on the SM
+  of the item's last piece, after its group.
+
+  Args:
+    items: the work items.
+    k: int64 ``[n]`` pieces per item.
+    groups: int64 ``[n]`` groups per item (1: no tree).
+    slot0: int64 ``[n]`` first slot of each item.
+    ctr0: int64 ``[n]`` first counter of each item.
+    p_item: int64 ``[p]`` item of each piece.
+    j: int64 ``[p]`` index of each piece within its item.
+    grp: int64 ``[p]`` group of each piece within its item.
+    piece_ns: int64 ``[p]`` cost of each piece.
+
+  Returns:
+    ``(rows, sm, pos, end)``: the REDUCE rows (first level, then final), the
+    SM and position of each, and int64 ``[n]`` when each item's output is
+    ready: the end of its final REDUCE for a tree, of its last piece else.
+  """
+  kk, m = k[p_item], groups[p_item]
+  # Segments of consecutive pieces: the groups of a tree item, any other
+  # item whole. A segment is ready when its pieces (and for a group, the
+  # group's REDUCE) have ended; an item's output, when its segments are.
+  seg_last = ((j + 1) * m // kk != grp).nonzero()[0]
+  seg_first = np.concatenate(([0], seg_last[:-1] + 1))
+  ready = np.maximum.reduceat(piece_ns, seg_first)
+  grouped = (m[seg_last] > 1).nonzero()[0]
+  at1 = seg_last[grouped]
+  from1 = seg_first[grouped]
+  item1 = p_item[at1]
+  size = at1 + 1 - from1
+  cost1 = items.reduce_fixed_ns + size * items.reduce_input_ns[item1]
+  ready[grouped] += cost1
+  end = np.maximum.reduceat(ready, np.add.accumulate(groups) - groups)
+  level1 = _reduces(items, item1, slot0[item1] + j[from1], size,
+                    (slot0 + k)[item1] + grp[at1], (ctr0 + groups)[item1],
+                    ctr0[item1] + grp[at1], cost1)
+  tree = (groups > 1).nonzero()[0]
+  cost = items.reduce_fixed_ns + groups[tree] * items.reduce_input_ns[tree]
+  final = _reduces(items, tree, (slot0 + k)[tree], groups[tree],
+                   isa.FINAL_OUTPUT, isa.NO_COUNTER, (ctr0 + groups)[tree],
+                   cost)
+  end[tree] += cost
+  last = np.add.accumulate(k) - 1
+  pos = np.ones(at1.shape[0] + tree.shape[0], np.int64)
+  pos[at1.shape[0]:] = 2
+  return (np.concatenate([level1, final]),
+          np.concatenate([at1, last[tree]]), pos, end)
+
+
 def _one_per_sm(items: WorkItems, k: np.ndarray, fanin: int,
                 page_size: int) -> tuple[Schedule, float]:
   """The backwards layout: piece p alone on SM p, REDUCEs right after.
 
   Slots and counters follow `balanced.emit`: an item's pieces take
   consecutive slots, then its groups' results; one counter per group, then
-  the final one. A first-level REDUCE runs on the SM of its group's last
-  piece, the final REDUCE on the SM of the item's last piece.
+  the final one. An item of more than ``fanin`` pieces is merged in two
+  levels (`_tree_merges`); the final merge of any other cut item is spread by
+  rows over the SMs of its last pieces (`_spread_merges`).
 
   Args:
     items: the work items.
@@ -175,11 +295,10 @@ def _one_per_sm(items: WorkItems, k: np.ndarray, fanin: int,
   counters = cut * (1 + extra)
   slot0 = np.add.accumulate(slots) - slots
   ctr0 = np.add.accumulate(counters) - counters
-  kk = k[p_item]
-  m = groups[p_item]
-  j = np.arange(num) - (last + 1 - k)[p_item]
-  grp = j * m // kk
+  first = last + 1 - k
+  j = np.arange(num) - first[p_item]
   n_p = items.pages[p_item]
+  kk = k[p_item]
   page0 = j * n_p // kk
   page1 = (j + 1) * n_p // kk
   piece_ns = items.fixed_ns + (page1 - page0) * items.page_ns[p_item]
@@ -187,46 +306,35 @@ def _one_per_sm(items: WorkItems, k: np.ndarray, fanin: int,
   rows = items.partial[p_item]
   rows[:, isa.FIELD_KV_START] = np.minimum(page0 * page_size, length)
   rows[:, isa.FIELD_KV_END] = np.minimum(page1 * page_size, length)
-  # The piece of an uncut item has j = grp = 0.
+  # The piece of an uncut item has j = 0.
   rows[:, isa.FIELD_DST_SLOT] = np.where(cut, slot0,
                                          isa.FINAL_OUTPUT)[p_item] + j
   rows[:, isa.FIELD_SIGNAL_COUNTER] = np.where(cut, ctr0,
-                                               isa.NO_COUNTER)[p_item] + grp
+                                               isa.NO_COUNTER)[p_item]
   rows[:, isa.FIELD_COST] = piece_ns
-
-  # Segments of consecutive pieces: the groups of a tree item, any other
-  # item whole. A segment is ready when its pieces (and for a group, the
-  # group's REDUCE) have ended; an item's output, when its segments are.
-  fixed = items.reduce_fixed_ns
-  seg_last = ((j + 1) * m // kk != grp).nonzero()[0]
-  seg_first = np.concatenate(([0], seg_last[:-1] + 1))
-  ready = np.maximum.reduceat(piece_ns, seg_first)
-  grouped = (m[seg_last] > 1).nonzero()[0]
-  at1 = seg_last[grouped]
-  from1 = seg_first[grouped]
-  item1 = p_item[at1]
-  size = at1 + 1 - from1
-  cost1 = fixed + size * items.reduce_input_ns[item1]
-  ready[grouped] += cost1
-  ready = np.maximum.reduceat(ready, np.add.accumulate(groups) - groups)
-  level1 = _reduces(items, item1, rows[from1, isa.FIELD_DST_SLOT], size,
-                    (slot0 + k)[item1] + grp[at1], (ctr0 + groups)[item1],
-                    rows[at1, isa.FIELD_SIGNAL_COUNTER], cost1)
-
-  done = float(ready[~cut].max(initial=0))
-  cut = cut.nonzero()[0]
-  inputs = np.where(tree, groups, k)[cut]
-  cost = fixed + inputs * items.reduce_input_ns[cut]
-  final = _reduces(items, cut, (slot0 + tree * k)[cut], inputs,
-                   isa.FINAL_OUTPUT, isa.NO_COUNTER, (ctr0 + extra)[cut], cost)
-  pos = np.zeros(num + at1.shape[0] + cut.shape[0], np.int64)
-  pos[num:] = 1
-  pos[num + at1.shape[0]:] += tree[cut]
+  spread, spread_sm, spread_item = _spread_merges(
+      items, (cut & ~tree).nonzero()[0], k, last, slot0, ctr0)
+  tasks = [rows, spread]
+  sm = [np.arange(num), spread_sm]
+  pos = [np.zeros(num, np.int64), np.ones(spread.shape[0], np.int64)]
+  if tree.any():
+    # The pieces of a tree signal the counter of their group.
+    grp = j * groups[p_item] // kk
+    rows[:, isa.FIELD_SIGNAL_COUNTER] += grp
+    merges, merge_sm, merge_pos, end = _tree_merges(
+        items, k, groups, slot0, ctr0, p_item, j, grp, piece_ns)
+    tasks.append(merges)
+    sm.append(merge_sm)
+    pos.append(merge_pos)
+  else:
+    end = np.maximum.reduceat(piece_ns, first)
+  makespan = max(
+      int(end[~cut | tree].max(initial=0)),
+      int((end[spread_item] + spread[:, isa.FIELD_COST]).max(initial=0)))
   return Schedule(
-      np.concatenate([rows, level1, final]),
-      np.concatenate([np.arange(num), at1, last[cut]]), pos, positional=True,
-      workspace=(int(slots.sum()), int(counters.sum()))), max(
-          done, int((ready[cut] + cost).max()))
+      np.concatenate(tasks), np.concatenate(sm), np.concatenate(pos),
+      positional=True,
+      workspace=(int(slots.sum()), int(counters.sum()))), float(makespan)
 
 
 def schedule(problem: Problem) -> tuple[Schedule, float]:
@@ -240,7 +348,7 @@ def schedule(problem: Problem) -> tuple[Schedule, float]:
     the best rollout, and its predicted makespan in ns.
   """
   num_sms = problem.num_sms
-  fanin = balanced.fanin_for(num_sms)
+  fanin = isa.MAX_REDUCE_INPUTS
   items = WorkItems.build(problem)
   split = _split(items, fanin, num_sms)
   if split is not None and (

@@ -240,8 +240,8 @@ def plan_decode(seqlens: Any, *, s_q: int, h_q: int, h_kv: int = 1,
     scheduler: one of SCHEDULERS: ``"balanced"`` (FlashMLA's even split,
       the same lists as the on-device planner), ``"static"`` (fixed chunks,
       a 4-way reduction tree, list scheduling) or ``"makespan"`` (built
-      backwards from each output's final reduction, best of several
-      rollouts).
+      backwards from each output's final merge, which it spreads by rows
+      over several SMs; best of several rollouts).
     cost_model: prices of the instructions; CostModel() by default.
 
   Returns:

@@ -67,6 +67,16 @@ def tile_prices(s_q: int, h_q: int, h_kv: int, page_size: int,
           tuple(cost.reduce_input_ns(r, head_dim_v) for r in rows))
 
 
+@functools.lru_cache(maxsize=64)
+def row_input_prices(head_dim_v: int, cost: CostModel) -> np.ndarray:
+  """Read-only int64 ``[TILE_ROWS + 1]``: entry r is the cost of one input
+  of a REDUCE over r rows."""
+  prices = np.asarray([cost.reduce_input_ns(r, head_dim_v)
+                       for r in range(isa.TILE_ROWS + 1)], np.int64)
+  prices.setflags(write=False)
+  return prices
+
+
 @functools.lru_cache(maxsize=8)
 def _item_tables(batch: int, h_kv: int, rows: tuple[int, ...],
                  page_ns: tuple[int, ...], input_ns: tuple[int, ...]) -> tuple[
@@ -102,6 +112,8 @@ class WorkItems:
     pages: int64 ``[n]`` ``ceil(length / page_size)``.
     page_ns: int64 ``[n]`` cost of one page of the item's tile.
     reduce_input_ns: int64 ``[n]`` cost of one REDUCE input of the tile.
+    row_input_ns: int64 ``[TILE_ROWS + 1]`` cost of one input of a REDUCE
+      over r rows, for every r; read-only.
     partial: int64 ``[n, INSTRUCTION_WORDS]`` a PARTIAL of each item with
       the words that name its rows (batch, KV head, first row, row count)
       and no wait counter; its other words are 0. Read-only: index it
@@ -114,6 +126,7 @@ class WorkItems:
   pages: np.ndarray
   page_ns: np.ndarray
   reduce_input_ns: np.ndarray
+  row_input_ns: np.ndarray
   partial: np.ndarray
   fixed_ns: int
   reduce_fixed_ns: int
@@ -121,6 +134,11 @@ class WorkItems:
   @property
   def size(self) -> int:
     return int(self.length.shape[0])
+
+  @property
+  def rows(self) -> np.ndarray:
+    """int64 ``[n]``: query rows of each item's tile (read-only)."""
+    return self.partial[:, isa.FIELD_NUM_ROWS]
 
   def cost_ns(self) -> np.ndarray:
     """int64 ``[n]``: cost of each item as one unsplit PARTIAL."""
@@ -136,6 +154,8 @@ class WorkItems:
                                               input_ns)
     length = p.seqlens.repeat(p.h_kv * len(rows))
     return cls(length=length, pages=-(-length // p.page_size),
-               page_ns=page_ns, reduce_input_ns=input_ns, partial=partial,
+               page_ns=page_ns, reduce_input_ns=input_ns,
+               row_input_ns=row_input_prices(p.head_dim_v, p.cost),
+               partial=partial,
                fixed_ns=p.cost.partial_fixed(),
                reduce_fixed_ns=p.cost.reduce_fixed())
