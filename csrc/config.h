@@ -14,6 +14,8 @@ constexpr int kHeadDimQK = kHeadDimV + kRopeDim;
 
 // Tiles: 64 query rows (one wgmma M) against 64 KV tokens per stage.
 constexpr int kTileRows = isa::kTileRows;
+// KV blocks of 64 tokens in 2 stages (32 tokens in 4 stages measured
+// slower on W3, W4 and W6: see benchmarks/RESULTS.md).
 constexpr int kBlockTokens = 64;
 constexpr int kStages = 2;
 // 128-byte swizzled column blocks of 64 bf16/fp16 elements.
@@ -44,19 +46,23 @@ constexpr int kBarConsumers = 1;  // both consumer warpgroups
 constexpr int kBarConsumer0 = 2;  // consumer warpgroup c uses 2 + c
 
 // Shared memory plan (bytes from a 1024-byte aligned base).
-constexpr int kColBlockBytes = kTileRows * kSwizzleBytes;  // 8 KB
-static_assert(kBlockTokens == kTileRows, "Q and KV column blocks share a size");
-constexpr int kQBytes = kNumColBlocks * kColBlockBytes;      // 72 KB
-constexpr int kStageBytes = kNumColBlocks * kColBlockBytes;  // 72 KB
-constexpr int kPBytes = kTileRows * kBlockTokens * 2;        // 8 KB
+// A column block: 64 columns (128 bytes, one swizzle row) of every row.
+constexpr int kQColBlockBytes = kTileRows * kSwizzleBytes;      // 8 KB
+constexpr int kKvColBlockBytes = kBlockTokens * kSwizzleBytes;  // 4 KB
+constexpr int kQBytes = kNumColBlocks * kQColBlockBytes;        // 72 KB
+constexpr int kStageBytes = kNumColBlocks * kKvColBlockBytes;   // 36 KB
+// P: one 128-byte swizzled row (64 tokens) per query row.
+constexpr int kPBytes = kTileRows * kSwizzleBytes;              // 8 KB
+static_assert(kBlockTokens == 64, "QK^T is one m64n64 MMA per k-step");
 constexpr int kSmemQ = 0;
 constexpr int kSmemKv = kSmemQ + kQBytes;
 constexpr int kSmemP = kSmemKv + kStages * kStageBytes;
 constexpr int kSmemRowScale = kSmemP + kPBytes;
-constexpr int kSmemBarriers = kSmemRowScale + kTileRows * 4;
 // mbarriers: full[kStages], empty[kStages], hand_full, hand_empty.
+constexpr int kSmemBarriers = kSmemRowScale + kTileRows * 4;
+constexpr int kNumMbarriers = 2 * kStages + 2;
 // The next instruction's words, staged by consumer 0 during a PARTIAL.
-constexpr int kSmemNext = kSmemBarriers + (2 * kStages + 2) * 8;
+constexpr int kSmemNext = kSmemBarriers + kNumMbarriers * 8;
 constexpr int kSmemUsed = kSmemNext + isa::kInstructionWords * 4;
 constexpr int kSmemAlign = kSwizzleAtomBytes;
 constexpr int kSmemBytes = kSmemUsed + kSmemAlign;
@@ -66,7 +72,5 @@ static_assert(kSmemKv % kSwizzleAtomBytes == 0 &&
                   kSmemP % kSwizzleAtomBytes == 0 &&
                   kStageBytes % kSwizzleAtomBytes == 0,
               "swizzled buffers must be 1024-byte aligned");
-static_assert(kPBytes == kColBlockBytes, "P is one 128-byte swizzled block");
-
 
 }  // namespace tmla::config

@@ -62,6 +62,9 @@ struct Fragment {
   }
 };
 
+// Scores of one KV block held per thread (wgmma m64nN f32 layout).
+constexpr int kScoreRegs = config::kBlockTokens / 2;
+
 // Query row of the tile -> (query token, query head) of the sequence.
 struct RowMap {
   int group;  // h_q / h_kv
@@ -91,13 +94,13 @@ __device__ __forceinline__ void ZeroTail(uint8_t* stage, int block_start,
     const int rest = w % (kBlocksPerConsumer * kChunksPerRow);
     const int j = col_block0 + rest / kChunksPerRow;
     const int chunk = rest % kChunksPerRow;
-    *reinterpret_cast<int4*>(stage + j * config::kColBlockBytes +
+    *reinterpret_cast<int4*>(stage + j * config::kKvColBlockBytes +
                              ptx::Swizzle128(row, chunk)) =
         make_int4(0, 0, 0, 0);
   }
 }
 
-// O[64 x 256 of this consumer] += P[64 x 64] V[64 x 256].
+// O[64 x 256 of this consumer] += P[64 x kBlockTokens] V[kBlockTokens x 256].
 template <typename T>
 __device__ __forceinline__ void AccumulatePv(float (&o)[128],
                                              const Smem& smem,
@@ -107,7 +110,7 @@ __device__ __forceinline__ void AccumulatePv(float (&o)[128],
   const uint32_t v_addr =
       ptx::SmemAddr(stage) + consumer * (config::kColsPerConsumer /
                                          config::kColBlock) *
-                                 config::kColBlockBytes;
+                                 config::kKvColBlockBytes;
   ptx::WgmmaFence();
 #pragma unroll
   for (int kk = 0; kk < config::kBlockTokens / 16; ++kk) {
@@ -116,7 +119,7 @@ __device__ __forceinline__ void AccumulatePv(float (&o)[128],
     wgmma::MmaM64N256K16TransB<T>(
         o, ptx::DescKMajor(p_addr + kk * 32),
         ptx::DescMnMajor(v_addr + kk * 16 * config::kSwizzleBytes,
-                         config::kColBlockBytes),
+                         config::kKvColBlockBytes),
         true);
   }
   ptx::WgmmaCommit();
@@ -186,7 +189,7 @@ __device__ __forceinline__ void IssueQ(const MlaDecodeParams& p,
     const int64_t row =
         (static_cast<int64_t>(in.batch) * p.s_q + map.Token(in, src_r)) *
             p.h_q + map.Head(in, src_r);
-    ptx::CpAsync16(smem.q + (chunk / 8) * config::kColBlockBytes +
+    ptx::CpAsync16(smem.q + (chunk / 8) * config::kQColBlockBytes +
                        ptx::Swizzle128(r, chunk % 8),
                    reinterpret_cast<const int4*>(q + row * config::kHeadDimQK) +
                        chunk,
@@ -298,15 +301,19 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
       ptx::BarSync(config::kBarConsumer0, config::kWarpgroupThreads);
     }
 
-    float s[32];
+    float s[kScoreRegs];
     const uint32_t k_addr = ptx::SmemAddr(kv);
     ptx::WgmmaFence();
 #pragma unroll
     for (int ks = 0; ks < config::kHeadDimQK / 16; ++ks) {
-      const uint32_t off =
-          (ks / 4) * config::kColBlockBytes + (ks % 4) * 32;
-      wgmma::MmaM64N64K16<T>(s, ptx::DescKMajor(q_addr + off),
-                             ptx::DescKMajor(k_addr + off), ks > 0);
+      // 16 dims = 32 bytes of a swizzled row; 4 k-steps per column block.
+      const uint32_t in_row = (ks % 4) * 32;
+      wgmma::MmaM64N64K16<T>(
+          s,
+          ptx::DescKMajor(q_addr + (ks / 4) * config::kQColBlockBytes + in_row),
+          ptx::DescKMajor(k_addr + (ks / 4) * config::kKvColBlockBytes +
+                          in_row),
+          ks > 0);
     }
     ptx::WgmmaCommit();
     ptx::WgmmaWaitAll();
@@ -314,7 +321,7 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
     // Mask, scale to base 2, online softmax.
     float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-    for (int i = 0; i < 32; ++i) {
+    for (int i = 0; i < kScoreRegs; ++i) {
       const int key = block_start + 8 * (i / 4) + f.col + (i % 2);
       const bool upper = (i % 4) >= 2;
       const bool ok = key >= range.lo && key < (upper ? limit1 : limit0);
@@ -335,7 +342,7 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
     m1 = new1;
     float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
-    for (int i = 0; i < 32; ++i) {
+    for (int i = 0; i < kScoreRegs; ++i) {
       const bool upper = (i % 4) >= 2;
       s[i] = exp2f(s[i] - (upper ? use1 : use0));
       if (upper) {
@@ -350,7 +357,7 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
     // Hand P and the rescale to consumer 1.
     ptx::MbarWaitWarp(smem.hand_empty, (pipe.round & 1) ^ 1);
 #pragma unroll
-    for (int i = 0; i < 32; i += 2) {
+    for (int i = 0; i < kScoreRegs; i += 2) {
       const int r = (i % 4) >= 2 ? f.r1 : f.r0;
       const int key = 8 * (i / 4) + f.col;
       *reinterpret_cast<uint32_t*>(smem.p + ptx::Swizzle128(r, key / 8) +
