@@ -1,12 +1,13 @@
 // REDUCE: the LSE-weighted merge of partials (fp32 slots, base-2 LSE) into
 // the final output or another slot, by both consumers (256 threads). Each
-// thread owns one float4 column; consumer c merges the inputs i with
-// i % 2 == c, a few rows at a time, issuing a batch's 16 loads before its
-// arithmetic (a narrow REDUCE merges 1 or 2 rows x 16 or 8 inputs per batch,
-// a wide one 4 x 4), and consumer 1 hands its running merge to consumer 0
-// through shared memory (the query tile's buffer, double-buffered), which
-// writes the result. The column-0 threads write the rows' LSEs. Partials
-// are read through L2 (ld.global.cg), never a stale L1 line.
+// thread owns one float4 column and keeps 16 loads in flight per batch,
+// issuing a batch's loads before its arithmetic. A REDUCE of up to 4 rows
+// splits its inputs between the consumers (consumer c merges inputs i with
+// i % 2 == c, then hands its merge to consumer 0 through shared memory, the
+// query tile's buffer); a wider one splits its rows and needs no barrier,
+// so the stores of one batch of rows never wait. The column-0 threads
+// write the rows' LSEs. Partials are read through L2 (ld.global.cg), never
+// a stale L1 line.
 #pragma once
 
 #include <cmath>
@@ -88,126 +89,180 @@ struct Merge {
   }
 };
 
-// Consumer 1's running merges of one batch of rows, handed to consumer 0.
+// Consumer 1's running merges of up to kMaxRows rows, handed to consumer 0.
 struct MergeHandoff {
-  float4* acc;  // [2 buffers][kMaxRowsAtOnce][128 columns]
-  float2* ms;   // [2 buffers][kMaxRowsAtOnce][128 columns]: (m, sum)
+  float4* acc;  // [kMaxRows][128 columns]
+  float2* ms;   // [kMaxRows][128 columns]: (m, sum)
 
-  static constexpr int kMaxRowsAtOnce = 4;
+  static constexpr int kMaxRows = 4;
   static constexpr int kColumns = config::kWarpgroupThreads;
-  static constexpr int kBufferItems = kMaxRowsAtOnce * kColumns;
 
   static __device__ __forceinline__ MergeHandoff In(const Smem& smem) {
-    static_assert(2 * kBufferItems * (sizeof(float4) + sizeof(float2)) <=
+    static_assert(kMaxRows * kColumns * (sizeof(float4) + sizeof(float2)) <=
                       config::kQBytes,
                   "the hand-off fits the query tile's buffer");
     float4* acc = reinterpret_cast<float4*>(smem.q);
-    return MergeHandoff{acc, reinterpret_cast<float2*>(acc + 2 * kBufferItems)};
+    return MergeHandoff{acc,
+                        reinterpret_cast<float2*>(acc + kMaxRows * kColumns)};
   }
 
-  __device__ __forceinline__ int At(int buffer, int row, int column) const {
-    return buffer * kBufferItems + row * kColumns + column;
+  __device__ __forceinline__ int At(int row, int column) const {
+    return row * kColumns + column;
   }
 };
 
+constexpr int64_t kSlotStride =
+    static_cast<int64_t>(config::kTileRows) * config::kHeadDimV;
+
+// Where a REDUCE reads: this thread's float4 column of its first source
+// slot's row slot_row, and that slot's LSE of the same row.
+struct ReduceSources {
+  const float* o;
+  const float* lse;
+
+  static __device__ __forceinline__ ReduceSources Of(const MlaDecodeParams& p,
+                                                     const Instruction& in,
+                                                     int col) {
+    return ReduceSources{
+        p.partial_o + static_cast<int64_t>(in.arg0) * kSlotStride +
+            static_cast<int64_t>(in.slot_row) * config::kHeadDimV + col,
+        p.partial_lse + static_cast<int64_t>(in.arg0) * config::kTileRows +
+            in.slot_row};
+  }
+};
+
+// Adds inputs i0, i0 + stride, ... (kInputsAtOnce of them, those below
+// num_src) of rows r0 .. r0 + kRowsAtOnce (those below num_rows) to
+// `merge`: all the batch's loads are issued before its arithmetic.
+template <int kRowsAtOnce, int kInputsAtOnce>
+__device__ __forceinline__ void MergeBatch(const ReduceSources& src,
+                                           int num_rows, int num_src, int r0,
+                                           int i0, int stride,
+                                           Merge (&merge)[kRowsAtOnce]) {
+  float lse[kInputsAtOnce][kRowsAtOnce];
+  float4 v[kInputsAtOnce][kRowsAtOnce];
+#pragma unroll
+  for (int j = 0; j < kInputsAtOnce; ++j) {
+#pragma unroll
+    for (int k = 0; k < kRowsAtOnce; ++k) {
+      const bool live = i0 + stride * j < num_src && r0 + k < num_rows;
+      const int i = live ? i0 + stride * j : 0;
+      const int r = live ? r0 + k : 0;
+      lse[j][k] = live ? __ldcg(src.lse + i * config::kTileRows + r)
+                       : -INFINITY;
+      v[j][k] = live ? __ldcg(reinterpret_cast<const float4*>(
+                           src.o + i * kSlotStride + r * config::kHeadDimV))
+                     : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kInputsAtOnce; ++j) {
+#pragma unroll
+    for (int k = 0; k < kRowsAtOnce; ++k) merge[k].Add(lse[j][k], v[j][k]);
+  }
+}
+
+// Writes row r's merged float4 column, and its LSE from the column-0 thread.
+template <typename T>
+__device__ __forceinline__ void WriteMerged(const MlaDecodeParams& p,
+                                            const Instruction& in, int r,
+                                            int col, const Merge& merge) {
+  StoreReduced<T>(p, in, r, col, merge.Value());
+  if (col != 0) return;
+  if (in.dst_slot == isa::kFinalOutput) {
+    const RowMap map{p.h_q / p.h_kv};
+    p.lse[(static_cast<int64_t>(in.batch) * p.h_q + map.Head(in, r)) * p.s_q +
+          map.Token(in, r)] = merge.FinalLse();
+  } else {
+    p.partial_lse[static_cast<int64_t>(in.dst_slot) * config::kTileRows +
+                  in.slot_row + r] = merge.Lse2();
+  }
+}
+
+// A REDUCE of few rows (at most kRowsAtOnce): consumer c merges the inputs
+// i with i % 2 == c, then hands its merge to consumer 0, which writes.
 template <typename T, int kRowsAtOnce>
-__device__ __forceinline__ void ReduceRows(const MlaDecodeParams& p,
-                                           const Instruction& in,
-                                           const Smem& smem, int consumer,
-                                           int thread_in_wg) {
-  constexpr int kLoadsAtOnce = 16;
-  constexpr int kInputsAtOnce = kLoadsAtOnce / kRowsAtOnce;
+__device__ __forceinline__ void ReduceSplitInputs(const MlaDecodeParams& p,
+                                                  const Instruction& in,
+                                                  const Smem& smem,
+                                                  int consumer,
+                                                  int thread_in_wg) {
+  constexpr int kInputsAtOnce = 16 / kRowsAtOnce;
   constexpr int kInputStride = config::kNumConsumers;
-  constexpr int64_t kSlotStride =
-      static_cast<int64_t>(config::kTileRows) * config::kHeadDimV;
-  static_assert(kRowsAtOnce <= MergeHandoff::kMaxRowsAtOnce, "hand-off size");
+  static_assert(kRowsAtOnce <= MergeHandoff::kMaxRows, "hand-off size");
   static_assert(config::kHeadDimV == 4 * MergeHandoff::kColumns,
                 "one float4 column per thread of a consumer");
   const MergeHandoff handoff = MergeHandoff::In(smem);
   const int col = thread_in_wg * 4;
-  const int num_src = in.arg1;
-  const float* o_base = p.partial_o + static_cast<int64_t>(in.arg0) * kSlotStride +
-                        static_cast<int64_t>(in.slot_row) * config::kHeadDimV +
-                        col;
-  const float* lse_base = p.partial_lse +
-                          static_cast<int64_t>(in.arg0) * config::kTileRows +
-                          in.slot_row;
-  int buffer = 0;
-  for (int r0 = 0; r0 < in.num_rows; r0 += kRowsAtOnce, buffer ^= 1) {
-    Merge merge[kRowsAtOnce];
-    const int rows = min(kRowsAtOnce, in.num_rows - r0);
-    for (int i0 = consumer; i0 < num_src; i0 += kInputStride * kInputsAtOnce) {
-      // All loads of the batch first, then the arithmetic.
-      float lse[kInputsAtOnce][kRowsAtOnce];
-      float4 v[kInputsAtOnce][kRowsAtOnce];
-#pragma unroll
-      for (int j = 0; j < kInputsAtOnce; ++j) {
-#pragma unroll
-        for (int k = 0; k < kRowsAtOnce; ++k) {
-          const bool live = i0 + kInputStride * j < num_src && k < rows;
-          const int i = live ? i0 + kInputStride * j : 0;
-          const int r = live ? r0 + k : 0;
-          lse[j][k] = live ? __ldcg(lse_base + i * config::kTileRows + r)
-                           : -INFINITY;
-          v[j][k] = live ? __ldcg(reinterpret_cast<const float4*>(
-                               o_base + i * kSlotStride +
-                               r * config::kHeadDimV))
-                         : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < kInputsAtOnce; ++j) {
-#pragma unroll
-        for (int k = 0; k < kRowsAtOnce; ++k) merge[k].Add(lse[j][k], v[j][k]);
-      }
-    }
-    if (consumer == 1) {
-#pragma unroll
-      for (int k = 0; k < kRowsAtOnce; ++k) {
-        const int at = handoff.At(buffer, k, thread_in_wg);
-        handoff.acc[at] = merge[k].acc;
-        handoff.ms[at] = make_float2(merge[k].m, merge[k].sum);
-      }
-    }
-    // Buffer `buffer` is rewritten two batches later, after consumer 0 has
-    // passed the next of these barriers, i.e. finished reading it.
-    ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
-    if (consumer == 1) continue;
+  const ReduceSources src = ReduceSources::Of(p, in, col);
+  Merge merge[kRowsAtOnce];
+  for (int i0 = consumer; i0 < in.arg1; i0 += kInputStride * kInputsAtOnce) {
+    MergeBatch<kRowsAtOnce, kInputsAtOnce>(src, in.num_rows, in.arg1, 0, i0,
+                                           kInputStride, merge);
+  }
+  if (consumer == 1) {
 #pragma unroll
     for (int k = 0; k < kRowsAtOnce; ++k) {
-      if (k >= rows) continue;
-      const int at = handoff.At(buffer, k, thread_in_wg);
+      const int at = handoff.At(k, thread_in_wg);
+      handoff.acc[at] = merge[k].acc;
+      handoff.ms[at] = make_float2(merge[k].m, merge[k].sum);
+    }
+  }
+  ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
+  if (consumer == 0) {
+#pragma unroll
+    for (int k = 0; k < kRowsAtOnce; ++k) {
+      if (k >= in.num_rows) continue;
+      const int at = handoff.At(k, thread_in_wg);
       const float2 ms = handoff.ms[at];
       merge[k].Add(ms.x, ms.y, handoff.acc[at]);
-      const int r = r0 + k;
-      StoreReduced<T>(p, in, r, col, merge[k].Value());
-      if (col != 0) continue;
-      if (in.dst_slot == isa::kFinalOutput) {
-        const RowMap map{p.h_q / p.h_kv};
-        const int64_t at_lse =
-            (static_cast<int64_t>(in.batch) * p.h_q + map.Head(in, r)) *
-                p.s_q + map.Token(in, r);
-        p.lse[at_lse] = merge[k].FinalLse();
-      } else {
-        p.partial_lse[static_cast<int64_t>(in.dst_slot) * config::kTileRows +
-                      in.slot_row + r] = merge[k].Lse2();
-      }
+      WriteMerged<T>(p, in, k, col, merge[k]);
     }
   }
   // Consumer 0 is done with the hand-off before anyone reuses the buffer.
   ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
 }
 
+// A REDUCE of more rows: consumer c merges every input of the row batches
+// c, c + 2, ... on its own and writes them; no barrier, so one batch's
+// stores never wait for another's loads.
+template <typename T, int kRowsAtOnce, int kInputsAtOnce>
+__device__ __forceinline__ void ReduceSplitRows(const MlaDecodeParams& p,
+                                                const Instruction& in,
+                                                int consumer,
+                                                int thread_in_wg) {
+  const int col = thread_in_wg * 4;
+  const ReduceSources src = ReduceSources::Of(p, in, col);
+  for (int r0 = consumer * kRowsAtOnce; r0 < in.num_rows;
+       r0 += config::kNumConsumers * kRowsAtOnce) {
+    Merge merge[kRowsAtOnce];
+    for (int i0 = 0; i0 < in.arg1; i0 += kInputsAtOnce) {
+      MergeBatch<kRowsAtOnce, kInputsAtOnce>(src, in.num_rows, in.arg1, r0,
+                                             i0, 1, merge);
+    }
+#pragma unroll
+    for (int k = 0; k < kRowsAtOnce; ++k) {
+      if (r0 + k < in.num_rows) WriteMerged<T>(p, in, r0 + k, col, merge[k]);
+    }
+  }
+}
+
+// Each thread keeps 16 loads in flight per batch. Up to 4 rows, the two
+// consumers split the inputs (one hand-off); beyond, they split the rows.
 template <typename T>
 __device__ __forceinline__ void Reduce(const MlaDecodeParams& p,
                                        const Instruction& in, const Smem& smem,
                                        int consumer, int thread_in_wg) {
-  if (in.num_rows >= 4) {
-    ReduceRows<T, 4>(p, in, smem, consumer, thread_in_wg);
-  } else if (in.num_rows >= 2) {
-    ReduceRows<T, 2>(p, in, smem, consumer, thread_in_wg);
+  if (in.num_rows == 1) {
+    ReduceSplitInputs<T, 1>(p, in, smem, consumer, thread_in_wg);
+  } else if (in.num_rows == 2) {
+    ReduceSplitInputs<T, 2>(p, in, smem, consumer, thread_in_wg);
+  } else if (in.num_rows <= 4) {
+    ReduceSplitInputs<T, 4>(p, in, smem, consumer, thread_in_wg);
+  } else if (in.arg1 <= 2) {
+    ReduceSplitRows<T, 8, 2>(p, in, consumer, thread_in_wg);
   } else {
-    ReduceRows<T, 1>(p, in, smem, consumer, thread_in_wg);
+    ReduceSplitRows<T, 4, 4>(p, in, consumer, thread_in_wg);
   }
 }
 
