@@ -7,6 +7,8 @@ import functools
 import jax
 import numpy as np
 
+from jax_thundermla import isa
+
 try:
   from jax_thundermla import _C  # pylint: disable=g-import-not-at-top
   _IMPORT_ERROR: ImportError | None = None
@@ -29,12 +31,24 @@ def gpu_available() -> bool:
 
 
 def require_extension() -> None:
-  """Raises a RuntimeError that says why the CUDA extension is missing."""
+  """Raises a RuntimeError that says why the CUDA extension cannot be used.
+
+  Raises:
+    RuntimeError: the extension is missing, or was built from another
+      version of the instruction set than this Python package (a stale
+      build: its kernels would misread the planners' instructions).
+  """
   if _C is None:
     raise RuntimeError(
         "jax_thundermla was installed without its CUDA extension"
         f" ({_IMPORT_ERROR}); reinstall on a machine with the CUDA toolkit"
         " (nvcc) to use backend='cuda', or use backend='reference'.")
+  built = int(_C.isa_version())
+  if built != isa.ISA_VERSION:
+    raise RuntimeError(
+        f"the CUDA extension was built for instruction set version {built},"
+        f" this package plans for version {isa.ISA_VERSION}: rebuild it"
+        " (pip install --no-build-isolation -e .).")
 
 
 @functools.cache

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jax_thundermla import _ffi
+from jax_thundermla import isa
 
 from conftest import requires_gpu
 
@@ -18,6 +19,29 @@ def test_extension_state_is_reported():
   else:
     with pytest.raises(RuntimeError, match="CUDA extension"):
       _ffi.register_targets()
+
+
+def test_extension_of_another_instruction_set_is_refused(monkeypatch):
+  class StaleBuild:
+    """An extension built from an older csrc/isa.h."""
+
+    @staticmethod
+    def isa_version():
+      return isa.ISA_VERSION - 1
+
+    @staticmethod
+    def registrations():
+      return {}
+
+  monkeypatch.setattr(_ffi, "_C", StaleBuild)
+  with pytest.raises(RuntimeError, match="rebuild"):
+    _ffi.require_extension()
+
+
+def test_built_extension_matches_the_instruction_set():
+  if not _ffi.extension_available():
+    pytest.skip("built without the CUDA extension")
+  _ffi.require_extension()
 
 
 @requires_gpu
