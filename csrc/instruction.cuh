@@ -57,10 +57,6 @@ struct Instruction {
     return Unpack(Words(p, cta, index), true);
   }
 
-  static __device__ __forceinline__ Instruction Stop() {
-    return Instruction{isa::kOpStop, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
-  }
-
   __device__ __forceinline__ bool RowsValid(const MlaDecodeParams& p) const {
     const int rows = p.s_q * (p.h_q / p.h_kv);
     return batch >= 0 && batch < p.batch && kv_head >= 0 &&

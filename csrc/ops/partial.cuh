@@ -201,9 +201,10 @@ __device__ __forceinline__ void IssueQ(const MlaDecodeParams& p,
 // length is outside [0, max_pages * page_size] or differs from the length
 // the instructions were planned for, or a page the instruction reads (of
 // the sequence's first ceil(len / page_size)) is outside [0, num_pages).
-// Consumer 0's threads check a share of the pages each; all of them get the
-// verdict. A poisoned PARTIAL still runs (out-of-range pages load zeros)
-// and writes NaN, which every REDUCE reading it passes on.
+// Each of consumer 0's threads checks a share of the pages and returns its
+// own verdict (the caller ORs them over the warpgroup). A poisoned PARTIAL
+// still runs (out-of-range pages load zeros) and writes NaN, which every
+// REDUCE reading it passes on.
 __device__ __forceinline__ bool Undecodable(const MlaDecodeParams& p,
                                             const Instruction& in,
                                             const KvRange& range,
