@@ -100,6 +100,16 @@ __device__ __forceinline__ void ZeroTail(uint8_t* stage, int block_start,
   }
 }
 
+// Waits until consumer c's V boxes of `stage` are loaded.
+__device__ __forceinline__ void WaitVBoxes(const Smem& smem, int stage,
+                                           uint32_t parity, int consumer) {
+#pragma unroll
+  for (int j = 0; j < config::kVBoxesPerConsumer; ++j) {
+    ptx::MbarWaitWarp(
+        smem.Full(stage, consumer * config::kVBoxesPerConsumer + j), parity);
+  }
+}
+
 // O[64 x 256 of this consumer] += P[64 x kBlockTokens] V[kBlockTokens x 256].
 template <typename T>
 __device__ __forceinline__ void AccumulatePv(float (&o)[128],
@@ -292,32 +302,40 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
 
   for (int b = 0; b < range.num_blocks; ++b, ++pipe.block_counter) {
     const int stage = StageOf(pipe.block_counter);
+    const uint32_t parity = PhaseOf(pipe.block_counter);
     const int block_start = range.first + b * config::kBlockTokens;
     uint8_t* kv = smem.Stage(stage);
-    ptx::MbarWaitWarp(&smem.full[stage], PhaseOf(pipe.block_counter));
+    ptx::MbarWaitWarp(smem.Full(stage, config::kRopeBox), parity);
     if (b == 0) marks.Ready();
     if (valid_hi - block_start < config::kBlockTokens) {
+      WaitVBoxes(smem, stage, parity, 0);
       ZeroTail(kv, block_start, valid_hi, 0, thread_in_wg);
       ptx::FenceProxyAsync();
       ptx::BarSync(config::kBarConsumer0, config::kWarpgroupThreads);
     }
 
+    // S = Q K^T, the rope box first, then each box as it lands.
     float s[kScoreRegs];
     const uint32_t k_addr = ptx::SmemAddr(kv);
     ptx::WgmmaFence();
 #pragma unroll
-    for (int ks = 0; ks < config::kHeadDimQK / 16; ++ks) {
-      // 16 dims = 32 bytes of a swizzled row; 4 k-steps per column block.
-      const uint32_t in_row = (ks % 4) * 32;
-      wgmma::MmaM64N64K16<T>(
-          s,
-          ptx::DescKMajor(q_addr + (ks / 4) * config::kQColBlockBytes + in_row),
-          ptx::DescKMajor(k_addr + (ks / 4) * config::kKvColBlockBytes +
-                          in_row),
-          ks > 0);
+    for (int jj = 0; jj < config::kNumColBlocks; ++jj) {
+      const int j = jj == 0 ? config::kRopeBox : jj - 1;
+      if (jj > 0) ptx::MbarWaitWarp(smem.Full(stage, j), parity);
+#pragma unroll
+      for (int kk = 0; kk < config::kColBlock / 16; ++kk) {
+        // 16 dims = 32 bytes of a swizzled row.
+        wgmma::MmaM64N64K16<T>(
+            s, ptx::DescKMajor(q_addr + j * config::kQColBlockBytes + kk * 32),
+            ptx::DescKMajor(k_addr + j * config::kKvColBlockBytes + kk * 32),
+            jj > 0 || kk > 0);
+      }
     }
     ptx::WgmmaCommit();
     ptx::WgmmaWaitAll();
+    if (thread_in_wg == 0) {
+      ptx::MbarArrive(smem.Empty(stage, config::kRopeGroup));
+    }
 
     // Mask, scale to base 2, online softmax.
     float mx0 = -INFINITY, mx1 = -INFINITY;
@@ -378,7 +396,7 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] *= (i % 4) >= 2 ? alpha1 : alpha0;
     AccumulatePv<T>(o, smem, kv, 0);
-    if (thread_in_wg == 0) ptx::MbarArrive(&smem.empty[stage]);
+    if (thread_in_wg == 0) ptx::MbarArrive(smem.Empty(stage, config::kVGroup0));
   }
 
   marks.Computed();
@@ -446,7 +464,7 @@ __device__ __forceinline__ void PartialPvConsumer(const MlaDecodeParams& p,
     const int stage = StageOf(pipe.block_counter);
     const int block_start = range.first + b * config::kBlockTokens;
     uint8_t* kv = smem.Stage(stage);
-    ptx::MbarWaitWarp(&smem.full[stage], PhaseOf(pipe.block_counter));
+    WaitVBoxes(smem, stage, PhaseOf(pipe.block_counter), 1);
     if (valid_hi - block_start < config::kBlockTokens) {
       ZeroTail(kv, block_start, valid_hi, config::kColsPerConsumer,
                thread_in_wg);
@@ -461,7 +479,7 @@ __device__ __forceinline__ void PartialPvConsumer(const MlaDecodeParams& p,
     AccumulatePv<T>(o, smem, kv, 1);
     ptx::MbarArrive(smem.hand_empty);
     ++pipe.round;
-    if (thread_in_wg == 0) ptx::MbarArrive(&smem.empty[stage]);
+    if (thread_in_wg == 0) ptx::MbarArrive(smem.Empty(stage, config::kVGroup0 + 1));
   }
 
   ptx::MbarWaitWarp(smem.hand_full, pipe.round & 1);
