@@ -29,7 +29,8 @@ from jax_thundermla import profiling
 from jax_thundermla.workloads import (FLASHMLA_H100_US, WORKLOADS, Workload,
                                       device_inputs)
 
-from common import IMPLS, copy_bandwidth, time_per_call
+from common import (IMPLS, READ_BANDWIDTH_METHOD, read_bandwidth,
+                    time_per_call)
 
 _WORKLOADS = flags.DEFINE_list(
     "workloads", None,
@@ -92,13 +93,14 @@ def main(argv):
   dtype = jnp.bfloat16 if _DTYPE.value == "bf16" else jnp.float16
   device = jax.devices()[0].device_kind
   is_h100 = "H100" in device
-  bandwidth = copy_bandwidth() if on_gpu else None
+  bandwidth = read_bandwidth() if on_gpu else None
   method = ("CUPTI device time (jax.profiler)" if on_gpu
             else "wall clock (no GPU)")
   print(f"jax_thundermla {tmla.__version__}, jax {jax.__version__}, device:"
         f" {device}, {layers} cache(s) per step, {steps} steps, {method}")
   if bandwidth:
-    print(f"measured copy bandwidth: {bandwidth / 1e12:.2f} TB/s")
+    print(f"memory ceiling: {bandwidth / 1e12:.2f} TB/s read"
+          f" ({READ_BANDWIDTH_METHOD}); floor = bytes / ceiling")
   header = (f"{'workload':>8} {'impl':>9} {'us/call':>9} {'TFLOP/s':>8}"
             f" {'GB/s':>7} {'floor':>6}" + (" vs FlashMLA" if is_h100 else ""))
   print(header)

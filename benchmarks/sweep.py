@@ -2,7 +2,7 @@
 
 For every point (uniform lengths) it times one implementation per call
 (device time from the profiler on a GPU, as ``run.py``), prints a markdown
-table (µs, floor µs = bytes / measured copy bandwidth, fraction of the
+table (µs, floor µs = bytes / measured read bandwidth, fraction of the
 floor) and draws a PNG: time against floor on log axes, one marker per
 (s_q, h_q), the floor as the diagonal.
 
@@ -20,7 +20,7 @@ import jax
 
 from jax_thundermla.workloads import Workload, device_inputs
 
-from common import IMPLS, copy_bandwidth, time_per_call
+from common import IMPLS, read_bandwidth, time_per_call
 
 _BATCHES = flags.DEFINE_list("batches", ["1", "4", "16", "64", "256"],
                              "Batch sizes.")
@@ -78,10 +78,10 @@ def main(argv):
   on_gpu = jax.default_backend() == "gpu"
   impl = _IMPL.value or ("makespan" if on_gpu else "xla")
   caches = _CACHES.value or (4 if on_gpu else 1)
-  bandwidth = copy_bandwidth() if on_gpu else None
+  bandwidth = read_bandwidth() if on_gpu else None
   device = jax.devices()[0].device_kind
   print(f"{impl} on {device}, {caches} cache(s) per step, {_STEPS.value}"
-        " steps" + (f", copy bandwidth {bandwidth / 1e12:.2f} TB/s"
+        " steps" + (f", read bandwidth {bandwidth / 1e12:.2f} TB/s"
                     if bandwidth else ", wall clock"))
   print("| point | us | floor us | floor / time |")
   print("|---|---:|---:|---:|")
