@@ -99,22 +99,34 @@ TMLA_HD inline void AtomicMax(int64_t* at, int64_t v) {
 #endif
 }
 
-// In-place inclusive prefix sum of a[0, n); tmp holds nt words.
+// In-place inclusive prefix sum of a[0, n); tmp holds nt / 32 words. On the
+// device each thread scans a run of a, then the runs' totals are scanned by
+// warp shuffles (nt is a multiple of 32).
 TMLA_HD inline void Scan(const Ctx& c, int64_t* a, int n, int64_t* tmp) {
 #if defined(__CUDA_ARCH__)
   const int per = (n + c.nt - 1) / c.nt;
   const int lo = min(n, c.tid * per), hi = min(n, lo + per);
-  int64_t s = 0;
-  for (int i = lo; i < hi; ++i) a[i] = (s += a[i]);
-  tmp[c.tid] = s;
-  __syncthreads();
-  for (int off = 1; off < c.nt; off <<= 1) {
-    const int64_t v = c.tid >= off ? tmp[c.tid - off] : 0;
-    __syncthreads();
-    tmp[c.tid] += v;
-    __syncthreads();
+  int64_t own = 0;
+  for (int i = lo; i < hi; ++i) a[i] = (own += a[i]);
+  const int lane = c.tid & 31, warp = c.tid >> 5;
+  int64_t x = own;
+  for (int off = 1; off < 32; off <<= 1) {
+    const int64_t y = __shfl_up_sync(~0u, x, off);
+    if (lane >= off) x += y;
   }
-  const int64_t before = c.tid ? tmp[c.tid - 1] : 0;
+  if (lane == 31) tmp[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    const int warps = c.nt >> 5;
+    int64_t t = lane < warps ? tmp[lane] : 0;
+    for (int off = 1; off < 32; off <<= 1) {
+      const int64_t y = __shfl_up_sync(~0u, t, off);
+      if (lane >= off) t += y;
+    }
+    if (lane < warps) tmp[lane] = t;
+  }
+  __syncthreads();
+  const int64_t before = x - own + (warp ? tmp[warp - 1] : 0);
   for (int i = lo; i < hi; ++i) a[i] += before;
   __syncthreads();
 #else
@@ -215,7 +227,7 @@ struct Scratch {
   int64_t* t_pre;     // [n] prefix of the poured items' costs
   int64_t* t_sm;      // [n] SM of each poured item
   int64_t* room;      // [S] prefix of the SMs' room below the level
-  int64_t* tmp;       // [kPlannerThreads] scan carries
+  int64_t* tmp;       // [kPlannerThreads / 32] scan carries
   int64_t* cell;      // [8] reduction words
 };
 
@@ -280,7 +292,7 @@ TMLA_HD inline int64_t Carve(char* base, const Sizes& z, int batch,
   s->t_pre = take(n);
   s->t_sm = take(n);
   s->room = take(S);
-  s->tmp = take(kPlannerThreads);
+  s->tmp = take(kPlannerThreads / 32);
   s->cell = take(8);
   return off;
 }
