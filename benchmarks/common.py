@@ -14,14 +14,25 @@ import jax_thundermla as tmla
 from jax_thundermla import profiling
 from jax_thundermla.workloads import Workload
 
-IMPLS = ("device", "balanced", "static", "makespan", "xla")
+IMPLS = ("none", "none_scan", "device", "balanced", "static", "makespan",
+         "xla")
 
 
 def make_step(w: Workload, impl: str):
-  """A jitted decode step over a list of caches, and its extra argument."""
+  """A jitted decode step over the caches (a list; for ``none_scan`` one
+  stacked array), and its extra argument."""
   backend = "reference" if impl == "xla" else "cuda"
   kw = dict(head_dim_v=w.d_v, softmax_scale=w.softmax_scale,
             causal=w.causal, backend=backend)
+
+  @jax.jit
+  def scan_step(q, caches, table, lens, plan):
+    # plan=None inside lax.scan over the layers: what a model loop writes.
+    del plan
+    with jax.named_scope(f"mla_decode_{impl}"):
+      def layer(carry, kv):
+        return carry, tmla.mla_decode(q, kv, table, lens, **kw)[0]
+      return jax.lax.scan(layer, 0, caches)[1]
 
   @jax.jit
   def step(q, caches, table, lens, plan):
@@ -34,6 +45,8 @@ def make_step(w: Workload, impl: str):
               for kv in caches]
 
   plan = None
+  if impl == "none_scan":
+    return scan_step, plan
   if impl in ("balanced", "static", "makespan"):
     plan = tmla.plan_decode(np.asarray(w.seqlens), s_q=w.s_q, h_q=w.h_q,
                             h_kv=w.h_kv, page_size=w.page_size,
@@ -82,19 +95,22 @@ def time_per_call(w: Workload, impl: str, inputs, *, steps: int,
     without a GPU).
   """
   q, caches, table, lens = inputs
+  layers = len(caches)
+  if impl == "none_scan":
+    caches = jnp.stack(caches)  # [layers, pages, page_size, h_kv, d_qk]
   step, plan = make_step(w, impl)
   run = lambda: step(q, caches, table, lens, plan)
   if jax.default_backend() == "gpu":
     ns, events = profiling.trace_device_time(run, repeats=steps,
                                              trace_dir=trace_dir)
-    return ns * 1e-9 / len(caches), events
+    return ns * 1e-9 / layers, events
   jax.block_until_ready(run())
   times = []
   for _ in range(steps):
     start = time.perf_counter()
     jax.block_until_ready(run())
     times.append(time.perf_counter() - start)
-  return statistics.median(times) / len(caches), []
+  return statistics.median(times) / layers, []
 
 
 def kernel_timings(w: Workload, inputs, plan) -> list:

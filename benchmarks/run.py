@@ -1,8 +1,10 @@
 """Decodes workloads with mla_decode and prints a short table.
 
-On a GPU with the kernel built, every implementation (the megakernel with
-the on-device planner and with each host scheduler, and the pure-XLA
-reference) runs on the same inputs; device time comes from the profiler
+On a GPU with the kernel built, every implementation runs on the same
+inputs: the megakernel with ``plan=None`` in every layer call (``none``: as
+separate calls in one jit; ``none_scan``: inside a ``lax.scan`` over the
+layers), with one ``plan_on_device`` per step (``device``), with each host
+scheduler's plan, and the pure-XLA reference; device time comes from the profiler
 trace (CUPTI): all GPU activity of the timed steps, planning included,
 divided by steps x layers. Each step attends ``--layers`` distinct KV caches
 (cold L2, like a model's layers) sharing one plan. Without a GPU the
@@ -101,8 +103,9 @@ def main(argv):
   if bandwidth:
     print(f"memory ceiling: {bandwidth / 1e12:.2f} TB/s read"
           f" ({READ_BANDWIDTH_METHOD}); floor = bytes / ceiling")
-  header = (f"{'workload':>8} {'impl':>9} {'us/call':>9} {'TFLOP/s':>8}"
-            f" {'GB/s':>7} {'floor':>6}" + (" vs FlashMLA" if is_h100 else ""))
+  header = (f"{'workload':>8} {'impl':>9} {'us/call':>9} {'kernels':>7}"
+            f" {'TFLOP/s':>8} {'GB/s':>7} {'floor':>6}"
+            + (" vs FlashMLA" if is_h100 else ""))
   print(header)
   print("-" * len(header))
   for w in _workloads():
@@ -117,7 +120,9 @@ def main(argv):
           print(f"    {kns / 1e3:8.2f} us x{count:<3} {name[:80]}")
       floor = (f"{w.bytes_moved / bandwidth / seconds:>6.2f}" if bandwidth
                else f"{'-':>6}")
-      row = (f"{w.name:>8} {impl:>9} {seconds * 1e6:>9.1f}"
+      kernels = (f"{len(events) / (steps * layers):>7.1f}" if events
+                 else f"{'-':>7}")
+      row = (f"{w.name:>8} {impl:>9} {seconds * 1e6:>9.1f} {kernels}"
              f" {w.flops / seconds / 1e12:>8.1f}"
              f" {w.bytes_moved / seconds / 1e9:>7.0f} {floor}")
       if is_h100 and w.name in FLASHMLA_H100_US:

@@ -90,6 +90,38 @@ def smoke_scale(x: jax.Array, scale: float) -> jax.Array:
   return call(x, scale=np.float32(scale))
 
 
+def planner_available() -> bool:
+  """Whether the compiled planner (CUDA and CPU handlers) is built."""
+  return _C is not None and hasattr(_C, "cpu_registrations")
+
+
+def planner_constants() -> dict:
+  """Constants of the compiled planner (csrc/planner.h)."""
+  require_extension()
+  return dict(_C.planner_constants())
+
+
+def planner_scratch_bytes(num_items: int, num_sms: int) -> int:
+  """Scratch bytes the compiled planner needs for these shapes."""
+  require_extension()
+  return int(_C.planner_scratch_bytes(num_items, num_sms))
+
+
+@functools.cache
+def register_planner() -> None:
+  """Registers the planner's FFI target for the CPU and, if JAX sees a GPU,
+  for CUDA.
+
+  Raises:
+    RuntimeError: the extension is not available.
+  """
+  require_extension()
+  for name, capsule in _C.cpu_registrations().items():
+    jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+  if gpu_available():
+    register_targets()
+
+
 def kernel_available() -> bool:
   """Whether the MLA decode megakernel is compiled into the extension."""
   return _C is not None and "tmla_mla_decode" in _C.registrations()

@@ -82,9 +82,10 @@ def mla_decode(
       times the square of the YaRN mscale, not ``576 ** -0.5``.
     causal: bottom-right aligned causal mask: query token i (0-based) of s_q
       sees keys ``0 .. len - s_q + i``. With s_q == 1 it changes nothing.
-    plan: a ``DecodePlan`` from ``plan_decode`` built on the host for these
-      lengths and reused by every layer of a step, or None to plan on the
-      device inside the same jit. A plan used with lengths other than those
+    plan: a ``DecodePlan`` from ``plan_decode`` (host) or
+      ``plan_on_device`` (inside jit) for these lengths, reused by every
+      layer of a step, or None to plan on the device inside the same jit
+      for this call alone (one small planning kernel per call). A plan used with lengths other than those
       it was built for gives NaN in the outputs of every sequence whose
       length differs, never a silently wrong result.
     backend: ``"cuda"`` (the megakernel; head_dim_v 512 only), ``"reference"``

@@ -37,9 +37,10 @@ def mla_decode_cuda(q: jax.Array, kv_cache: jax.Array,
     kv_cache: [num_pages, page_size, h_kv, 576], q's dtype.
     block_table: int32 [b, max_pages].
     cache_seqlens: int32 [b].
-    plan: a host-built DecodePlan, or None to plan on the device from
-      ``cache_seqlens`` (balanced scheduler, static capacity). The kernel
-      checks each sequence's length against the plan's.
+    plan: a DecodePlan, or None to plan on the device from
+      ``cache_seqlens`` (``plan_on_device``: the compiled planner, one
+      kernel; static capacity). The kernel checks each sequence's length
+      against the plan's.
     head_dim_v: 512.
     softmax_scale: factor applied to QK^T.
     causal: bottom-right causal masking.

@@ -1,4 +1,7 @@
-"""The on-device planner: equal to the host balanced planner, static sizes."""
+"""The balanced on-device planner: equal to the host balanced planner, static
+sizes."""
+
+import functools
 
 import hypothesis
 from hypothesis import strategies as st
@@ -16,13 +19,15 @@ from jax_thundermla.plan.cost import CostModel
 from jax_thundermla.workloads import WORKLOADS
 
 _STATIC = ("s_q", "h_q", "h_kv", "page_size", "max_seqlen", "num_sms")
-_device_plan = jax.jit(plan_on_device, static_argnames=_STATIC)
+_device_plan = jax.jit(functools.partial(plan_on_device, scheduler="balanced"),
+                       static_argnames=_STATIC)
 
 
 def _eager_plan(lens, **kwargs) -> DecodePlan:
   """plan_on_device op by op: the same jax.numpy code, without compiling."""
   with jax.disable_jit():
-    return plan_on_device(jnp.asarray(lens, jnp.int32), **kwargs)
+    return plan_on_device(jnp.asarray(lens, jnp.int32), scheduler="balanced",
+                          **kwargs)
 
 
 def _same_lists(device: DecodePlan, host: DecodePlan):
@@ -81,7 +86,7 @@ def test_capacity_depends_on_shapes_only():
   def instructions(lens):
     traces.append(1)
     return plan_on_device(lens, s_q=4, h_q=16, max_seqlen=8192,
-                          num_sms=132).instructions
+                          num_sms=132, scheduler="balanced").instructions
 
   run = jax.jit(instructions)
   shapes = {run(jnp.asarray(lens, jnp.int32)).shape

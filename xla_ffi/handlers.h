@@ -11,3 +11,8 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(TmlaMlaDecode);
 
 // The same with per-instruction timestamps in an extra output.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(TmlaMlaDecodeTimed);
+
+// The planner (csrc/planner.h): lengths to an instruction tensor, on the
+// GPU (one CTA on XLA's stream) and on the CPU (the same code, one thread).
+XLA_FFI_DECLARE_HANDLER_SYMBOL(TmlaPlanCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(TmlaPlanCpu);

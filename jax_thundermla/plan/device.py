@@ -1,9 +1,16 @@
-"""The balanced planner on the device: plans inside jit from traced lengths.
+"""Planning inside jit from traced lengths: ``plan_on_device``.
 
-``plan_on_device`` runs the balanced scheduler (jax_thundermla.plan.balanced,
-the same code as the host's ``scheduler="balanced"``) in jax.numpy int32, so
-a jitted decode step builds its own plan with no host sync. All sizes are
-static, derived from shapes only:
+Two on-device schedulers, both with no host sync and capacities from shapes
+only (changing the lengths never recompiles):
+
+* ``"compiled"`` (the default when the extension is built): one kernel that
+  reads the lengths and writes a plan of the host makespan scheduler's
+  quality (``plan/device_ffi.py``, ``csrc/planner.h``), on the GPU or, with
+  the same code, on the CPU.
+* ``"balanced"``: the balanced scheduler (jax_thundermla.plan.balanced, the
+  same code as the host's ``scheduler="balanced"``) as jax.numpy int32 ops.
+
+The balanced scheduler's sizes:
 
 * instructions per SM: ``4 + (ALPHA + 1) * items // num_sms`` with ``items =
   batch * h_kv * ceil(s_q * h_q / h_kv / TILE_ROWS)`` (the balanced
@@ -28,6 +35,7 @@ import numpy as np
 
 from jax_thundermla import isa
 from jax_thundermla.plan import balanced
+from jax_thundermla.plan import device_ffi
 from jax_thundermla.plan.cost import CostModel
 from jax_thundermla.plan.plan import DecodePlan
 from jax_thundermla.plan.plan import validate_shapes
@@ -46,11 +54,48 @@ def _instructions(lengths: jax.Array, st: balanced.Statics,
   return out.at[sm, pos].set(rows, mode="drop")
 
 
+ON_DEVICE_SCHEDULERS = ("compiled", "balanced")
+
+
+def _pick_scheduler(scheduler: str | None, num_sms: int) -> str:
+  if scheduler is None:
+    return ("compiled" if device_ffi.available()
+            and num_sms <= device_ffi.max_sms() else "balanced")
+  if scheduler not in ON_DEVICE_SCHEDULERS:
+    raise ValueError(
+        f"scheduler must be None or one of {ON_DEVICE_SCHEDULERS}, got"
+        f" {scheduler!r}")
+  if scheduler == "compiled":
+    if not device_ffi.available():
+      raise RuntimeError(
+          "scheduler='compiled' needs the compiled extension; reinstall with"
+          " the CUDA toolkit (nvcc) or use scheduler='balanced'")
+    if num_sms > device_ffi.max_sms():
+      raise ValueError(
+          f"scheduler='compiled' lays out at most {device_ffi.max_sms()} SMs,"
+          f" got num_sms={num_sms}; use scheduler='balanced'")
+  return scheduler
+
+
 def plan_on_device(cache_seqlens: Any, *, s_q: int, h_q: int, h_kv: int = 1,
                    page_size: int = 64, max_seqlen: int,
                    head_dim_v: int = 512, num_sms: int | None = None,
-                   cost_model: CostModel | None = None) -> DecodePlan:
-  """Builds a balanced plan from device lengths, inside or outside jit.
+                   cost_model: CostModel | None = None,
+                   scheduler: str | None = None) -> DecodePlan:
+  """Builds a plan from device lengths, inside or outside jit.
+
+  Plan once per decode step and pass the plan to every layer: each call
+  plans again. Inside ``jax.lax.scan`` over layers, build the plan before
+  the scan and close over it (or pass it in the carry), so that it is not
+  rebuilt once per layer::
+
+    @jax.jit
+    def step(q, caches, table, lens):
+      plan = plan_on_device(lens, s_q=4, h_q=16, max_seqlen=table.shape[1] * 64)
+      def layer(x, kv):
+        out, _ = mla_decode(x, kv, table, lens, plan=plan, causal=True)
+        return x, out
+      return jax.lax.scan(layer, q, caches)[1]
 
   Args:
     cache_seqlens: int ``[b]`` device (or traced) array: tokens per sequence,
@@ -65,10 +110,14 @@ def plan_on_device(cache_seqlens: Any, *, s_q: int, h_q: int, h_kv: int = 1,
     head_dim_v: value head dim (prices the instructions).
     num_sms: SMs of the grid; by default those of the first GPU, else 132.
     cost_model: prices of the instructions; CostModel() by default.
+    scheduler: ``"compiled"``, ``"balanced"`` (see the module docstring) or
+      None: ``"compiled"`` when the extension is built and ``num_sms`` is at
+      most ``device_ffi.max_sms()``, ``"balanced"`` otherwise.
 
   Returns:
     A DecodePlan whose leaves are jax arrays and whose capacities depend on
-    shapes only; ``scheduler == "balanced"`` and the predicted makespan is NaN.
+    shapes only; ``scheduler`` names the scheduler used and the predicted
+    makespan is NaN (it is known on the device only).
 
   Raises:
     TypeError, ValueError: bad arguments, naming the argument.
@@ -104,6 +153,18 @@ def plan_on_device(cache_seqlens: Any, *, s_q: int, h_q: int, h_kv: int = 1,
     raise ValueError(
         f"max_seqlen={max_seqlen} makes one PARTIAL cost more than int32 ns;"
         " use plan_decode on the host")
+  scheduler = _pick_scheduler(scheduler, num_sms)
+  if scheduler == "compiled":
+    caps = device_ffi.capacities(lengths.shape[0], s_q, h_q, h_kv, num_sms)
+    instructions, clamped, _ = device_ffi.plan_arrays(
+        lengths, s_q=s_q, h_q=h_q, h_kv=h_kv, page_size=page_size,
+        max_seqlen=min(max_seqlen, (1 << 31) - 1), head_dim_v=head_dim_v,
+        num_sms=num_sms, cost=cost)
+    return DecodePlan(
+        instructions=instructions, seqlens=clamped, s_q=s_q, h_q=h_q,
+        h_kv=h_kv, page_size=page_size, num_sms=num_sms,
+        max_instructions=caps[0], num_slots=caps[1], num_counters=caps[2],
+        scheduler="compiled", predicted_makespan_ns=math.nan)
   clamped = jnp.clip(lengths.astype(jnp.int32), 0, min(max_seqlen,
                                                          (1 << 31) - 1))
   capacity = max(MIN_CAPACITY, st.max_per_sm)

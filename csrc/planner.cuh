@@ -1,0 +1,386 @@
+// The planner of planner.h, written once for one CTA (device) and one thread
+// (host). Every phase is a loop `for (i = c.tid; i < count; i += c.nt)`
+// followed by Sync(); the block-wide scan, sum, max and sort below have a
+// parallel device body and a serial host body with the same integer result.
+#pragma once
+
+#include <cstdint>
+
+#include "isa.h"
+#include "planner.h"
+
+#if defined(__CUDACC__)
+#define TMLA_HD __host__ __device__
+#else
+#define TMLA_HD
+#endif
+
+#if !defined(__CUDA_ARCH__)
+#include <algorithm>
+#endif
+
+namespace tmla::plan {
+
+// Threads of the loops: (0, 1) on the host.
+struct Ctx {
+  int tid;
+  int nt;
+};
+
+constexpr int64_t kNever = INT64_MAX;
+constexpr int64_t kLowest = INT64_MIN;
+// Costs are below 2^31 (the int32 cost word), so this orders them in keys.
+constexpr uint64_t kCostKeyBase = uint64_t{1} << 31;
+
+TMLA_HD inline void Sync() {
+#if defined(__CUDA_ARCH__)
+  __syncthreads();
+#endif
+}
+
+TMLA_HD inline int64_t Min64(int64_t a, int64_t b) { return a < b ? a : b; }
+TMLA_HD inline int64_t Max64(int64_t a, int64_t b) { return a > b ? a : b; }
+TMLA_HD inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Block-wide sum / max of one value per thread; `cell` is a scratch word.
+TMLA_HD inline int64_t BlockSum(const Ctx& c, int64_t v, int64_t* cell) {
+#if defined(__CUDA_ARCH__)
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(~0u, v, off);
+  if (c.tid == 0) *cell = 0;
+  __syncthreads();
+  if ((c.tid & 31) == 0) {
+    atomicAdd(reinterpret_cast<unsigned long long*>(cell),
+              static_cast<unsigned long long>(v));
+  }
+  __syncthreads();
+  const int64_t total = *cell;
+  __syncthreads();
+  return total;
+#else
+  (void)c;
+  (void)cell;
+  return v;
+#endif
+}
+
+TMLA_HD inline int64_t BlockMax(const Ctx& c, int64_t v, int64_t* cell) {
+#if defined(__CUDA_ARCH__)
+  for (int off = 16; off > 0; off >>= 1) {
+    v = Max64(v, __shfl_xor_sync(~0u, v, off));
+  }
+  if (c.tid == 0) *cell = kLowest;
+  __syncthreads();
+  if ((c.tid & 31) == 0) atomicMax(reinterpret_cast<long long*>(cell), v);
+  __syncthreads();
+  const int64_t most = *cell;
+  __syncthreads();
+  return most;
+#else
+  (void)c;
+  (void)cell;
+  return v;
+#endif
+}
+
+TMLA_HD inline void AtomicAdd(int64_t* at, int64_t v) {
+#if defined(__CUDA_ARCH__)
+  atomicAdd(reinterpret_cast<unsigned long long*>(at),
+            static_cast<unsigned long long>(v));
+#else
+  *at += v;
+#endif
+}
+
+TMLA_HD inline void AtomicMax(int64_t* at, int64_t v) {
+#if defined(__CUDA_ARCH__)
+  atomicMax(reinterpret_cast<long long*>(at), v);
+#else
+  *at = Max64(*at, v);
+#endif
+}
+
+// In-place inclusive prefix sum of a[0, n); tmp holds nt / 32 words. On the
+// device each thread scans a run of a, then the runs' totals are scanned by
+// warp shuffles (nt is a multiple of 32).
+TMLA_HD inline void Scan(const Ctx& c, int64_t* a, int n, int64_t* tmp) {
+#if defined(__CUDA_ARCH__)
+  const int per = (n + c.nt - 1) / c.nt;
+  const int lo = min(n, c.tid * per), hi = min(n, lo + per);
+  int64_t own = 0;
+  for (int i = lo; i < hi; ++i) a[i] = (own += a[i]);
+  const int lane = c.tid & 31, warp = c.tid >> 5;
+  int64_t x = own;
+  for (int off = 1; off < 32; off <<= 1) {
+    const int64_t y = __shfl_up_sync(~0u, x, off);
+    if (lane >= off) x += y;
+  }
+  if (lane == 31) tmp[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    const int warps = c.nt >> 5;
+    int64_t t = lane < warps ? tmp[lane] : 0;
+    for (int off = 1; off < 32; off <<= 1) {
+      const int64_t y = __shfl_up_sync(~0u, t, off);
+      if (lane >= off) t += y;
+    }
+    if (lane < warps) tmp[lane] = t;
+  }
+  __syncthreads();
+  const int64_t before = x - own + (warp ? tmp[warp - 1] : 0);
+  for (int i = lo; i < hi; ++i) a[i] += before;
+  __syncthreads();
+#else
+  (void)c;
+  (void)tmp;
+  int64_t s = 0;
+  for (int i = 0; i < n; ++i) a[i] = (s += a[i]);
+#endif
+}
+
+// Sorts the distinct keys a[0, n) ascending; a has room for npad (a power
+// of two >= n) keys, the device pads it.
+TMLA_HD inline void Sort(const Ctx& c, uint64_t* a, int n, int npad) {
+#if defined(__CUDA_ARCH__)
+  for (int i = n + c.tid; i < npad; i += c.nt) a[i] = ~uint64_t{0};
+  __syncthreads();
+  for (int k = 2; k <= npad; k <<= 1) {
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int i = c.tid; i < npad; i += c.nt) {
+        const int partner = i ^ j;
+        if (partner > i) {
+          const uint64_t x = a[i], y = a[partner];
+          if ((x > y) == ((i & k) == 0)) {
+            a[i] = y;
+            a[partner] = x;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+#else
+  (void)c;
+  (void)npad;
+  std::sort(a, a + n);
+#endif
+}
+
+// Number of entries of the nondecreasing a[0, n) that are <= v (or < v).
+TMLA_HD inline int UpperBound(const int64_t* a, int n, int64_t v) {
+  int lo = 0, hi = n;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (a[mid] <= v) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+TMLA_HD inline int LowerBound(const int64_t* a, int n, int64_t v) {
+  int lo = 0, hi = n;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (a[mid] < v) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+TMLA_HD inline int NextPow2(int n) {
+  int p = 1;
+  while (p < n) p <<= 1;
+  return p;
+}
+
+// The planner's scratch: arrays carved from one 8-byte aligned buffer.
+struct Scratch {
+  int64_t* len;       // [batch] clamped lengths
+  int64_t* pages;     // [n] pages of each item
+  int64_t* cost;      // [n] each item as one PARTIAL
+  int64_t* best;      // [n * top] layout A: shortest path with <= k pieces
+  int64_t* best2;     // [n * top] its ping-pong buffer
+  int64_t* k_a;       // [n] layout A pieces per item
+  int64_t* start_a;   // [n] inclusive scan of k_a
+  int64_t* slot_a;    // [n] first slot (exclusive scan)
+  int64_t* ctr_a;     // [n] counter (exclusive scan)
+  int64_t* wend;      // [n] layout B: end of each item's weight run
+  int64_t* sm0;       // [n] SM of each item's first piece
+  int64_t* k_b;       // [n] pieces per item
+  int64_t* start_b;   // [n] first piece
+  int64_t* slot_b;    // [n]
+  int64_t* ctr_b;     // [n]
+  int64_t* ready_b;   // [n] end of the item's last piece
+  int64_t* b_ic;      // [S] per run boundary: the item it falls in
+  int64_t* b_cut;     // [S] its cut page
+  int64_t* b_smb;     // [S] SM of the piece it starts
+  int64_t* b_eff;     // [S]
+  int64_t* b_valid;   // [S] 1 if it cuts, then exclusive scan
+  int64_t* p_item;    // [n + S] per piece: item, first page, SM, end time
+  int64_t* p_page;    // [n + S]
+  int64_t* p_sm;      // [n + S]
+  int64_t* p_end;     // [n + S]
+  int64_t* first_b;   // [S + 1] first piece of each SM
+  int64_t* load;      // [S] per SM: load (B, then C)
+  int64_t* run_b;     // [S] 1 if the SM holds a REDUCE (B)
+  int64_t* rank;      // [S] SM order by load, then first poured item (C)
+  int64_t* c_cnt;     // [S] items per SM (C)
+  uint64_t* keys;     // [npad] layout C: items longest first
+  int64_t* c_sm;      // [n] per item: SM and position (C)
+  int64_t* c_pos;     // [n]
+  int64_t* t_pre;     // [n] prefix of the poured items' costs
+  int64_t* t_sm;      // [n] SM of each poured item
+  int64_t* room;      // [S] prefix of the SMs' room below the level
+  int64_t* tmp;       // [kPlannerThreads / 32] scan carries
+  int64_t* cell;      // [8] reduction words
+};
+
+struct Sizes {
+  int n, S, top_cap, npad;
+};
+
+TMLA_HD inline Sizes SizesOf(int64_t num_items, int64_t num_sms) {
+  Sizes z;
+  z.n = static_cast<int>(num_items);
+  z.S = static_cast<int>(num_sms);
+  z.top_cap = num_items <= num_sms ? static_cast<int>(num_sms - num_items + 1)
+                                   : 0;
+  z.npad = NextPow2(z.n);
+  return z;
+}
+
+// Carves the arrays from base (or only counts, when base is null); returns
+// the bytes used.
+TMLA_HD inline int64_t Carve(char* base, const Sizes& z, int batch,
+                             Scratch* s) {
+  int64_t off = 0;
+  auto take = [&](int64_t words) {
+    int64_t* p = base ? reinterpret_cast<int64_t*>(base + off) : nullptr;
+    off += 8 * words;
+    return p;
+  };
+  const int64_t n = z.n, S = z.S;
+  s->len = take(batch);
+  s->pages = take(n);
+  s->cost = take(n);
+  s->best = take(n * z.top_cap);
+  s->best2 = take(n * z.top_cap);
+  s->k_a = take(n);
+  s->start_a = take(n);
+  s->slot_a = take(n);
+  s->ctr_a = take(n);
+  s->wend = take(n);
+  s->sm0 = take(n);
+  s->k_b = take(n);
+  s->start_b = take(n);
+  s->slot_b = take(n);
+  s->ctr_b = take(n);
+  s->ready_b = take(n);
+  s->b_ic = take(S);
+  s->b_cut = take(S);
+  s->b_smb = take(S);
+  s->b_eff = take(S);
+  s->b_valid = take(S);
+  s->p_item = take(n + S);
+  s->p_page = take(n + S);
+  s->p_sm = take(n + S);
+  s->p_end = take(n + S);
+  s->first_b = take(S + 1);
+  s->load = take(S);
+  s->run_b = take(S);
+  s->rank = take(S);
+  s->c_cnt = take(S);
+  s->keys = reinterpret_cast<uint64_t*>(take(z.npad));
+  s->c_sm = take(n);
+  s->c_pos = take(n);
+  s->t_pre = take(n);
+  s->t_sm = take(n);
+  s->room = take(S);
+  s->tmp = take(kPlannerThreads / 32);
+  s->cell = take(8);
+  return off;
+}
+
+// Static facts of the items (b, KV head, tile) and their prices.
+struct Items {
+  const PlannerParams& p;
+  int n;
+  TMLA_HD int tile(int i) const { return i % p.num_tiles; }
+  TMLA_HD int seq(int i) const { return i / (p.h_kv * p.num_tiles); }
+  TMLA_HD int head(int i) const { return (i / p.num_tiles) % p.h_kv; }
+  TMLA_HD int rows(int i) const {
+    return tile(i) == p.num_tiles - 1 ? p.last_tile_rows : isa::kTileRows;
+  }
+  TMLA_HD int64_t page_ns(int i) const {
+    return tile(i) == p.num_tiles - 1 ? p.page_ns_last : p.page_ns_full;
+  }
+};
+
+// One instruction row; fields not named are 0.
+struct Row {
+  int32_t w[isa::kInstructionWords];
+  TMLA_HD Row(const Items& it, int item, int32_t opcode) {
+    for (int f = 0; f < isa::kInstructionWords; ++f) w[f] = 0;
+    w[isa::kFieldOpcode] = opcode;
+    w[isa::kFieldBatch] = it.seq(item);
+    w[isa::kFieldKvHead] = it.head(item);
+    w[isa::kFieldRowStart] = it.tile(item) * isa::kTileRows;
+    w[isa::kFieldNumRows] = it.rows(item);
+    w[isa::kFieldDstSlot] = isa::kFinalOutput;
+    w[isa::kFieldSignalCounter] = isa::kNoCounter;
+    w[isa::kFieldWaitCounter] = isa::kNoCounter;
+  }
+  TMLA_HD void Store(const PlannerParams& p, int64_t sm, int64_t pos) const {
+    int32_t* dst = p.instructions +
+                   (sm * p.capacity + pos) * isa::kInstructionWords;
+    for (int f = 0; f < isa::kInstructionWords; ++f) dst[f] = w[f];
+  }
+};
+
+TMLA_HD inline Row Piece(const Items& it, const Scratch& s, int item,
+                         int64_t page0, int64_t page1, int64_t dst,
+                         int64_t signal, int64_t cost) {
+  Row r(it, item, isa::kOpPartial);
+  const int64_t len = s.len[it.seq(item)];
+  r.w[isa::kFieldKvStart] =
+      static_cast<int32_t>(Min64(page0 * it.p.page_size, len));
+  r.w[isa::kFieldKvEnd] =
+      static_cast<int32_t>(Min64(page1 * it.p.page_size, len));
+  r.w[isa::kFieldDstSlot] = static_cast<int32_t>(dst);
+  r.w[isa::kFieldSignalCounter] = static_cast<int32_t>(signal);
+  r.w[isa::kFieldCost] = static_cast<int32_t>(cost);
+  return r;
+}
+
+// REDUCE run j of c over an item's R rows: rows [j R / c, (j + 1) R / c) of
+// its k slots from slot0, once counter ctr has k signals.
+TMLA_HD inline Row MergeRun(const Items& it, int item, int64_t j, int64_t c,
+                            int64_t k, int64_t slot0, int64_t ctr,
+                            int64_t* cost) {
+  Row r(it, item, isa::kOpReduce);
+  const int64_t rows = it.rows(item);
+  const int64_t lo = j * rows / c, hi = (j + 1) * rows / c;
+  *cost = it.p.reduce_fixed_ns + k * it.p.input_ns[hi - lo];
+  r.w[isa::kFieldRowStart] += static_cast<int32_t>(lo);
+  r.w[isa::kFieldNumRows] = static_cast<int32_t>(hi - lo);
+  r.w[isa::kFieldSlotRow] = static_cast<int32_t>(lo);
+  r.w[isa::kFieldSrcSlot] = static_cast<int32_t>(slot0);
+  r.w[isa::kFieldNumSrc] = static_cast<int32_t>(k);
+  r.w[isa::kFieldWaitCounter] = static_cast<int32_t>(ctr);
+  r.w[isa::kFieldWaitCount] = static_cast<int32_t>(k);
+  r.w[isa::kFieldCost] = static_cast<int32_t>(*cost);
+  return r;
+}
+
+// Predicted end of an item of `pages` pages cut into k pieces with its merge
+// spread over min(k, rows) REDUCEs (layout A's critical path), or kNever.
+TMLA_HD inline int64_t PathA(const PlannerParams& p, int64_t pages,
+                             int64_t page_ns, int64_t rows, int64_t k) {
+  if (k > Max64(pages, 1)) return kNever;
+  int64_t path = p.partial_fixed_ns + CeilDiv(pages, k) * page_ns;
+  if (k > 1) {
+    const int64_t runs = Min64(k, rows);
+    path += p.reduce_fixed_ns + k * p.input_ns[CeilDiv(rows, runs)];
+  }
+  return path;
+}
+
+}  // namespace tmla::plan
+
+#include "planner_layouts.cuh"
