@@ -68,6 +68,11 @@ def mla_decode(
 
   FlashMLA-compatible semantics; works eagerly and inside ``jax.jit`` (the
   keyword arguments other than ``plan`` are static). Not differentiable.
+  ``jax.vmap`` maps any of the four arrays (one call over all mapped
+  problems with ``plan=None``, a loop with a host plan); under ``jax.jit``
+  with inputs split over the batch or the query heads each shard computes
+  its own part, with no collective (a host plan cannot be split: it raises
+  there); ``jax.export`` takes it with ``export_safety_checks()``.
 
   Args:
     q: [b, s_q, h_q, d_qk] bfloat16 or float16 queries of the s_q new tokens;
@@ -91,15 +96,20 @@ def mla_decode(
       device inside the same jit. A plan used with lengths other than those
       it was built for gives NaN in the outputs of every sequence whose
       length differs, never a silently wrong result.
-    backend: ``"cuda"`` (the megakernel; head_dim_v 512 only), ``"reference"``
-      (pure JAX), or None: the kernel when JAX's default backend is a GPU,
-      the kernel is built and supports the shapes, the reference otherwise.
+    backend: ``"cuda"`` (the megakernel; head_dim_v 512 only; needs a GPU
+      in this process), ``"reference"`` (pure JAX everywhere), or None: the
+      reference on every platform but ``cuda``, where the kernel runs when
+      it takes the shapes (the reference in a process that sees a GPU but
+      has no kernel built; the first call then warns). The platform is
+      chosen when the program is lowered, so ``jax.export`` with
+      ``platforms=("cpu", "cuda")`` carries both, from any machine.
     timing: run the kernel's timed build (``backend="cuda"`` only) and also
       return its per-instruction records: int32 ``[num_sms,
       max_instructions, 9]``, %globaltimer start / ready / computed / end of
       every instruction; ``jax_thundermla.profiling`` turns them into a
       Gantt chart, a Perfetto trace and a summary. Off by default: the
-      default build carries no timing code at all.
+      default build carries no timing code at all. The timed call is the
+      kernel alone, without the batching and partitioning rules.
 
   Returns:
     ``(out, lse)`` (and the timing records when ``timing``): out
