@@ -81,9 +81,10 @@ def test_symbolic_batch_on_cpu():
       _decode, jax.ShapeDtypeStruct((b, S_Q, H_Q, D_QK), jnp.bfloat16), kv,
       jax.ShapeDtypeStruct((b, MAX_PAGES), jnp.int32),
       jax.ShapeDtypeStruct((b,), jnp.int32), platforms=("cpu",)))
+  cpu = jax.devices("cpu")[0]  # The artifact has a CPU lowering only.
   for batch in (1, 5):
     args = _inputs(batch, seed=batch)
-    args = (args[0], kv, *args[2:])
+    args = jax.device_put((args[0], kv, *args[2:]), cpu)
     out, lse = exported.call(*args)
     assert out.shape == (batch, S_Q, H_Q, D_V)
     assert_decode_close(out, lse, *_want(args))
