@@ -88,7 +88,8 @@ def time_per_call(w: Workload, impl: str, inputs, *, steps: int,
     impl: one of IMPLS.
     inputs: ``(q, caches, table, lens)`` from ``device_inputs``.
     steps: timed steps.
-    trace_dir: keep the profiler trace there (GPU only).
+    trace_dir: keep the profiler trace of the steps there (on a CPU, of
+      ``steps`` more steps run after the timed ones).
 
   Returns:
     ``(seconds, events)``: events are the trace's device events (empty
@@ -110,6 +111,11 @@ def time_per_call(w: Workload, impl: str, inputs, *, steps: int,
     start = time.perf_counter()
     jax.block_until_ready(run())
     times.append(time.perf_counter() - start)
+  if trace_dir:
+    # Traced apart from the timed steps: tracing slows the host down.
+    with jax.profiler.trace(trace_dir):
+      for _ in range(steps):
+        jax.block_until_ready(run())
   return statistics.median(times) / layers, []
 
 

@@ -18,6 +18,8 @@ reference runs and is timed by wall clock.
 
 from __future__ import annotations
 
+import glob
+import os
 import sys
 
 from absl import app
@@ -87,9 +89,20 @@ def _profile_dir(w: Workload, impl: str) -> str | None:
   return f"{_PROFILE.value}/{w.name}_{impl}" if _PROFILE.value else None
 
 
+def _report_trace(directory: str) -> None:
+  files = glob.glob(os.path.join(directory, "**", "*.xplane.pb"),
+                    recursive=True)
+  if not files:
+    sys.exit(f"--profile: the profiler wrote no trace under {directory}")
+  print(f"    trace: {max(files, key=os.path.getmtime)}")
+
+
 def main(argv):
   del argv
   on_gpu = jax.default_backend() == "gpu"
+  if _BREAKDOWN.value and not on_gpu:
+    sys.exit("--breakdown sums GPU kernel times; JAX sees no GPU here"
+             " (--profile still writes the host trace)")
   layers = _LAYERS.value or (8 if on_gpu else 1)
   steps = _STEPS.value or (10 if on_gpu else 3)
   dtype = jnp.bfloat16 if _DTYPE.value == "bf16" else jnp.float16
@@ -128,6 +141,8 @@ def main(argv):
       if is_h100 and w.name in FLASHMLA_H100_US:
         row += f" {FLASHMLA_H100_US[w.name] / (seconds * 1e6):>10.2f}x"
       print(row)
+      if _PROFILE.value:
+        _report_trace(_profile_dir(w, impl))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ elsewhere through a pure-JAX reference with the same semantics.
 
 __version__ = "0.1.0"
 
+from jax_thundermla._export import export_safety_checks
+from jax_thundermla._export import register_export_targets
 from jax_thundermla.api import mla_decode
 from jax_thundermla.plan import CostModel
 from jax_thundermla.plan import DecodePlan
@@ -18,8 +20,10 @@ __all__ = [
     "__version__",
     "CostModel",
     "DecodePlan",
+    "export_safety_checks",
     "mla_decode",
     "mla_decode_reference",
     "plan_decode",
     "plan_on_device",
+    "register_export_targets",
 ]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
+import shutil
+import warnings
 
 import jax
 import numpy as np
@@ -28,6 +31,44 @@ def gpu_available() -> bool:
     return bool(jax.devices("gpu"))
   except RuntimeError:
     return False
+
+
+def nvidia_driver_present() -> bool:
+  """Whether this machine has an NVIDIA driver (whatever JAX sees)."""
+  return (os.path.exists("/proc/driver/nvidia/version")
+          or shutil.which("nvidia-smi") is not None)
+
+
+def install_problem() -> str | None:
+  """What is wrong with this install for running the kernel, or None.
+
+  Returns:
+    A sentence with the fix when the extension is built but JAX sees no GPU,
+    or JAX sees a GPU but the extension is missing; None otherwise.
+  """
+  gpu, built = gpu_available(), extension_available()
+  if built and not gpu:
+    if nvidia_driver_present():
+      return ("jax_thundermla: the CUDA kernel is built and this machine has"
+              " an NVIDIA driver, but JAX sees no GPU (CPU-only jax?), so the"
+              " pure-JAX reference runs. Fix: pip install -U 'jax[cuda13]'.")
+    return ("jax_thundermla: the CUDA kernel is built but JAX sees no GPU, so"
+            " the pure-JAX reference runs. On a Hopper GPU machine install"
+            " CUDA jax: pip install -U 'jax[cuda13]'.")
+  if gpu and not built:
+    return ("jax_thundermla: JAX sees a GPU but the CUDA extension is missing"
+            f" ({_IMPORT_ERROR}), so the pure-JAX reference runs. Fix: put"
+            " nvcc on PATH and reinstall: pip install --no-build-isolation"
+            " -e .")
+  return None
+
+
+@functools.cache
+def warn_about_install() -> None:
+  """Warns once per process when ``install_problem`` finds something."""
+  problem = install_problem()
+  if problem is not None:
+    warnings.warn(problem, RuntimeWarning, stacklevel=4)
 
 
 def require_extension() -> None:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from jax_thundermla import _ffi
+from jax_thundermla import _op
 from jax_thundermla import _validation
-from jax_thundermla import reference
 
 BACKENDS = ("cuda", "reference")
 
@@ -21,11 +20,15 @@ def _kernel_unsupported(shapes: _validation.DecodeShapes) -> str | None:
 
 def _resolve_backend(backend: str | None,
                      shapes: _validation.DecodeShapes) -> str:
+  """What the platform ``cuda`` runs: one of ``_op.CUDA_IMPLS``.
+
+  Other platforms always run the reference.
+  """
   if backend is None:
-    if (jax.default_backend() == "gpu" and _ffi.kernel_available()
-        and _kernel_unsupported(shapes) is None):
-      return "cuda"
-    return "reference"
+    _ffi.warn_about_install()
+    return _op.cuda_impl_for(
+        _kernel_unsupported(shapes),
+        gpu_without_kernel=_ffi.gpu_available() and not _ffi.kernel_available())
   if backend not in BACKENDS:
     raise ValueError(
         f"backend must be None or one of {BACKENDS}, got {backend!r}")
@@ -34,7 +37,8 @@ def _resolve_backend(backend: str | None,
     reason = _kernel_unsupported(shapes)
     if reason is not None:
       raise ValueError(f"backend='cuda': {reason}")
-  return backend
+    return "kernel"
+  return "reference"
 
 
 def _check_plan(plan, shapes: _validation.DecodeShapes) -> None:
@@ -64,6 +68,11 @@ def mla_decode(
 
   FlashMLA-compatible semantics; works eagerly and inside ``jax.jit`` (the
   keyword arguments other than ``plan`` are static). Not differentiable.
+  ``jax.vmap`` maps any of the four arrays (one call over all mapped
+  problems with ``plan=None``, a loop with a host plan); under ``jax.jit``
+  with inputs split over the batch or the query heads each shard computes
+  its own part, with no collective (a host plan cannot be split: it raises
+  there); ``jax.export`` takes it with ``export_safety_checks()``.
 
   Args:
     q: [b, s_q, h_q, d_qk] bfloat16 or float16 queries of the s_q new tokens;
@@ -88,15 +97,20 @@ def mla_decode(
       for this call alone (one small planning kernel per call). A plan used with lengths other than those
       it was built for gives NaN in the outputs of every sequence whose
       length differs, never a silently wrong result.
-    backend: ``"cuda"`` (the megakernel; head_dim_v 512 only), ``"reference"``
-      (pure JAX), or None: the kernel when JAX's default backend is a GPU,
-      the kernel is built and supports the shapes, the reference otherwise.
+    backend: ``"cuda"`` (the megakernel; head_dim_v 512 only; needs a GPU
+      in this process), ``"reference"`` (pure JAX everywhere), or None: the
+      reference on every platform but ``cuda``, where the kernel runs when
+      it takes the shapes (the reference in a process that sees a GPU but
+      has no kernel built; the first call then warns). The platform is
+      chosen when the program is lowered, so ``jax.export`` with
+      ``platforms=("cpu", "cuda")`` carries both, from any machine.
     timing: run the kernel's timed build (``backend="cuda"`` only) and also
       return its per-instruction records: int32 ``[num_sms,
       max_instructions, 9]``, %globaltimer start / ready / computed / end of
       every instruction; ``jax_thundermla.profiling`` turns them into a
       Gantt chart, a Perfetto trace and a summary. Off by default: the
-      default build carries no timing code at all.
+      default build carries no timing code at all. The timed call is the
+      kernel alone, without the batching and partitioning rules.
 
   Returns:
     ``(out, lse)`` (and the timing records when ``timing``): out
@@ -120,59 +134,41 @@ def mla_decode(
       softmax_scale=softmax_scale, causal=causal)
   scale = (shapes.d_qk ** -0.5 if softmax_scale is None
            else float(softmax_scale))
-  resolved = _resolve_backend(backend, shapes)
+  cuda_impl = _resolve_backend(backend, shapes)
   if not isinstance(timing, bool):
     raise TypeError(f"timing must be a bool, got {timing!r}")
-  if timing and resolved != "cuda":
+  if timing and not (cuda_impl == "kernel" and _ffi.gpu_available()):
     raise ValueError(
-        f"timing=True records the CUDA kernel; the call runs backend"
-        f" {resolved!r}")
+        "timing=True records the CUDA kernel; this call does not run it"
+        " (pass backend='cuda' on a GPU)")
   if plan is not None:
     _check_plan(plan, shapes)
-  return _mla_decode_jit(q, kv_cache, block_table, cache_seqlens, plan,
-                         head_dim_v=int(head_dim_v), softmax_scale=scale,
-                         causal=bool(causal), backend=resolved,
-                         timing=timing)
+  if timing:
+    return _mla_decode_timed(q, kv_cache, block_table, cache_seqlens, plan,
+                             head_dim_v=int(head_dim_v), softmax_scale=scale,
+                             causal=bool(causal))
+  config = _op.Config(
+      head_dim_v=int(head_dim_v), softmax_scale=scale, causal=bool(causal),
+      cuda_impl=cuda_impl,
+      plan=None if plan is None else _op.plan_meta(plan))
+  return _mla_decode_jit(q, kv_cache, block_table, cache_seqlens,
+                         _op.plan_leaves(plan), config=config)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _mla_decode_nondiff(q, kv_cache, block_table, cache_seqlens, plan,
-                        head_dim_v, softmax_scale, causal, backend, timing):
-  if backend == "cuda":
-    from jax_thundermla import kernel  # pylint: disable=g-import-not-at-top
-    out, lse, *timings = kernel.mla_decode_cuda(
-        q, kv_cache, block_table, cache_seqlens, plan,
-        head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal,
-        timing=timing)
-  else:
-    out, lse = reference.mla_decode_reference(
-        q, kv_cache, block_table, cache_seqlens, head_dim_v=head_dim_v,
-        softmax_scale=softmax_scale, causal=causal)
-    timings = []
-  if plan is not None and backend != "cuda":
-    # A sequence whose length is not the one the host plan was built for
-    # gets NaN (the kernel does this itself).
-    stale = plan.seqlens != cache_seqlens
-    out = jnp.where(stale[:, None, None, None], jnp.nan, out).astype(out.dtype)
-    lse = jnp.where(stale[:, None, None], jnp.nan, lse)
-  return (out, lse, *timings)
-
-
-@_mla_decode_nondiff.defjvp
-def _mla_decode_jvp(head_dim_v, softmax_scale, causal, backend, timing,
-                    primals, tangents):
-  del head_dim_v, softmax_scale, causal, backend, timing, primals, tangents
-  raise TypeError(
-      "jax_thundermla.mla_decode is not differentiable: it is a decode"
-      " (inference) kernel. Wrap its inputs in jax.lax.stop_gradient if the"
-      " surrounding computation is differentiated.")
+@functools.partial(jax.jit, static_argnames=("config",))
+def _mla_decode_jit(q, kv_cache, block_table, cache_seqlens, plan_leaves, *,
+                    config):
+  return _op.operation(config)(q, kv_cache, block_table, cache_seqlens,
+                               plan_leaves)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("head_dim_v", "softmax_scale", "causal",
-                              "backend", "timing"))
-def _mla_decode_jit(q, kv_cache, block_table, cache_seqlens, plan, *,
-                    head_dim_v, softmax_scale, causal, backend, timing):
-  return _mla_decode_nondiff(q, kv_cache, block_table, cache_seqlens, plan,
-                             head_dim_v, softmax_scale, causal, backend,
-                             timing)
+    jax.jit, static_argnames=("head_dim_v", "softmax_scale", "causal"))
+def _mla_decode_timed(q, kv_cache, block_table, cache_seqlens, plan, *,
+                      head_dim_v, softmax_scale, causal):
+  # The timed build: the kernel called directly, with no transformation
+  # rules (it is a profiling tool).
+  from jax_thundermla import kernel  # pylint: disable=g-import-not-at-top
+  return kernel.mla_decode_cuda(
+      q, kv_cache, block_table, cache_seqlens, plan, head_dim_v=head_dim_v,
+      softmax_scale=softmax_scale, causal=causal, timing=True)

@@ -54,7 +54,10 @@ def mla_decode_cuda(q: jax.Array, kv_cache: jax.Array,
     ``[num_sms, max_instructions, isa.TIMING_WORDS]`` records (decode them
     with ``jax_thundermla.profiling.decode_timings``).
   """
-  _ffi.register_targets()
+  if _ffi.extension_available():
+    # Lowering needs only the target's name: a machine without the
+    # extension (or without a GPU) still exports the kernel's lowering.
+    _ffi.register_targets()
   b, s_q, h_q, _ = q.shape
   _, page_size, h_kv, _ = kv_cache.shape
   max_pages = block_table.shape[1]
@@ -70,7 +73,10 @@ def mla_decode_cuda(q: jax.Array, kv_cache: jax.Array,
   if timing:
     results.append(jax.ShapeDtypeStruct(
         (plan.num_sms, plan.max_instructions, isa.TIMING_WORDS), jnp.int32))
-  call = jax.ffi.ffi_call(TIMED_TARGET if timing else TARGET, tuple(results))
+  # mla_decode batches the untimed call itself (jax_thundermla._op); the
+  # timed one runs once per mapped element.
+  call = jax.ffi.ffi_call(TIMED_TARGET if timing else TARGET, tuple(results),
+                          vmap_method="sequential")
   out, lse, _, *timings = call(
       q, kv_cache, block_table, cache_seqlens,
       jnp.asarray(plan.seqlens, jnp.int32),

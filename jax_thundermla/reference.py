@@ -11,10 +11,15 @@ import jax.numpy as jnp
 
 # Upper bound on elements of one gathered KV chunk (f32), all sequences.
 _CHUNK_ELEMENTS = 1 << 22
+# The batch the chunk is sized for when the batch is symbolic (jax.export):
+# the chunk must be static, so it holds this many sequences' share.
+_SYMBOLIC_BATCH_CHUNK = 16
 
 
-def _chunk_pages(batch: int, page_size: int, h_kv: int, d_qk: int,
+def _chunk_pages(batch, page_size: int, h_kv: int, d_qk: int,
                  max_pages: int) -> int:
+  if not isinstance(batch, int):
+    batch = _SYMBOLIC_BATCH_CHUNK
   per_page = batch * page_size * h_kv * d_qk
   return max(1, min(max_pages, _CHUNK_ELEMENTS // per_page))
 

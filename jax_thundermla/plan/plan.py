@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import operator
 from typing import Any
 
@@ -154,6 +155,22 @@ class DecodePlan:
     from jax_thundermla.plan import gantt  # pylint: disable=g-import-not-at-top
     gantt.draw(self, path, title=title)
 
+
+def _serialize_aux(aux) -> bytes:
+  *static_fields, makespan_ns = aux
+  return json.dumps([*static_fields, makespan_ns.value]).encode()
+
+
+def _deserialize_aux(data: bytes):
+  *static_fields, makespan_ns = json.loads(data.decode())
+  return (*static_fields, _Informational(makespan_ns))
+
+
+# jax.export writes a plan argument's static fields into the artifact's
+# calling convention (and reads them back) through this registration.
+jax.export.register_pytree_node_serialization(
+    DecodePlan, serialized_name="jax_thundermla.DecodePlan",
+    serialize_auxdata=_serialize_aux, deserialize_auxdata=_deserialize_aux)
 
 def _int_arg(name: str, value: Any, minimum: int) -> int:
   if type(value) is int and value >= minimum:  # Not bool, a subclass.

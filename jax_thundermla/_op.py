@@ -1,0 +1,275 @@
+"""The mla_decode operation as JAX sees it: one primitive and its rules.
+
+Layers, from the outside in (each is a public JAX mechanism):
+
+* ``jax.custom_jvp``: differentiation raises a clear error.
+* ``jax.custom_batching.custom_vmap``: the batching rule (``_vmap_rule``).
+* ``custom_partitioning``: the SPMD rule (``_sharding.partition``): batch-
+  and head-sharded inputs run locally on each shard.
+* the primitive ``mla_decode``: lowered per platform, to the pure-JAX
+  reference everywhere and to the CUDA megakernel (an FFI custom call) for
+  platform ``cuda``. ``jax.export(..., platforms=("cpu", "cuda"))`` therefore
+  carries both lowerings, from any machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
+import jax.numpy as jnp
+
+from jax_thundermla import _sharding
+from jax_thundermla import reference
+
+# What the ``cuda`` lowering runs: the megakernel, or the reference (shapes
+# the kernel does not take, or a GPU process without the extension).
+CUDA_IMPLS = ("kernel", "reference")
+_INT32_MAX = (1 << 31) - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanMeta:
+  """The static fields of a host DecodePlan (its leaves travel as operands)."""
+
+  s_q: int
+  h_q: int
+  h_kv: int
+  page_size: int
+  num_sms: int
+  max_instructions: int
+  num_slots: int
+  num_counters: int
+  scheduler: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Static parameters of one mla_decode call (hashable).
+
+  Attributes:
+    head_dim_v: value head dim.
+    softmax_scale: factor applied to QK^T.
+    causal: bottom-right causal masking.
+    cuda_impl: one of CUDA_IMPLS, what the ``cuda`` lowering runs.
+    plan: the static fields of a host plan, or None (plan on the device).
+  """
+
+  head_dim_v: int
+  softmax_scale: float
+  causal: bool
+  cuda_impl: str
+  plan: PlanMeta | None
+
+  def __post_init__(self):
+    if self.cuda_impl not in CUDA_IMPLS:
+      raise ValueError(
+          f"cuda_impl must be one of {CUDA_IMPLS}, got {self.cuda_impl!r}")
+
+
+def _abstract_eval(q, kv_cache, block_table, cache_seqlens, *plan_leaves,
+                   config: Config):
+  del kv_cache, block_table, cache_seqlens, plan_leaves
+  b, s_q, h_q, _ = q.shape
+  return (jax.core.ShapedArray((b, s_q, h_q, config.head_dim_v), q.dtype),
+          jax.core.ShapedArray((b, h_q, s_q), jnp.float32))
+
+
+def _reference_impl(q, kv_cache, block_table, cache_seqlens, *plan_leaves,
+                    config: Config):
+  out, lse = reference.mla_decode_reference(
+      q, kv_cache, block_table, cache_seqlens, head_dim_v=config.head_dim_v,
+      softmax_scale=config.softmax_scale, causal=config.causal)
+  if plan_leaves:
+    # A sequence whose length is not the one the host plan was built for
+    # gets NaN (the kernel does this itself).
+    stale = plan_leaves[1] != cache_seqlens
+    out = jnp.where(stale[:, None, None, None], jnp.nan, out).astype(out.dtype)
+    lse = jnp.where(stale[:, None, None], jnp.nan, lse)
+  return out, lse
+
+
+def _plan(plan_leaves, meta: PlanMeta | None):
+  if meta is None:
+    return None
+  from jax_thundermla.plan import DecodePlan  # pylint: disable=g-import-not-at-top
+  return DecodePlan(*plan_leaves, *dataclasses.astuple(meta), float("nan"))
+
+
+def _kernel_impl(q, kv_cache, block_table, cache_seqlens, *plan_leaves,
+                 config: Config):
+  from jax_thundermla import kernel  # pylint: disable=g-import-not-at-top
+  if not isinstance(q.shape[0], int):
+    raise ValueError(
+        "mla_decode's CUDA lowering needs a static batch size (the kernel's"
+        f" on-device plan is sized from it), got batch {q.shape[0]}: export"
+        " one artifact per batch size for platform 'cuda', or a symbolic"
+        " batch for platforms=('cpu',) only")
+  return tuple(kernel.mla_decode_cuda(
+      q, kv_cache, block_table, cache_seqlens,
+      _plan(plan_leaves, config.plan), head_dim_v=config.head_dim_v,
+      softmax_scale=config.softmax_scale, causal=config.causal))
+
+
+def _cuda_impl(*args, config: Config):
+  impl = _kernel_impl if config.cuda_impl == "kernel" else _reference_impl
+  return impl(*args, config=config)
+
+
+mla_decode_p = Primitive("mla_decode")
+mla_decode_p.multiple_results = True
+mla_decode_p.def_abstract_eval(_abstract_eval)
+mla_decode_p.def_impl(
+    lambda *args, config: jax.jit(functools.partial(
+        mla_decode_p.bind, config=config))(*args))
+mlir.register_lowering(
+    mla_decode_p, mlir.lower_fun(_reference_impl, multiple_results=True))
+mlir.register_lowering(
+    mla_decode_p, mlir.lower_fun(_cuda_impl, multiple_results=True),
+    platform="cuda")
+
+
+def bind(config: Config, q, kv_cache, block_table, cache_seqlens,
+         plan_leaves) -> tuple[jax.Array, jax.Array]:
+  """Binds the primitive on (local) arrays; no transformation rules."""
+  out, lse = mla_decode_p.bind(q, kv_cache, block_table, cache_seqlens,
+                               *plan_leaves, config=config)
+  return out, lse
+
+
+@functools.partial(custom_partitioning, static_argnums=(0,))
+def _partitioned(config, q, kv_cache, block_table, cache_seqlens,
+                 plan_leaves):
+  return bind(config, q, kv_cache, block_table, cache_seqlens, plan_leaves)
+
+
+_partitioned.def_partition(
+    functools.partial(_sharding.partition, bind),
+    sharding_rule=_sharding.sharding_rule,
+    decode_shardings=True)
+
+
+def _lead(x, batched: bool, n: int):
+  return x if batched else jnp.broadcast_to(x, (n, *x.shape))
+
+
+def _fold(op, n: int, in_batched, q, kv_cache, block_table, cache_seqlens):
+  """Runs n problems as one of n times the batch (plan on the device).
+
+  A mapped cache becomes one cache of ``n * num_pages`` pages: element i's
+  page ids are offset by ``i * num_pages``, and ids outside
+  ``[0, num_pages)`` become -1, so that they stay out of range (NaN output)
+  instead of naming another element's page.
+  """
+  qb, kvb, tb, lb = in_batched
+  b = q.shape[1] if qb else q.shape[0]
+  table = _lead(block_table, tb, n)
+  if kvb:
+    num_pages = kv_cache.shape[1]
+    offsets = (jnp.arange(n, dtype=jnp.int32) * num_pages)[:, None, None]
+    table = jnp.where((table >= 0) & (table < num_pages), table + offsets,
+                      -1)
+    kv_cache = kv_cache.reshape(n * num_pages, *kv_cache.shape[2:])
+  q = _lead(q, qb, n).reshape(n * b, *q.shape[-3:])
+  table = table.reshape(n * b, table.shape[-1])
+  lens = _lead(cache_seqlens, lb, n).reshape(n * b)
+  out, lse = op(q, kv_cache, table, lens, ())
+  return out.reshape(n, b, *out.shape[1:]), lse.reshape(n, b, *lse.shape[1:])
+
+
+def _loop(op, in_batched, args):
+  """Runs the n problems one after the other (``lax.map``)."""
+  flat, tree = jax.tree.flatten(args)
+  flags = jax.tree.leaves(in_batched)
+  mapped = [x for x, f in zip(flat, flags) if f]
+
+  def one(xs):
+    it = iter(xs)
+    return op(*jax.tree.unflatten(
+        tree, [next(it) if f else x for x, f in zip(flat, flags)]))
+
+  return jax.lax.map(one, mapped)
+
+
+@functools.cache
+def operation(config: Config):
+  """The mla_decode function of one static configuration, every rule on.
+
+  Args:
+    config: the static parameters.
+
+  Returns:
+    ``f(q, kv_cache, block_table, cache_seqlens, plan_leaves) -> (out,
+    lse)`` where ``plan_leaves`` is ``()`` or a host plan's
+    ``(instructions, seqlens)``.
+  """
+
+  @jax.custom_batching.custom_vmap
+  def batched(q, kv_cache, block_table, cache_seqlens, plan_leaves):
+    return _partitioned(config, q, kv_cache, block_table, cache_seqlens,
+                        plan_leaves)
+
+  @batched.def_vmap
+  def _vmap_rule(n, in_batched, q, kv_cache, block_table, cache_seqlens,
+                 plan_leaves):
+    args = (q, kv_cache, block_table, cache_seqlens, plan_leaves)
+    kvb = in_batched[1]
+    # A host plan describes one problem: loop. So does a folded cache whose
+    # page ids would not fit in int32.
+    if plan_leaves or (kvb and n * kv_cache.shape[1] > _INT32_MAX):
+      out = _loop(batched, in_batched, args)
+    else:
+      out = _fold(batched, n, in_batched[:4], *args[:4])
+    return out, (True, True)
+
+  @jax.custom_jvp
+  def op(q, kv_cache, block_table, cache_seqlens, plan_leaves):
+    return batched(q, kv_cache, block_table, cache_seqlens, plan_leaves)
+
+  @op.defjvp
+  def _jvp(primals, tangents):
+    del primals, tangents
+    raise TypeError(
+        "jax_thundermla.mla_decode is not differentiable: it is a decode"
+        " (inference) kernel. Wrap its inputs in jax.lax.stop_gradient if"
+        " the surrounding computation is differentiated.")
+
+  return op
+
+
+def cuda_impl_for(kernel_reason: str | None, gpu_without_kernel: bool) -> str:
+  """What the cuda lowering runs under backend=None.
+
+  Args:
+    kernel_reason: why the kernel cannot take these shapes, or None.
+    gpu_without_kernel: this process sees a GPU but has no kernel built (the
+      reference runs there rather than a custom call that cannot).
+
+  Returns:
+    One of CUDA_IMPLS.
+  """
+  if kernel_reason is not None or gpu_without_kernel:
+    return "reference"
+  return "kernel"
+
+
+def plan_meta(plan) -> PlanMeta:
+  """The static fields of a DecodePlan."""
+  return PlanMeta(
+      s_q=plan.s_q, h_q=plan.h_q, h_kv=plan.h_kv, page_size=plan.page_size,
+      num_sms=plan.num_sms, max_instructions=plan.max_instructions,
+      num_slots=plan.num_slots, num_counters=plan.num_counters,
+      scheduler=plan.scheduler)
+
+
+def plan_leaves(plan) -> tuple:
+  """A plan's arrays as int32 operands, ``()`` for None."""
+  if plan is None:
+    return ()
+  return (jnp.asarray(plan.instructions, jnp.int32),
+          jnp.asarray(plan.seqlens, jnp.int32))
+

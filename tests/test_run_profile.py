@@ -1,0 +1,39 @@
+"""``benchmarks/run.py --profile`` writes a trace on every backend."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*flags: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [_ROOT, os.environ.get("PYTHONPATH", "")]))
+  return subprocess.run(
+      [sys.executable, os.path.join(_ROOT, "benchmarks", "run.py"),
+       "--lens=100,300", "--h_q=16", "--steps=1", "--impls=xla", *flags],
+      env=env, capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_profile_writes_a_trace_and_says_where(tmp_path):
+  run = _run(f"--profile={tmp_path}")
+  assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+  traces = glob.glob(str(tmp_path / "custom_xla" / "**" / "*.xplane.pb"),
+                     recursive=True)
+  assert len(traces) == 1
+  assert f"trace: {traces[0]}" in run.stdout
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu",
+                    reason="a GPU records the events --breakdown sums")
+def test_breakdown_without_gpu_events_says_why():
+  run = _run("--breakdown")
+  assert run.returncode != 0
+  assert "--breakdown sums GPU kernel times" in run.stderr
