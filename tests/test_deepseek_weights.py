@@ -54,9 +54,9 @@ def _hf_tensors(weights, config) -> dict[str, np.ndarray]:
         a + "kv_a_layernorm.weight": layer.attn.kv_norm,
         a + "kv_b_proj.weight": kv_b.reshape(-1, c.kv_lora_rank),
         a + "o_proj.weight": layer.attn.w_o.reshape(h * c.v_head_dim, -1).T,
-        p + "mlp.gate_proj.weight": layer.w_gate.T,
-        p + "mlp.up_proj.weight": layer.w_up.T,
-        p + "mlp.down_proj.weight": layer.w_down.T,
+        p + "mlp.gate_proj.weight": layer.mlp.w_gate.T,
+        p + "mlp.up_proj.weight": layer.mlp.w_up.T,
+        p + "mlp.down_proj.weight": layer.mlp.w_down.T,
     })
   # Layer 2 starts the mixture-of-experts layers: only its router here.
   out["model.layers.2.mlp.gate.weight"] = np.zeros((4, c.hidden_size),
