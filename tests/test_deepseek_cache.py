@@ -123,3 +123,52 @@ def test_jitted_append_updates_the_cache_in_place():
   out = append_latent_jit(cache, entries, table, lens)
   assert cache.is_deleted()
   assert float(out[0, 1, 0, 0]) == 1.0 and float(out[0, 3, 0, 0]) == 0.0
+
+
+def test_append_latent_takes_numpy_outside_jit():
+  from jax_thundermla.deepseek.cache import append_latent
+  cache = np.zeros((2, 16, 1, 8), np.float32)
+  entries = np.arange(2 * 8, dtype=np.float32).reshape(1, 2, 8)
+  out = append_latent(cache, entries, np.array([[1]], np.int32),
+                      np.array([3], np.int32))
+  np.testing.assert_array_equal(np.asarray(out)[1, 1:3, 0], entries[0])
+  assert float(np.abs(np.asarray(out)).sum()) == float(entries.sum())
+
+
+@pytest.mark.parametrize("cache_shape,entries_shape,table_shape,lens_shape,"
+                         "words", [
+    ((2, 16, 8), (1, 1, 8), (1, 1), (1,), ["cache", "num_pages"]),
+    ((2, 16, 1, 8), (1, 1, 9), (1, 1), (1,), ["entries", "latent_dim"]),
+    ((2, 16, 1, 8), (2, 1, 8), (1, 1), (2,), ["block_table", "b = 2"]),
+    ((2, 16, 1, 8), (1, 1, 8), (1, 1), (3,), ["cache_seqlens", "[b]"]),
+])
+def test_append_latent_names_mismatched_shapes(cache_shape, entries_shape,
+                                               table_shape, lens_shape,
+                                               words):
+  from jax_thundermla.deepseek.cache import append_latent
+  with pytest.raises(ValueError) as e:
+    append_latent(np.zeros(cache_shape, np.float32),
+                  np.zeros(entries_shape, np.float32),
+                  np.zeros(table_shape, np.int32),
+                  np.zeros(lens_shape, np.int32))
+  for word in words:
+    assert word in str(e.value)
+  with pytest.raises(TypeError, match="block_table must be int32"):
+    append_latent(np.zeros((2, 16, 1, 8), np.float32),
+                  np.zeros((1, 1, 8), np.float32),
+                  np.zeros((1, 1), np.float32), np.zeros((1,), np.int32))
+
+
+@pytest.mark.parametrize("bad", [2.0, "4", True, None])
+def test_page_allocator_refuses_non_integers(bad):
+  with pytest.raises(TypeError, match="num_pages must be an int"):
+    PageAllocator(bad, 16)
+  with pytest.raises(TypeError, match="page_size must be an int"):
+    PageAllocator(4, bad)
+  alloc = PageAllocator(4, 16)
+  with pytest.raises(TypeError, match="lengths must be an int"):
+    alloc.allocate(["a"], [bad])
+  alloc.allocate(["a"], [np.int64(3)])
+  with pytest.raises(TypeError, match="length must be an int"):
+    alloc.grow("a", bad)
+  assert alloc.length("a") == 3

@@ -121,8 +121,8 @@ def textbook_logits(weights, tokens, config) -> np.ndarray:
     x = x + textbook_attention(layer.attn, _norm(x, layer.attn_norm, eps),
                                config)
     h = _norm(x, layer.mlp_norm, eps)
-    gate = h @ layer.w_gate
-    x = x + (gate / (1 + np.exp(-gate)) * (h @ layer.w_up)) @ layer.w_down
+    gate = h @ layer.mlp.w_gate
+    x = x + (gate / (1 + np.exp(-gate)) * (h @ layer.mlp.w_up)) @ layer.mlp.w_down
   return _norm(x, w.final_norm, eps) @ w.lm_head
 
 
@@ -164,7 +164,9 @@ def test_softmax_scale_is_deepseek_v3s():
     ("num_heads", 0, ["num_heads", ">= 1"]),
     ("rope_factor", 0.5, ["rope_factor", ">= 1"]),
     ("beta_slow", 64.0, ["beta_fast", "beta_slow"]),
-    ("dtype", "float32", ["dtype", "float32"]),
+    ("dtype", "float64", ["dtype", "float64"]),
+    ("topk_method", "top2", ["topk_method", "top2"]),
+    ("q_lora_rank", 0, ["q_lora_rank", "None"]),
 ])
 def test_config_rejects_bad_fields(field, value, words):
   with pytest.raises(ValueError) as e:

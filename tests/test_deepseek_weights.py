@@ -1,4 +1,4 @@
-"""Loading the Hugging Face DeepSeek-V3 layout from a synthetic checkpoint."""
+"""Loading the Hugging Face DeepSeek layout from a synthetic checkpoint."""
 
 from __future__ import annotations
 
@@ -21,15 +21,14 @@ from test_deepseek_oracle import jitter_norms, tiny_config
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 HF_CONFIG = {
-    "vocab_size": 64, "hidden_size": 256, "intermediate_size": 384,
-    "num_hidden_layers": 4, "num_attention_heads": 8, "q_lora_rank": 96,
+    "model_type": "deepseek_v3", "vocab_size": 64, "hidden_size": 256, "intermediate_size": 384,
+    "num_hidden_layers": 2, "num_attention_heads": 8, "q_lora_rank": 96,
     "kv_lora_rank": 64, "qk_nope_head_dim": 32, "qk_rope_head_dim": 64,
     "v_head_dim": 32, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
     "rope_scaling": {"type": "yarn", "factor": 4.0,
                      "original_max_position_embeddings": 32,
                      "beta_fast": 32, "beta_slow": 1, "mscale": 0.8,
                      "mscale_all_dim": 0.8},
-    "n_routed_experts": 4, "first_k_dense_replace": 2,
 }
 
 
@@ -54,9 +53,9 @@ def _hf_tensors(weights, config) -> dict[str, np.ndarray]:
         a + "kv_a_layernorm.weight": layer.attn.kv_norm,
         a + "kv_b_proj.weight": kv_b.reshape(-1, c.kv_lora_rank),
         a + "o_proj.weight": layer.attn.w_o.reshape(h * c.v_head_dim, -1).T,
-        p + "mlp.gate_proj.weight": layer.w_gate.T,
-        p + "mlp.up_proj.weight": layer.w_up.T,
-        p + "mlp.down_proj.weight": layer.w_down.T,
+        p + "mlp.gate_proj.weight": layer.mlp.w_gate.T,
+        p + "mlp.up_proj.weight": layer.mlp.w_up.T,
+        p + "mlp.down_proj.weight": layer.mlp.w_down.T,
     })
   # Layer 2 starts the mixture-of-experts layers: only its router here.
   out["model.layers.2.mlp.gate.weight"] = np.zeros((4, c.hidden_size),
@@ -66,7 +65,7 @@ def _hf_tensors(weights, config) -> dict[str, np.ndarray]:
 
 @pytest.fixture(name="checkpoint")
 def _checkpoint(tmp_path):
-  config = tiny_config()
+  config = tiny_config(n_routed_experts=0)
   weights = jitter_norms(model_lib.init_weights(jax.random.key(7), config))
   tensors = _hf_tensors(weights, config)
   names = sorted(tensors)
@@ -99,7 +98,8 @@ def test_loaded_model_equals_the_weights_it_was_written_from(checkpoint):
 
 def test_load_errors_name_the_tensor(checkpoint, tmp_path_factory):
   path, config, _, tensors = checkpoint
-  with pytest.raises(ValueError, match="layer 2 has a mixture-of-experts"):
+  with pytest.raises(ValueError, match="layer 2 has a mixture-of-experts MLP"
+                     " in the checkpoint, the config says dense"):
     load_hf_checkpoint(path, dataclasses.replace(config, num_layers=3))
   missing = dict(tensors)
   del missing["model.layers.1.self_attn.kv_b_proj.weight"]
@@ -120,15 +120,78 @@ def test_load_errors_name_the_tensor(checkpoint, tmp_path_factory):
 
 
 def test_config_from_hf():
-  config = DeepSeekConfig.from_hf(HF_CONFIG)
-  assert config == tiny_config()
-  assert DeepSeekConfig.from_hf(HF_CONFIG, num_layers=1).num_layers == 1
-  with pytest.raises(ValueError, match="num_layers must be <= 2"):
-    DeepSeekConfig.from_hf(HF_CONFIG, num_layers=3)
-  with pytest.raises(ValueError, match="q_lora_rank null"):
-    DeepSeekConfig.from_hf({**HF_CONFIG, "q_lora_rank": None})
+  hf = HF_CONFIG
+  config = DeepSeekConfig.from_hf(hf)
+  assert config == tiny_config(n_routed_experts=0)
+  assert DeepSeekConfig.from_hf(hf, num_layers=1).num_layers == 1
+  with pytest.raises(ValueError, match=r"num_layers must be in \[1, 2\]"):
+    DeepSeekConfig.from_hf(hf, num_layers=3)
+  assert DeepSeekConfig.from_hf(
+      {**HF_CONFIG, "q_lora_rank": None}).q_lora_rank is None
   with pytest.raises(ValueError, match="lacks the key 'kv_lora_rank'"):
     DeepSeekConfig.from_hf({k: v for k, v in HF_CONFIG.items()
                             if k != "kv_lora_rank"})
   plain = DeepSeekConfig.from_hf({**HF_CONFIG, "rope_scaling": None})
   assert plain.rope_factor == 1.0
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"some_new_option": 1}, ["unsupported option", "some_new_option"]),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}},
+     ["both rope_parameters", "rope_scaling"]),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}},
+     ["rope type", "linear"]),
+    ({"rope_scaling": {"type": "yarn", "factor": 2.0, "low_freq": 1}},
+     ["rope option", "low_freq"]),
+    ({"model_type": "llama"}, ["model_type", "llama"]),
+    ({"hidden_act": "gelu"}, ["hidden_act", "gelu"]),
+    ({"attention_bias": True}, ["attention_bias"]),
+    ({"quantization_config": {"quant_method": "fp8"}},
+     ["quantization_config", "bfloat16"]),
+    ({"model_type": "deepseek_v2", "n_routed_experts": 4,
+      "moe_intermediate_size": 16, "num_experts_per_tok": 2,
+      "norm_topk_prob": True}, ["norm_topk_prob", "deepseek_v2"]),
+    ({"n_routed_experts": 4, "moe_intermediate_size": 16,
+      "num_experts_per_tok": 2, "scoring_func": "softmax"},
+     ["deepseek_v3", "sigmoid", "softmax"]),
+    ({"n_routed_experts": 4, "num_experts_per_tok": 2},
+     ["lacks the key", "moe_intermediate_size"]),
+])
+def test_config_from_hf_refuses_what_it_cannot_honour(change, words):
+  with pytest.raises(ValueError) as e:
+    DeepSeekConfig.from_hf({**HF_CONFIG, **change})
+  for word in words:
+    assert word in str(e.value)
+
+
+def test_config_from_hf_reads_yarn_as_transformers_does():
+  def rope(**kw):
+    scaling = {"type": "yarn", "factor": 4.0,
+               "original_max_position_embeddings": 32, **kw}
+    return DeepSeekConfig.from_hf({**HF_CONFIG, "rope_scaling": scaling})
+  # Without mscale_all_dim: cos/sin get YaRN's default magnitude, the
+  # softmax scale none.
+  only_mscale = rope(mscale=0.707)
+  assert only_mscale.rope_mscale == pytest.approx(0.1 * np.log(4.0) + 1)
+  assert only_mscale.softmax_scale == pytest.approx(96 ** -0.5)
+  both = rope(mscale=1.0, mscale_all_dim=0.5)
+  assert both.rope_mscale == pytest.approx(
+      (0.1 * np.log(4) + 1) / (0.05 * np.log(4) + 1))
+  assert rope(attention_factor=1.25).rope_mscale == 1.25
+  assert not rope(truncate=False).rope_truncate
+  no_factor = DeepSeekConfig.from_hf({
+      **HF_CONFIG, "max_position_embeddings": 256, "rope_scaling": {
+          "type": "yarn", "original_max_position_embeddings": 32}})
+  assert no_factor.rope_factor == 8.0
+  interleave = DeepSeekConfig.from_hf({**HF_CONFIG, "rope_interleave": False})
+  assert not interleave.rope_interleave
+
+
+def test_missing_paths_are_named(tmp_path):
+  missing = tmp_path / "no_such_checkpoint"
+  with pytest.raises(FileNotFoundError, match="no_such_checkpoint"):
+    load_hf_checkpoint(missing)
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    DeepSeekConfig.from_hf(tmp_path)
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    load_hf_checkpoint(tmp_path)

@@ -20,6 +20,13 @@ class OutOfPagesError(RuntimeError):
   """The allocator has fewer free pages than a request needs."""
 
 
+def _require_int(name: str, value) -> None:
+  """Python or numpy integers only: no bools, floats or strings."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, (int, np.integer)):
+    raise TypeError(f"{name} must be an int, got {value!r}")
+
+
 class PageAllocator:
   """Host-side owner of a cache's pages: a free list and per-sequence tables.
 
@@ -44,8 +51,11 @@ class PageAllocator:
       page_size: tokens per page.
 
     Raises:
+      TypeError: a size that is not an int.
       ValueError: a size below 1.
     """
+    _require_int("num_pages", num_pages)
+    _require_int("page_size", page_size)
     if num_pages < 1 or page_size < 1:
       raise ValueError(
           f"num_pages and page_size must be >= 1, got {num_pages} and"
@@ -95,11 +105,15 @@ class PageAllocator:
       lengths: tokens each one holds (>= 0), same length as ``seq_ids``.
 
     Raises:
+      TypeError: a length that is not an int.
       ValueError: mismatched lengths, a negative length, or an id that is
         already allocated or repeated.
       OutOfPagesError: not enough free pages (nothing is allocated).
     """
-    seq_ids, lengths = list(seq_ids), [int(n) for n in lengths]
+    seq_ids, lengths = list(seq_ids), list(lengths)
+    for length in lengths:
+      _require_int("lengths", length)
+    lengths = [int(n) for n in lengths]
     if len(seq_ids) != len(lengths):
       raise ValueError(
           f"seq_ids and lengths must have the same length, got"
@@ -123,9 +137,11 @@ class PageAllocator:
 
     Raises:
       KeyError: unknown sequence.
+      TypeError: ``length`` is not an int.
       ValueError: ``length`` below the current length.
       OutOfPagesError: not enough free pages (nothing changes).
     """
+    _require_int("length", length)
     current = self.length(seq_id)
     if length < current:
       raise ValueError(
@@ -171,8 +187,11 @@ class PageAllocator:
 
     Raises:
       KeyError: unknown sequence.
+      TypeError: ``max_pages`` is not an int.
       ValueError: a sequence holds more than ``max_pages`` pages.
     """
+    if max_pages is not None:
+      _require_int("max_pages", max_pages)
     rows = [self._pages[self._known(s)] for s in seq_ids]
     width = max((len(r) for r in rows), default=0)
     if max_pages is None:
@@ -234,6 +253,31 @@ def _write_rows_in_loop(cache: jax.Array, rows: jax.Array, page: jax.Array,
   return jax.lax.fori_loop(0, jnp.sum(keep), write, cache)
 
 
+def _check_append(cache, entries, block_table, cache_seqlens):
+  """append_latent's arguments as JAX arrays, shapes checked."""
+  cache, entries = jnp.asarray(cache), jnp.asarray(entries)
+  block_table, cache_seqlens = (jnp.asarray(block_table),
+                                jnp.asarray(cache_seqlens))
+  if cache.ndim != 4 or cache.shape[2] != 1:
+    raise ValueError(
+        f"cache must be [num_pages, page_size, 1, latent_dim], got shape"
+        f" {cache.shape}")
+  if entries.ndim != 3 or entries.shape[2] != cache.shape[3]:
+    raise ValueError(
+        f"entries must be [b, s_q, {cache.shape[3]}] (the cache's"
+        f" latent_dim), got shape {entries.shape}")
+  for name, x, rank in (("block_table", block_table, 2),
+                        ("cache_seqlens", cache_seqlens, 1)):
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      raise TypeError(f"{name} must be int32, got {x.dtype}")
+    if x.ndim != rank or x.shape[0] != entries.shape[0]:
+      raise ValueError(
+          f"{name} must be {'[b, max_pages]' if rank == 2 else '[b]'} with"
+          f" b = {entries.shape[0]} (entries' batch), got shape {x.shape}")
+  return (cache, entries, block_table.astype(jnp.int32),
+          cache_seqlens.astype(jnp.int32))
+
+
 def append_latent(cache: jax.Array, entries: jax.Array,
                   block_table: jax.Array, cache_seqlens: jax.Array
                   ) -> jax.Array:
@@ -259,7 +303,13 @@ def append_latent(cache: jax.Array, entries: jax.Array,
 
   Returns:
     The updated cache, same shape and dtype.
+
+  Raises:
+    TypeError: non-integer block_table or cache_seqlens.
+    ValueError: ranks or sizes that do not match (named).
   """
+  cache, entries, block_table, cache_seqlens = _check_append(
+      cache, entries, block_table, cache_seqlens)
   num_pages, page_size, _, latent_dim = cache.shape
   b, s_q, _ = entries.shape
   max_pages = block_table.shape[1]

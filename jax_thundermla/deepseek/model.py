@@ -1,9 +1,9 @@
-"""A DeepSeek-V3-style decoder with dense MLPs, one decode step at a time.
+"""A DeepSeek-V2/V3 decoder, one decode step at a time.
 
 Each layer: RMSNorm, MLA attention (absorbed, paged latent cache), residual,
-RMSNorm, SwiGLU MLP, residual; then a final RMSNorm and the LM head. Every
-layer has its own cache array; all share one block table, one set of
-lengths and one decode plan per step.
+RMSNorm, MLP (dense SwiGLU or mixture of experts, ``moe``), residual; then a
+final RMSNorm and the LM head. Every layer has its own cache array; all
+share one block table, one set of lengths and one decode plan per step.
 """
 
 from __future__ import annotations
@@ -18,9 +18,13 @@ import numpy as np
 
 from jax_thundermla.deepseek.cache import init_cache
 from jax_thundermla.deepseek.config import DeepSeekConfig
-from jax_thundermla.deepseek.layer import (AttentionWeights,
-                                           attention_shapes, mla_attention,
+from jax_thundermla.deepseek.layer import (ATTENTION_BACKENDS,
+                                           AttentionWeights,
+                                           attention_shapes,
+                                           matmul_precision, mla_attention,
                                            rms_norm)
+from jax_thundermla.deepseek.moe import (DenseMLP, MoEWeights, dense_shapes,
+                                         moe_mlp, moe_shapes, swiglu)
 
 
 class LayerWeights(NamedTuple):
@@ -30,17 +34,14 @@ class LayerWeights(NamedTuple):
     attn_norm: [hidden] RMSNorm weight before attention.
     attn: the MLA weights.
     mlp_norm: [hidden] RMSNorm weight before the MLP.
-    w_gate: [hidden, intermediate] SwiGLU gate projection.
-    w_up: [hidden, intermediate] SwiGLU up projection.
-    w_down: [intermediate, hidden] SwiGLU down projection.
+    mlp: a ``DenseMLP`` (``intermediate_size`` wide) or, on the layers
+      where ``config.is_moe_layer(i)``, ``MoEWeights``.
   """
 
   attn_norm: jax.Array
   attn: AttentionWeights
   mlp_norm: jax.Array
-  w_gate: jax.Array
-  w_up: jax.Array
-  w_down: jax.Array
+  mlp: DenseMLP | MoEWeights
 
 
 class ModelWeights(NamedTuple):
@@ -62,14 +63,15 @@ class ModelWeights(NamedTuple):
 def weight_shapes(config: DeepSeekConfig) -> ModelWeights:
   """The shape of every ``ModelWeights`` leaf, as tuples."""
   c = config
-  layer = LayerWeights(
-      attn_norm=(c.hidden_size,), attn=attention_shapes(c),
-      mlp_norm=(c.hidden_size,),
-      w_gate=(c.hidden_size, c.intermediate_size),
-      w_up=(c.hidden_size, c.intermediate_size),
-      w_down=(c.intermediate_size, c.hidden_size))
+  layers = tuple(
+      LayerWeights(
+          attn_norm=(c.hidden_size,), attn=attention_shapes(c),
+          mlp_norm=(c.hidden_size,),
+          mlp=(moe_shapes(c) if c.is_moe_layer(i)
+               else dense_shapes(c.hidden_size, c.intermediate_size)))
+      for i in range(c.num_layers))
   return ModelWeights(
-      embed=(c.vocab_size, c.hidden_size), layers=(layer,) * c.num_layers,
+      embed=(c.vocab_size, c.hidden_size), layers=layers,
       final_norm=(c.hidden_size,), lm_head=(c.hidden_size, c.vocab_size))
 
 
@@ -88,7 +90,9 @@ def _fan_in(name: str, shape: tuple[int, ...]) -> int:
     return shape[1]
   if name == "w_o":  # [heads, v_head_dim, hidden]
     return shape[0] * shape[1]
-  return shape[0]  # [in, out] and w_uq [q_lora_rank, heads, out]
+  if name == "w_uq":  # [q_lora_rank or hidden, heads, out]
+    return shape[0]
+  return shape[-2]  # [in, out] and experts' [experts, in, out]
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -100,14 +104,20 @@ def _draw(key: jax.Array, named_shapes: tuple[tuple[str, tuple[int, ...]], ...],
                            jnp.float32)
   out, offset = [], 0
   for name, shape in named_shapes:
+    leaf_dtype = jnp.float32 if name in _FLOAT32_LEAVES else dtype
     if len(shape) == 1:
-      out.append(jnp.ones(shape, dtype))
+      out.append(jnp.full(shape, name != "router_bias", leaf_dtype))
       continue
     size = math.prod(shape)
     w = flat[offset:offset + size].reshape(shape) * _fan_in(name, shape)**-0.5
-    out.append(w.astype(dtype))
+    out.append(w.astype(leaf_dtype))
     offset += size
   return out
+
+
+# The router stays float32 whatever the model's dtype (as in DeepSeek's
+# checkpoints).
+_FLOAT32_LEAVES = ("router", "router_bias")
 
 
 def _named_shapes(tree: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -124,15 +134,15 @@ def init_weights(key: jax.Array, config: DeepSeekConfig) -> ModelWeights:
     config: the model config.
 
   Returns:
-    ``ModelWeights`` in ``config.dtype``.
+    ``ModelWeights`` in ``config.dtype`` (routers in float32, router
+    biases 0).
   """
   shapes = weight_shapes(config)
   keys = jax.random.split(key, config.num_layers + 1)
-  layer_shapes = shapes.layers[0]
   layers = tuple(
       jax.tree.unflatten(jax.tree.structure(layer_shapes, is_leaf=_is_shape),
                          _draw(k, _named_shapes(layer_shapes), config.dtype))
-      for k in keys[1:])
+      for k, layer_shapes in zip(keys[1:], shapes.layers))
   top = shapes._replace(layers=())
   top_leaves = _draw(keys[0], _named_shapes(top), config.dtype)
   return jax.tree.unflatten(jax.tree.structure(top, is_leaf=_is_shape),
@@ -157,31 +167,6 @@ def init_caches(config: DeepSeekConfig, num_pages: int, page_size: int,
                for _ in range(config.num_layers))
 
 
-def swiglu(layer: LayerWeights, x: jax.Array,
-           tp_axis: str | None = None) -> jax.Array:
-  """The dense MLP ``W_down(silu(W_gate x) * W_up x)``.
-
-  Args:
-    layer: the layer's weights (local intermediate columns under tensor
-      parallelism).
-    x: [b, s, hidden] normed hidden states.
-    tp_axis: mesh axis sharding the intermediate dim, or None.
-
-  Returns:
-    [b, s, hidden] in x's dtype.
-  """
-  gate = jnp.einsum("bsd,df->bsf", x, layer.w_gate,
-                    preferred_element_type=jnp.float32)
-  up = jnp.einsum("bsd,df->bsf", x, layer.w_up,
-                  preferred_element_type=jnp.float32)
-  h = (jax.nn.silu(gate) * up).astype(x.dtype)
-  y = jnp.einsum("bsf,fd->bsd", h, layer.w_down,
-                 preferred_element_type=jnp.float32)
-  if tp_axis is not None:
-    y = jax.lax.psum(y, tp_axis)
-  return y.astype(x.dtype)
-
-
 def decode_step(
     weights: ModelWeights,
     caches: tuple[jax.Array, ...],
@@ -192,6 +177,8 @@ def decode_step(
     config: DeepSeekConfig,
     plan: Any = None,
     tp_axis: str | None = None,
+    ep_axis: str | None = None,
+    backend: str | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
   """Runs ``s_q`` new tokens per sequence through the model.
 
@@ -202,7 +189,10 @@ def decode_step(
   Args:
     weights: the model (local shards inside ``jax.shard_map``).
     caches: one [num_pages, page_size, 1, latent_dim] cache per layer.
-    tokens: int32 [b, s_q] the new tokens.
+    tokens: integer [b, s_q] the new tokens. A sequence with a token
+      outside ``[0, vocab_size)`` gets NaN logits (and NaN cache entries
+      for its new positions, so later steps stay NaN), never a clamped
+      token; the other sequences are unaffected.
     block_table: int32 [b, max_pages] page ids of each sequence; pages for
       the new tokens must already be in it.
     cache_seqlens: int32 [b] lengths including the new tokens.
@@ -210,30 +200,78 @@ def decode_step(
     plan: one host-built ``DecodePlan`` for these lengths, reused by every
       layer, or None to plan on the device.
     tp_axis: mesh axis sharding heads and MLP columns, or None.
+    ep_axis: mesh axis sharding the routed experts (and the batch), or None.
+    backend: ``mla_decode``'s backend: None, ``"cuda"`` or
+      ``"reference"``.
 
   Returns:
     ``(logits, caches)``: float32 [b, s_q, vocab], and the updated caches.
 
   Raises:
-    ValueError: the number of caches is not ``config.num_layers``.
+    TypeError: non-integer tokens, or a cache of another dtype than the
+      config's.
+    ValueError: the number of caches is not the number of layers, a cache
+      is not [num_pages, page_size, 1, latent_dim], tokens are not
+      [b, s_q], or an unknown backend.
   """
+  _check_inputs(weights, caches, tokens, config, backend)
+  eps = config.rms_norm_eps
+  tokens = jnp.asarray(tokens)
+  vocab = weights.embed.shape[0]
+  oov = jnp.any((tokens < 0) | (tokens >= vocab), axis=1)  # [b]
+  x = weights.embed[jnp.clip(tokens, 0, vocab - 1)]  # [b, s_q, hidden]
+  x = jnp.where(oov[:, None, None], jnp.nan, x).astype(x.dtype)
+  new_caches = []
+  for i, (layer, cache) in enumerate(zip(weights.layers, caches)):
+    h, cache = mla_attention(
+        layer.attn, rms_norm(x, layer.attn_norm, eps), cache, block_table,
+        cache_seqlens, config=config, plan=plan, tp_axis=tp_axis,
+        backend=backend)
+    x = x + h
+    normed = rms_norm(x, layer.mlp_norm, eps)
+    if isinstance(layer.mlp, MoEWeights):
+      x = x + moe_mlp(layer.mlp, normed, config=config, tp_axis=tp_axis,
+                      ep_axis=ep_axis)
+    else:
+      if config.is_moe_layer(i):
+        raise ValueError(f"layer {i} must have MoEWeights, got a DenseMLP")
+      x = x + swiglu(layer.mlp, normed, tp_axis)
+    new_caches.append(cache)
+  logits = jnp.einsum("bsd,dv->bsv", rms_norm(x, weights.final_norm, eps),
+                      weights.lm_head, preferred_element_type=jnp.float32,
+                      precision=matmul_precision(x.dtype))
+  return logits, tuple(new_caches)
+
+
+def _check_inputs(weights: ModelWeights, caches, tokens, config, backend
+                  ) -> None:
+  """Trace-time checks of decode_step's arguments (shapes and dtypes)."""
+  if backend not in ATTENTION_BACKENDS:
+    raise ValueError(
+        f"backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
   if len(caches) != len(weights.layers):
     raise ValueError(
         f"caches must hold one cache per layer ({len(weights.layers)}), got"
         f" {len(caches)}")
-  eps = config.rms_norm_eps
-  x = weights.embed[tokens]  # [b, s_q, hidden]
-  new_caches = []
-  for layer, cache in zip(weights.layers, caches):
-    h, cache = mla_attention(
-        layer.attn, rms_norm(x, layer.attn_norm, eps), cache, block_table,
-        cache_seqlens, config=config, plan=plan, tp_axis=tp_axis)
-    x = x + h
-    x = x + swiglu(layer, rms_norm(x, layer.mlp_norm, eps), tp_axis)
-    new_caches.append(cache)
-  logits = jnp.einsum("bsd,dv->bsv", rms_norm(x, weights.final_norm, eps),
-                      weights.lm_head, preferred_element_type=jnp.float32)
-  return logits, tuple(new_caches)
+  if not hasattr(tokens, "dtype"):
+    tokens = np.asarray(tokens)
+  if not np.issubdtype(tokens.dtype, np.integer):
+    raise TypeError(
+        f"tokens must be integer token ids, got dtype"
+        f" {np.dtype(tokens.dtype).name}")
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must be [b, s_q], got shape {tokens.shape}")
+  for i, cache in enumerate(caches):
+    shape = tuple(cache.shape)
+    if len(shape) != 4 or shape[2] != 1 or shape[3] != config.latent_dim:
+      raise ValueError(
+          f"caches[{i}] must be [num_pages, page_size, 1,"
+          f" {config.latent_dim}] (latent_dim = kv_lora_rank + 64), got"
+          f" {shape}")
+    if cache.dtype != config.jnp_dtype:
+      raise TypeError(
+          f"caches[{i}] must be {config.dtype} (the config's dtype), got"
+          f" {np.dtype(cache.dtype).name}")
 
 
 def prefill_windows(prompt_lengths: Sequence[int], chunk: int) -> np.ndarray:
