@@ -6,13 +6,16 @@ import jax
 
 from jax_thundermla import _ffi
 from jax_thundermla import kernel
+from jax_thundermla.plan import device_ffi
 
 
 def export_safety_checks() -> list[jax.export.DisabledSafetyCheck]:
   """The safety checks ``jax.export`` must skip for mla_decode's kernel.
 
   jax.export refuses custom calls it does not know to be stable; the kernel
-  is one (its FFI targets are named in ``jax_thundermla.kernel``). Pass
+  is one (its FFI targets are named in ``jax_thundermla.kernel``), and so
+  is the planner that ``plan=None`` runs on the GPU
+  (``jax_thundermla.plan.device_ffi``). Pass
   these as ``disabled_checks`` when exporting for platform ``cuda``::
 
     jax.export.export(fn, platforms=("cpu", "cuda"),
@@ -23,10 +26,10 @@ def export_safety_checks() -> list[jax.export.DisabledSafetyCheck]:
   with its CUDA extension, and ``register_export_targets()``.
 
   Returns:
-    One ``DisabledSafetyCheck.custom_call`` per FFI target.
+    One ``DisabledSafetyCheck.custom_call`` per FFI target of the package.
   """
   return [jax.export.DisabledSafetyCheck.custom_call(name)
-          for name in (kernel.TARGET, kernel.TIMED_TARGET)]
+          for name in (kernel.TARGET, kernel.TIMED_TARGET, device_ffi.TARGET)]
 
 
 def register_export_targets() -> tuple[str, ...]:
