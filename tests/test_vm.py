@@ -161,6 +161,29 @@ def test_rows_without_keys_and_causal_edges():
   assert (result.lse > 0).all() or np.isfinite(result.lse).any()
 
 
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_nan_keys_reach_exactly_the_rows_that_see_them(scheduler):
+  # Causal, s_q = 3: key n - 1 is seen by token 2 only, key 100 by every
+  # token of sequence 0. The plans cut sequence 0 and merge its pieces.
+  w = Workload("nan", (3000, 40), s_q=3, h_q=8, d_qk=D_QK, d_v=D_V,
+               page_size=16, causal=True)
+  plan = plan_decode(w.seqlens, s_q=3, h_q=8, page_size=16, head_dim_v=D_V,
+                     num_sms=8, scheduler=scheduler, cost_model=CHEAP_MERGES)
+  assert (np.asarray(plan.instructions)[..., isa.FIELD_OPCODE]
+          == isa.OP_REDUCE).any()
+  q, (kv,), table, lens = make_inputs(w, seed=3)
+  for i, n in enumerate(w.seqlens):
+    kv[table[i, (n - 1) // 16], (n - 1) % 16] = np.nan
+  result = vm.execute(plan, q, kv, table, lens, head_dim_v=D_V, causal=True)
+  assert np.isfinite(result.out[:, :2]).all()
+  assert np.isfinite(result.lse[:, :, :2]).all()
+  assert np.isnan(result.out[:, 2]).all() and np.isnan(result.lse[:, :, 2]).all()
+  kv[table[0, 100 // 16], 100 % 16, 0, 3] = np.nan
+  result = vm.execute(plan, q, kv, table, lens, head_dim_v=D_V, causal=True)
+  assert np.isnan(result.out[0]).all() and np.isnan(result.lse[0]).all()
+  assert np.isfinite(result.out[1, :2]).all()
+
+
 def test_cost_words_are_the_cost_model():
   w = Workload("c", (700, 0, 33), s_q=2, h_q=40, page_size=16)
   cost = CostModel(partial_fixed_ns=1000, kv_token_ns=7)
