@@ -44,7 +44,8 @@ def _check_plan(plan, shapes: _validation.DecodeShapes) -> None:
         f"plan must be a jax_thundermla.DecodePlan (from plan_decode) or None,"
         f" got {type(plan).__name__}")
   plan.check_compatible(batch=shapes.batch, s_q=shapes.s_q, h_q=shapes.h_q,
-                        h_kv=shapes.h_kv)
+                        h_kv=shapes.h_kv, page_size=shapes.page_size,
+                        head_dim_v=shapes.d_v)
 
 
 def mla_decode(

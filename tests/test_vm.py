@@ -78,7 +78,7 @@ def workloads(draw):
   return Workload(
       "drawn", lens, s_q=draw(st.integers(1, 4)),
       h_q=h_kv * draw(st.sampled_from([1, 3, 8, 20])), h_kv=h_kv, d_qk=D_QK,
-      d_v=D_V, page_size=draw(st.sampled_from([1, 4, 16, 64])),
+      d_v=D_V, page_size=draw(st.sampled_from([16, 32, 64])),
       causal=draw(st.booleans()))
 
 
@@ -132,7 +132,7 @@ def test_long_sequence_plans_match_reference(scheduler, lens, s_q, h_q,
 
 
 @pytest.mark.parametrize("shape", [
-    dict(s_q=2, h_q=6, h_kv=2, page_size=4, num_sms=5, causal=True),
+    dict(s_q=2, h_q=6, h_kv=2, page_size=16, num_sms=5, causal=True),
     dict(s_q=1, h_q=40, h_kv=1, page_size=16, num_sms=3, causal=False),
 ])
 @hypothesis.settings(max_examples=15, deadline=None)
@@ -151,8 +151,8 @@ def test_device_plan_matches_reference(shape, lens):
 def test_rows_without_keys_and_causal_edges():
   # len 2 < s_q 4: causal rows of tokens 0 and 1 see no key.
   w = Workload("edge", (2, 0, 5), s_q=4, h_q=2, d_qk=D_QK, d_v=D_V,
-               page_size=4, causal=True)
-  plan = plan_decode(w.seqlens, s_q=4, h_q=2, page_size=4, num_sms=3,
+               page_size=16, causal=True)
+  plan = plan_decode(w.seqlens, s_q=4, h_q=2, page_size=16, num_sms=3,
                      head_dim_v=D_V)
   result, (out, lse) = _run(w, plan)
   _assert_matches(result, out, lse)
