@@ -78,11 +78,13 @@ def mla_decode(
     cache_seqlens: int32 [b]: tokens in the cache per sequence, the s_q new
       ones included (they are the last s_q of each sequence).
     head_dim_v: value head dim (512 for DeepSeek).
-    softmax_scale: factor applied to QK^T; default ``d_qk ** -0.5``.
+    softmax_scale: factor applied to QK^T; default ``d_qk ** -0.5``. A
+      normal float32, at most half of float32's largest value.
       DeepSeek models need an explicit one: ``1 / sqrt(qk_nope + qk_rope)``
       times the square of the YaRN mscale, not ``576 ** -0.5``.
     causal: bottom-right aligned causal mask: query token i (0-based) of s_q
-      sees keys ``0 .. len - s_q + i``. With s_q == 1 it changes nothing.
+      sees keys ``0 .. len - s_q + i``; the keys it hides never affect the
+      row, whatever they hold. With s_q == 1 it changes nothing.
     plan: a ``DecodePlan`` from ``plan_decode`` built on the host for these
       lengths and reused by every layer of a step, or None to plan on the
       device inside the same jit. A plan used with lengths other than those
@@ -111,8 +113,10 @@ def mla_decode(
 
   Raises:
     TypeError: an argument has the wrong dtype or type.
-    ValueError: wrong rank, mismatched or unsupported dimensions, unknown
-      backend, or a plan built for other shapes.
+    ValueError: wrong rank, mismatched or unsupported dimensions (also a
+      table of more than 2**31 - 1 tokens or a cache of more pages), a
+      softmax_scale out of range, unknown backend, or a plan built for other
+      shapes, page size or head_dim_v.
     RuntimeError: ``backend="cuda"`` where the kernel cannot run.
   """
   shapes = _validation.validate(

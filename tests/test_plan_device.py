@@ -144,6 +144,9 @@ def test_device_plan_aux_data_and_jit():
     (dict(cache_seqlens=[-(1 << 40)]), ValueError,
      "cache_seqlens must fit in int32"),
     (dict(h_q=1 << 40), ValueError, "work items"),
+    (dict(cache_seqlens=["1", "2"]), TypeError, "integer array, got dtype <U1"),
+    (dict(cache_seqlens=[1 << 70]), TypeError, "integer array, got dtype object"),
+    (dict(cache_seqlens=np.array([1.0, 2.0])), TypeError, "integer array"),
 ])
 def test_bad_arguments(kwargs, error, match):
   args = dict(cache_seqlens=jnp.array([3, 4], jnp.int32), s_q=1, h_q=12,

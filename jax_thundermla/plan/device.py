@@ -46,7 +46,10 @@ def _lengths(cache_seqlens: Any) -> jax.Array:
   """
   if not isinstance(cache_seqlens, jax.Array):  # Tracers are jax.Arrays.
     host = np.asarray(cache_seqlens)
-    if host.dtype.kind in "iu" and host.size and (
+    if host.dtype.kind not in "iu":
+      raise TypeError(
+          f"cache_seqlens must be an integer array, got dtype {host.dtype}")
+    if host.size and (
         int(host.min()) < -_INT32_MAX - 1 or int(host.max()) > _INT32_MAX):
       raise ValueError(
           f"cache_seqlens must fit in int32, got values in"
