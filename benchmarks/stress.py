@@ -40,7 +40,8 @@ from jax_thundermla import _ffi
 from jax_thundermla import vm
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from conftest import numpy_mla_decode  # pylint: disable=g-import-not-at-top,wrong-import-position
+# The float64 oracle of the tests.
+from conftest import numpy_mla_decode  # pylint: disable=wrong-import-position
 
 PLANNERS = (None, "balanced", "static", "makespan")
 RTOL = 1e-2  # relative error of each sequence's output (DESIGN.md)
@@ -227,7 +228,8 @@ def mismatches(out, lse, want_out, want_lse) -> list[str]:
     diff = np.linalg.norm(out[i][ok] - want_out[i][ok])
     norm = np.linalg.norm(want_out[i][ok])
     if diff > RTOL * norm or (norm == 0 and diff > 0):
-      problems.append(f"seq {i}: out relative error {diff / max(norm, 1e-30):.3g}")
+      problems.append(
+          f"seq {i}: out relative error {diff / max(norm, 1e-30):.3g}")
     finite = np.isfinite(want_lse[i])
     if finite.any():
       err = np.abs(lse[i][finite] - want_lse[i][finite]).max()
