@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build, GPU tests, benchmarks, a short table.
-#   bash benchmarks/device_run.sh [--tests=PYTEST_ARGS|none] [--bench=ARGS|none]
+#   bash benchmarks/device_run.sh [--tests=PYTEST_ARGS|gpu-quick|none]
+#                                 [--bench=ARGS|none] [--stress=ARGS|none]
 #                                 [--sanitize]
-# Logs go to $OUT (or ./device_out) as build.log, tests.log, bench.log.
+# --tests=gpu-quick runs the tests marked `quick` (every kernel feature, about
+# a minute on an H100); --stress=ARGS runs benchmarks/stress.py with ARGS
+# (e.g. --stress=--count=1000). Logs go to $OUT (or ./device_out) as
+# build.log, tests.log, tests.xml, stress.log, bench.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-device_out}"
 mkdir -p "$out"
 tests="tests"
 bench=""
+stress="none"
 sanitize=0
 for arg in "$@"; do
   case "$arg" in
     --tests=*) tests="${arg#--tests=}" ;;
     --bench=*) bench="${arg#--bench=}" ;;
+    --stress=*) stress="${arg#--stress=}" ;;
     --sanitize) sanitize=1 ;;
     *) echo "unknown argument $arg" >&2; exit 2 ;;
   esac
@@ -31,10 +37,30 @@ fi
 echo "build: ok in $(( $(date +%s) - start )) s"
 
 status=0
+[ "$tests" = "gpu-quick" ] && tests="-m quick tests"
 if [ "$tests" != "none" ]; then
+  t0=$(date +%s)
+  rm -f "$out/tests.xml"
   # shellcheck disable=SC2086
-  python3 -m pytest -q -rs $tests 2>&1 | tee "$out/tests.log" | tail -n 25
-  status=${PIPESTATUS[0]}
+  python3 -m pytest -q -rfEs --junitxml="$out/tests.xml" $tests \
+    >"$out/tests.log" 2>&1
+  status=$?
+  [ -s "$out/tests.xml" ] || tail -n 25 "$out/tests.log"
+  [ -s "$out/tests.xml" ] && python3 - "$out/tests.xml" "$(( $(date +%s) - t0 ))" <<'PY'
+import sys
+import xml.etree.ElementTree as ET
+cases = list(ET.parse(sys.argv[1]).getroot().iter("testcase"))
+failed = [c for c in cases if c.find("failure") is not None
+          or c.find("error") is not None]
+skipped = [c for c in cases if c.find("skipped") is not None]
+seconds = sum(float(c.get("time", 0)) for c in cases)
+print("| tests | passed | failed | skipped | in tests, s | wall, s |")
+print("|---:|---:|---:|---:|---:|---:|")
+print(f"| {len(cases)} | {len(cases) - len(failed) - len(skipped)} |"
+      f" {len(failed)} | {len(skipped)} | {seconds:.0f} | {sys.argv[2]} |")
+for c in failed:
+  print(f"FAILED {c.get('classname')}::{c.get('name')}")
+PY
 fi
 if [ "$sanitize" = 1 ]; then
   # The stand-alone kernel test (no JAX) under each compute-sanitizer tool.
@@ -52,6 +78,13 @@ if [ "$sanitize" = 1 ]; then
          | tail -n 1); $(tail -n 1 "$out/sanitize_$tool.log")"
     [ "$code" = 0 ] || status=$code
   done
+fi
+if [ "$stress" != "none" ]; then
+  # shellcheck disable=SC2086
+  python3 benchmarks/stress.py $stress >"$out/stress.log" 2>&1
+  code=$?
+  grep -E "^(device|MISMATCH|workloads)" "$out/stress.log" | head -n 20
+  [ "$code" = 0 ] || status=$code
 fi
 if [ "$bench" != "none" ]; then
   # shellcheck disable=SC2086

@@ -40,6 +40,7 @@ class PlanMeta:
   h_q: int
   h_kv: int
   page_size: int
+  head_dim_v: int
   num_sms: int
   max_instructions: int
   num_slots: int
@@ -261,7 +262,7 @@ def plan_meta(plan) -> PlanMeta:
   """The static fields of a DecodePlan."""
   return PlanMeta(
       s_q=plan.s_q, h_q=plan.h_q, h_kv=plan.h_kv, page_size=plan.page_size,
-      num_sms=plan.num_sms, max_instructions=plan.max_instructions,
+      head_dim_v=plan.head_dim_v, num_sms=plan.num_sms, max_instructions=plan.max_instructions,
       num_slots=plan.num_slots, num_counters=plan.num_counters,
       scheduler=plan.scheduler)
 

@@ -13,6 +13,12 @@ MAX_PAGE_SIZE = 256
 PAGE_SIZE_MULTIPLE = 16
 DTYPES = (jnp.bfloat16, jnp.float16)
 INDEX_DTYPE = jnp.int32
+# Token positions and page ids are int32 on both backends.
+INT32_MAX = (1 << 31) - 1
+# softmax_scale is a float32 on the device, and the kernel folds log2(e)
+# (~1.44) into it: these bounds keep both finite and normal.
+MIN_SOFTMAX_SCALE = float(np.finfo(np.float32).tiny)
+MAX_SOFTMAX_SCALE = float(np.finfo(np.float32).max) / 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +53,40 @@ def _shape(x, name: str, rank: int, layout: str) -> tuple[int, ...]:
 
 def _dtype_name(dtype) -> str:
   return np.dtype(dtype).name
+
+
+def check_page_size(page_size: int, name: str) -> None:
+  """Raises ValueError unless ``page_size`` is one that mla_decode takes.
+
+  Args:
+    page_size: tokens per cache page.
+    name: how the caller's argument is named in the message.
+
+  Raises:
+    ValueError: not a multiple of PAGE_SIZE_MULTIPLE in
+      ``[PAGE_SIZE_MULTIPLE, MAX_PAGE_SIZE]``.
+  """
+  if (page_size % PAGE_SIZE_MULTIPLE or page_size < PAGE_SIZE_MULTIPLE
+      or page_size > MAX_PAGE_SIZE):
+    raise ValueError(
+        f"{name} must be a multiple of {PAGE_SIZE_MULTIPLE} in"
+        f" [{PAGE_SIZE_MULTIPLE}, {MAX_PAGE_SIZE}], got {page_size}")
+
+
+def _check_softmax_scale(softmax_scale) -> None:
+  if isinstance(softmax_scale, bool) or not isinstance(
+      softmax_scale, (int, float, np.floating, np.integer)):
+    raise TypeError(
+        f"softmax_scale must be a Python float or None, got"
+        f" {type(softmax_scale).__name__}")
+  try:
+    value = float(softmax_scale)
+  except OverflowError:
+    value = math.inf
+  if not MIN_SOFTMAX_SCALE <= value <= MAX_SOFTMAX_SCALE:
+    raise ValueError(
+        f"softmax_scale must be finite and in [{MIN_SOFTMAX_SCALE:.3g},"
+        f" {MAX_SOFTMAX_SCALE:.3g}] (a normal float32), got {value!r} as a float")
 
 
 def validate(q, kv_cache, block_table, cache_seqlens, *, head_dim_v,
@@ -98,12 +138,16 @@ def validate(q, kv_cache, block_table, cache_seqlens, *, head_dim_v,
     raise ValueError(
         f"h_q (q.shape[2] = {h_q}) must be a multiple of h_kv"
         f" (kv_cache.shape[2] = {h_kv})")
-  if (page_size % PAGE_SIZE_MULTIPLE or page_size < PAGE_SIZE_MULTIPLE
-      or page_size > MAX_PAGE_SIZE):
+  check_page_size(page_size, "kv_cache's page size (kv_cache.shape[1])")
+  if num_pages > INT32_MAX:
     raise ValueError(
-        f"kv_cache's page size (kv_cache.shape[1]) must be a multiple of"
-        f" {PAGE_SIZE_MULTIPLE} in [{PAGE_SIZE_MULTIPLE}, {MAX_PAGE_SIZE}],"
-        f" got {page_size}")
+        f"num_pages (kv_cache.shape[0]) must be <= {INT32_MAX}: page ids"
+        f" are int32, got {num_pages}")
+  if max_pages * page_size > INT32_MAX:
+    raise ValueError(
+        f"block_table.shape[1] * page_size (the tokens a table holds) must"
+        f" be <= {INT32_MAX}: token positions are int32, got"
+        f" {max_pages} * {page_size} = {max_pages * page_size}")
   if tb != b:
     raise ValueError(
         f"block_table.shape[0] must equal the batch size q.shape[0] = {b},"
@@ -114,14 +158,7 @@ def validate(q, kv_cache, block_table, cache_seqlens, *, head_dim_v,
         f" got {sb}")
 
   if softmax_scale is not None:
-    if isinstance(softmax_scale, bool) or not isinstance(
-        softmax_scale, (int, float, np.floating, np.integer)):
-      raise TypeError(
-          f"softmax_scale must be a Python float or None, got"
-          f" {type(softmax_scale).__name__}")
-    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
-      raise ValueError(
-          f"softmax_scale must be finite and > 0, got {softmax_scale}")
+    _check_softmax_scale(softmax_scale)
   if not isinstance(causal, (bool, np.bool_)):
     raise TypeError(f"causal must be a bool, got {causal!r}")
 

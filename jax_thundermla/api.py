@@ -48,7 +48,8 @@ def _check_plan(plan, shapes: _validation.DecodeShapes) -> None:
         f"plan must be a jax_thundermla.DecodePlan (from plan_decode) or None,"
         f" got {type(plan).__name__}")
   plan.check_compatible(batch=shapes.batch, s_q=shapes.s_q, h_q=shapes.h_q,
-                        h_kv=shapes.h_kv)
+                        h_kv=shapes.h_kv, page_size=shapes.page_size,
+                        head_dim_v=shapes.d_v)
 
 
 def mla_decode(
@@ -86,15 +87,18 @@ def mla_decode(
     cache_seqlens: int32 [b]: tokens in the cache per sequence, the s_q new
       ones included (they are the last s_q of each sequence).
     head_dim_v: value head dim (512 for DeepSeek).
-    softmax_scale: factor applied to QK^T; default ``d_qk ** -0.5``.
+    softmax_scale: factor applied to QK^T; default ``d_qk ** -0.5``. A
+      normal float32, at most half of float32's largest value.
       DeepSeek models need an explicit one: ``1 / sqrt(qk_nope + qk_rope)``
       times the square of the YaRN mscale, not ``576 ** -0.5``.
     causal: bottom-right aligned causal mask: query token i (0-based) of s_q
-      sees keys ``0 .. len - s_q + i``. With s_q == 1 it changes nothing.
+      sees keys ``0 .. len - s_q + i``; the keys it hides never affect the
+      row, whatever they hold. With s_q == 1 it changes nothing.
     plan: a ``DecodePlan`` from ``plan_decode`` (host) or
       ``plan_on_device`` (inside jit) for these lengths, reused by every
       layer of a step, or None to plan on the device inside the same jit
-      for this call alone (one small planning kernel per call). A plan used with lengths other than those
+      for this call alone (one small planning kernel per call). A plan used
+      with lengths other than those
       it was built for gives NaN in the outputs of every sequence whose
       length differs, never a silently wrong result.
     backend: ``"cuda"`` (the megakernel; head_dim_v 512 only; needs a GPU
@@ -125,8 +129,10 @@ def mla_decode(
 
   Raises:
     TypeError: an argument has the wrong dtype or type.
-    ValueError: wrong rank, mismatched or unsupported dimensions, unknown
-      backend, or a plan built for other shapes.
+    ValueError: wrong rank, mismatched or unsupported dimensions (also a
+      table of more than 2**31 - 1 tokens or a cache of more pages), a
+      softmax_scale out of range, unknown backend, or a plan built for other
+      shapes, page size or head_dim_v.
     RuntimeError: ``backend="cuda"`` where the kernel cannot run.
   """
   shapes = _validation.validate(

@@ -2,6 +2,12 @@
 
 The cache is walked in chunks of pages with an online softmax, so memory
 stays bounded by one chunk of the batch, however long the longest sequence.
+
+Both products are float32 dots at ``Precision.HIGHEST`` on operands upcast
+from the cache's dtype inside the loop (one chunk at a time): the products
+of bf16/fp16 values are exact in float32, and a plain f32 GEMM is one that
+every XLA backend compiles for any head dim (XLA's GPU autotuner finds no
+Triton candidate for some bf16 dots of odd shapes).
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ def invalid_sequences(block_table: jax.Array, cache_seqlens: jax.Array,
     bool [b].
   """
   max_pages = block_table.shape[1]
-  needed = (cache_seqlens + page_size - 1) // page_size  # [b]
+  # ceil(len / page_size), without overflowing int32 near 2**31.
+  needed = cache_seqlens // page_size + (cache_seqlens % page_size > 0)
   in_use = jnp.arange(max_pages)[None, :] < needed[:, None]
   bad_page = (block_table < 0) | (block_table >= num_pages)
   return ((cache_seqlens < 0) | (cache_seqlens > max_pages * page_size)
@@ -78,12 +85,16 @@ def mla_decode_reference(
   Returns:
     ``(out, lse)``: out [b, s_q, h_q, head_dim_v] in q.dtype, lse
     [b, h_q, s_q] float32 (natural log). Rows that see no key: out 0, lse
-    +inf. Invalid sequences (see ``invalid_sequences``): NaN.
+    +inf. Invalid sequences (see ``invalid_sequences``): NaN. A non-finite
+    key a row sees makes the row NaN, a non-finite value the columns it is
+    in; keys a row does not see (causal mask, past the length) never
+    affect it.
   """
   b, s_q, h_q, d_qk = q.shape
   num_pages, page_size, h_kv, _ = kv_cache.shape
   max_pages = block_table.shape[1]
   g = h_q // h_kv
+  highest = jax.lax.Precision.HIGHEST
 
   cp = _chunk_pages(b, page_size, h_kv, d_qk, max_pages)
   num_chunks = -(-max_pages // cp)
@@ -93,13 +104,15 @@ def mla_decode_reference(
 
   bad = invalid_sequences(block_table, cache_seqlens, num_pages, page_size)
   lens = jnp.clip(cache_seqlens, 0, max_pages * page_size)
-  qg = q.reshape(b, s_q, h_kv, g, d_qk)
+  qg = q.reshape(b, s_q, h_kv, g, d_qk).astype(jnp.float32)
   scale = jnp.float32(softmax_scale)
-  # Last key each query token sees (inclusive); [b, s_q].
+  # Last key each query token sees (inclusive), -1 for none; [b, s_q].
   if causal:
-    last = lens[:, None] - s_q + jnp.arange(s_q)[None, :]
+    last = jnp.maximum(lens[:, None] - s_q + jnp.arange(s_q)[None, :], -1)
   else:
     last = jnp.broadcast_to(lens[:, None] - 1, (b, s_q))
+  # Keys that some query rows see and others do not: the last s_q - 1.
+  some_rows_blind = causal and s_q > 1
 
   tokens = cp * page_size
 
@@ -107,29 +120,31 @@ def mla_decode_reference(
     m, l, acc = carry
     c, pages = xs  # pages: [b, cp]
     safe = jnp.clip(pages, 0, num_pages - 1)
-    # The chunk stays in the cache's dtype: products are exact in f32 and
-    # no f32 copy of the cache (which XLA would hoist out of the loop,
-    # whole) is ever made.
+    # One chunk is gathered in the cache's dtype and upcast here, so no f32
+    # copy of the whole cache (which XLA would hoist out of the loop) is made.
     kv = kv_cache[safe].reshape(b, tokens, h_kv, d_qk)
-    pos = c * tokens + jnp.arange(tokens)  # [T]
-    valid = pos[None, :] < lens[:, None]  # [b, T]
-    kv = jnp.where(valid[:, :, None, None], kv, jnp.zeros((), kv.dtype))
-    mask = valid[:, None, :] & (pos[None, None, :] <= last[:, :, None])
-    s = jnp.einsum("bthgd,bnhd->bhgtn", qg, kv,
-                   preferred_element_type=jnp.float32) * scale
-    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    # Positions relative to the chunk's first token (no int32 overflow).
+    start = c * tokens
+    idx = jnp.arange(tokens)  # [T]
+    valid = idx[None, :] < (lens - start)[:, None]  # [b, T]
+    kv = jnp.where(valid[:, :, None, None], kv.astype(jnp.float32), 0.0)
+    seen = valid[:, None, :] & (idx[None, None, :]
+                                <= (last - start)[:, :, None])  # [b, s_q, T]
+    s = jnp.einsum("bthgd,bnhd->bhgtn", qg, kv, precision=highest) * scale
+    s = jnp.where(seen[:, None, None], s, -jnp.inf)
     m_new = jnp.maximum(m, s.max(axis=-1))
     m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
     alpha = jnp.exp(m - m_safe)
     p = jnp.exp(s - m_safe[..., None])
     l = l * alpha + p.sum(axis=-1)
-    # p in [0, 1] as a sum of two cache-dtype terms (~16 exact bits each).
-    p_hi = p.astype(kv.dtype)
-    p_lo = (p - p_hi.astype(jnp.float32)).astype(kv.dtype)
     v = kv[..., :head_dim_v]
-    pv = sum(jnp.einsum("bhgtn,bnhd->bhgtd", part, v,
-                        preferred_element_type=jnp.float32)
-             for part in (p_hi, p_lo))
+    if some_rows_blind:
+      # P·V would multiply a non-finite value of such a key by the 0 weight
+      # of a row that does not see it; zero it here and put the NaN back
+      # after the loop for the rows that see it.
+      blind = valid & (idx[None, :] > (lens - s_q - start)[:, None])
+      v = jnp.where(blind[:, :, None, None] & ~jnp.isfinite(v), 0.0, v)
+    pv = jnp.einsum("bhgtn,bnhd->bhgtd", p, v, precision=highest)
     acc = acc * alpha[..., None] + pv
     return (m_new, l, acc), None
 
@@ -142,7 +157,46 @@ def mla_decode_reference(
   empty = l == 0.0
   out = jnp.where(empty[..., None], 0.0, acc / jnp.where(empty, 1.0, l)[..., None])
   lse = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
+  if some_rows_blind:
+    sees_nonfinite = _sees_nonfinite_tail_value(
+        kv_cache, block_table, lens, s_q=s_q, head_dim_v=head_dim_v)
+    out = jnp.where(sees_nonfinite[:, :, None], jnp.nan, out)
   out = jnp.where(bad[:, None, None, None, None], jnp.nan, out)
   lse = jnp.where(bad[:, None, None, None], jnp.nan, lse)
   out = out.transpose(0, 3, 1, 2, 4).reshape(b, s_q, h_q, head_dim_v)
   return out.astype(q.dtype), lse.reshape(b, h_q, s_q)
+
+
+def _sees_nonfinite_tail_value(kv_cache: jax.Array, block_table: jax.Array,
+                               lens: jax.Array, *, s_q: int,
+                               head_dim_v: int) -> jax.Array:
+  """Which value columns of each causal query row see a non-finite value
+  among the last ``s_q - 1`` keys of its sequence.
+
+  With causal masking, key ``len - s_q + k`` (``1 <= k < s_q``) is seen by
+  query tokens ``t >= k`` only.
+
+  Args:
+    kv_cache: [num_pages, page_size, h_kv, d_qk].
+    block_table: int32 [b, max_pages].
+    lens: int32 [b] lengths clipped to ``[0, max_pages * page_size]``.
+    s_q: query tokens per sequence (>= 2).
+    head_dim_v: value head dim.
+
+  Returns:
+    bool [b, h_kv, s_q, head_dim_v].
+  """
+  num_pages, page_size = kv_cache.shape[:2]
+  max_pages = block_table.shape[1]
+  pos = lens[:, None] - s_q + jnp.arange(1, s_q)[None, :]  # [b, s_q - 1]
+  exists = pos >= 0
+  pos = jnp.maximum(pos, 0)
+  page = jnp.take_along_axis(
+      block_table, jnp.minimum(pos // page_size, max_pages - 1), axis=1)
+  page = jnp.clip(page, 0, num_pages - 1)
+  values = kv_cache[page, pos % page_size, :, :head_dim_v]  # [b, k, h, d_v]
+  bad = exists[:, :, None, None] & ~jnp.isfinite(values)
+  # Token t sees tail keys 1..t: token 0 none, token t >= 1 those up to t.
+  upto = jnp.cumsum(bad.astype(jnp.int32), axis=1) > 0
+  rows = jnp.concatenate([jnp.zeros_like(upto[:, :1]), upto], axis=1)
+  return rows.transpose(0, 2, 1, 3)

@@ -29,6 +29,8 @@ scale * log2 e))``, -inf for a row that saw no key. A REDUCE merges slots
 with weights ``2^(lse_i - max lse)``. A final write stores the output and
 the natural-log LSE; a row that saw no key gets out = 0, lse = +inf. Only KV
 positions below the sequence length are read: NaN anywhere else cannot leak.
+A key that a row does not see (causal mask) never affects it; a NaN in a key
+that a row sees makes the row NaN, through every merge.
 """
 
 from __future__ import annotations
@@ -220,29 +222,41 @@ class _Numerics:
     else:
       seen = np.ones(scores.shape, bool)
     scores = np.where(seen, scores, -np.inf)
+    # A NaN or +inf score makes its row NaN; a row that sees nothing is
+    # empty (total 0).
     top = scores.max(axis=1, initial=-np.inf)
-    safe = np.where(np.isfinite(top), top, 0.0)
+    safe = np.where(np.isneginf(top), 0.0, top)
     p = np.where(seen, np.exp(scores - safe[:, None]), 0.0)
     total = p.sum(axis=1)
-    values = np.where(seen.any(axis=0)[:, None], keys[:, :self.d_v], 0.0)
-    out = np.divide(p @ values, total[:, None], out=np.zeros((rows, self.d_v)),
-                    where=total[:, None] > 0)
-    lse2 = np.where(total > 0, (safe + np.log(np.where(total > 0, total, 1)))
-                    * _LOG2E, -np.inf)
-    return out, lse2
+    # A key a row does not see weighs 0 in it; 0 x NaN must not reach the
+    # row: weights multiply finite values only, and a row gets NaN in each
+    # column where a key it sees holds a non-finite value.
+    values = keys[:, :self.d_v]
+    finite = np.isfinite(values)
+    weighted = p @ np.where(finite, values, 0.0)
+    weighted[seen @ ~finite] = np.nan
+    return _normalise(weighted, total, safe, np.log, _LOG2E)
 
   @staticmethod
   def reduce(outs: np.ndarray, lse2: np.ndarray):
     """Merges ``[n, rows, d_v]`` outputs by their ``[n, rows]`` LSEs."""
-    top = lse2.max(axis=0)
-    safe = np.where(np.isfinite(top), top, 0.0)
-    w = np.where(np.isfinite(lse2), np.exp2(lse2 - safe), 0.0)
-    total = w.sum(axis=0)
-    out = np.divide((w[..., None] * outs).sum(axis=0), total[:, None],
-                    out=np.zeros(outs.shape[1:]), where=total[:, None] > 0)
-    lse = np.where(total > 0, safe + np.log2(np.where(total > 0, total, 1)),
-                   -np.inf)
-    return out, lse
+    top = lse2.max(axis=0)  # NaN inputs stay NaN
+    safe = np.where(np.isneginf(top), 0.0, top)
+    w = np.exp2(lse2 - safe)  # 0 for an input that saw nothing
+    return _normalise((w[..., None] * outs).sum(axis=0), w.sum(axis=0), safe,
+                      np.log2, 1.0)
+
+
+def _normalise(weighted: np.ndarray, total: np.ndarray, top: np.ndarray,
+               log, lse_factor: float):
+  """``(weighted / total, (top + log(total)) * lse_factor)`` per row; rows of
+  total 0 (no key seen) give out 0 and lse -inf, NaN stays NaN."""
+  empty = total == 0
+  with np.errstate(invalid="ignore"):
+    out = weighted / np.where(empty, 1.0, total)[:, None]
+    lse = (top + log(np.where(empty, 1.0, total))) * lse_factor
+  out[empty] = 0.0
+  return out, np.where(empty, -np.inf, lse)
 
 
 class _Outputs:
@@ -291,8 +305,8 @@ class _Outputs:
       r = np.arange(row0, row0 + rows)
       token, head = r // group, k * group + r % group
       self.out[b, token, head] = value.out
-      self.lse[b, head, token] = np.where(np.isfinite(value.lse2),
-                                          value.lse2 / _LOG2E, np.inf)
+      self.lse[b, head, token] = np.where(np.isneginf(value.lse2), np.inf,
+                                          value.lse2 / _LOG2E)
 
   def check_complete(self) -> None:
     """Raises CoverageError if some output row was never written."""

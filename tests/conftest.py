@@ -19,7 +19,11 @@ requires_gpu = pytest.mark.skipif(
 
 def numpy_mla_decode(q, kv_cache, block_table, seqlens, *, head_dim_v,
                      softmax_scale, causal):
-  """Independent float64 paged MLA decode, a loop per sequence.
+  """Independent float64 paged MLA decode, a loop per sequence and row.
+
+  Each query row attends over exactly the keys it sees, so keys it does not
+  see (past the length, or masked by causality) cannot affect it, whatever
+  they hold.
 
   Returns out [b, s_q, h_q, d_v] and lse [b, h_q, s_q] (natural log) as
   float64; rows with no visible key give out 0, lse +inf; an invalid
@@ -27,7 +31,7 @@ def numpy_mla_decode(q, kv_cache, block_table, seqlens, *, head_dim_v,
   of range) gives NaN.
   """
   q = np.asarray(q, np.float64)
-  kv_cache = np.asarray(kv_cache, np.float64)
+  kv_cache = np.asarray(kv_cache)
   block_table = np.asarray(block_table)
   b, s_q, h_q, _ = q.shape
   num_pages, page_size, h_kv, _ = kv_cache.shape
@@ -45,21 +49,21 @@ def numpy_mla_decode(q, kv_cache, block_table, seqlens, *, head_dim_v,
     if n == 0:
       continue
     pages = block_table[i, :need]
-    kv = kv_cache[pages].reshape(need * page_size, h_kv, -1)[:n]
-    k = np.repeat(kv, g, axis=1)  # [n, h_q, d_qk]
-    s = np.einsum("thd,nhd->thn", q[i], k) * softmax_scale
-    visible = (np.arange(n)[None, :]
-               <= (n - s_q + np.arange(s_q))[:, None] if causal
-               else np.ones((s_q, n), bool))  # [s_q, n]
-    s = np.where(visible[:, None, :], s, -np.inf)
-    m = s.max(axis=-1, keepdims=True)
-    seen = np.isfinite(m)
-    p = np.exp(s - np.where(seen, m, 0.0))
-    total = p.sum(axis=-1, keepdims=True)
-    o = np.einsum("thn,nhd->thd", p, k[..., :head_dim_v])
-    out[i] = np.where(seen, o / np.where(seen, total, 1.0), 0.0)
-    lse[i] = np.where(seen, m + np.log(np.where(seen, total, 1.0)),
-                      np.inf)[..., 0].T
+    kv = kv_cache[pages].astype(np.float64).reshape(
+        need * page_size, h_kv, -1)[:n]
+    for t in range(s_q):
+      seen = max(0, n - s_q + t + 1) if causal else n  # keys 0 .. seen-1
+      if seen == 0:
+        continue
+      for k in range(h_kv):
+        heads = slice(k * g, (k + 1) * g)
+        keys = kv[:seen, k]  # [seen, d_qk]
+        s = q[i, t, heads] @ keys.T * softmax_scale  # [g, seen]
+        m = s.max(axis=1, keepdims=True)
+        p = np.exp(s - m)
+        total = p.sum(axis=1)
+        out[i, t, heads] = p @ keys[:, :head_dim_v] / total[:, None]
+        lse[i, heads, t] = m[:, 0] + np.log(total)
   return out, lse
 
 

@@ -72,6 +72,11 @@ def _call(**overrides):
     (dict(softmax_scale=-1.0), ValueError, ["softmax_scale", "-1.0"]),
     (dict(softmax_scale=float("nan")), ValueError, ["softmax_scale"]),
     (dict(softmax_scale="0.1"), TypeError, ["softmax_scale", "str"]),
+    (dict(softmax_scale=1e400), ValueError, ["softmax_scale", "inf"]),
+    (dict(softmax_scale=10 ** 400), ValueError, ["softmax_scale", "inf"]),
+    (dict(softmax_scale=1e300), ValueError, ["softmax_scale", "float32"]),
+    (dict(softmax_scale=1e-300), ValueError, ["softmax_scale", "float32"]),
+    (dict(softmax_scale=0), ValueError, ["softmax_scale", "0.0"]),
     (dict(causal=1), TypeError, ["causal", "bool"]),
     (dict(backend="tpu"), ValueError, ["backend", "tpu", "reference"]),
     (dict(q=[[1.0]]), TypeError, ["q", "list"]),
@@ -81,6 +86,43 @@ def test_bad_input_raises_naming_argument(overrides, error, words):
     _call(**overrides)
   for word in words:
     assert word in str(info.value), (word, str(info.value))
+
+
+@pytest.mark.parametrize("kv_shape, table_shape, words", [
+    ((PAGES, 256, H_KV, D_QK), (B, 1 << 23), ["block_table.shape[1]",
+                                              "2147483647", "8388608 * 256"]),
+    ((PAGES, 16, H_KV, D_QK), (B, 1 << 40), ["block_table.shape[1]",
+                                             "2147483647"]),
+    ((1 << 31, 16, H_KV, D_QK), (B, 4), ["num_pages", "2147483648"]),
+])
+def test_tables_and_caches_past_int32_raise_value_error(kv_shape, table_shape,
+                                                        words):
+  # Shapes only: jax.eval_shape traces without allocating them.
+  args = (jax.ShapeDtypeStruct((B, S_Q, H_Q, D_QK), jnp.bfloat16),
+          jax.ShapeDtypeStruct(kv_shape, jnp.bfloat16),
+          jax.ShapeDtypeStruct(table_shape, jnp.int32),
+          jax.ShapeDtypeStruct((B,), jnp.int32))
+  with pytest.raises(ValueError) as info:
+    jax.eval_shape(lambda *a: tmla.mla_decode(*a, head_dim_v=D_V), *args)
+  for word in words:
+    assert word in str(info.value), (word, str(info.value))
+
+
+@pytest.mark.parametrize("plan_args, name", [
+    (dict(page_size=32), "page_size"),
+    (dict(head_dim_v=512), "head_dim_v"),
+    (dict(h_kv=1), "h_kv"),
+    (dict(s_q=1), "s_q"),
+])
+def test_plan_built_for_other_shapes_is_refused(plan_args, name):
+  args = dict(s_q=S_Q, h_q=H_Q, h_kv=H_KV, page_size=PAGE, head_dim_v=D_V)
+  args.update(plan_args)
+  plan = tmla.plan_decode([5] * B, num_sms=8, **args)
+  with pytest.raises(ValueError, match=f"plan: built for {name}="):
+    _call(plan=plan)
+  with pytest.raises(ValueError, match=f"plan: built for {name}="):
+    jax.jit(lambda *a: tmla.mla_decode(*a, head_dim_v=D_V, plan=plan))(
+        *_args()[0].values())
 
 
 def test_bad_input_raises_at_trace_time_inside_jit():

@@ -3,6 +3,11 @@
 The oracle is the pure-JAX reference run in float32 on the same GPU. Every
 input has NaN in unused cache slots and unreferenced pages, permuted page
 tables and out-of-range ids in table padding.
+
+Tests marked ``quick`` together cover every feature of the kernel (page
+sizes, s_q up to 16, h_q 16/64/128, h_kv > 1, causal on and off, fp16 and
+bf16, every scheduler and plan=None, zero lengths, stale and mismatched
+plans, bad tables, bitwise-identical repeats): ``pytest -m quick``.
 """
 
 from __future__ import annotations
@@ -19,19 +24,20 @@ import pytest
 
 import jax_thundermla as tmla
 from jax_thundermla import isa
+from jax_thundermla.plan.plan import default_num_sms
 from jax_thundermla.workloads import WORKLOADS, Workload, make_inputs
 
 from conftest import assert_decode_close, requires_gpu
 
-pytestmark = requires_gpu
+pytestmark = [requires_gpu, pytest.mark.gpu]
+quick = pytest.mark.quick
 
 SCHEDULERS = ("balanced", "static", "makespan")
 
 
-def _inputs(w: Workload, seed: int):
+def _inputs(w: Workload, seed: int, dtype=jnp.bfloat16):
   q, caches, table, lens = make_inputs(w, seed=seed, dtype=np.float32,
                                        extra_pages=2)
-  dtype = jnp.bfloat16
   return (jnp.asarray(q, dtype), jnp.asarray(caches[0], dtype),
           jnp.asarray(table), jnp.asarray(lens))
 
@@ -93,6 +99,65 @@ def test_matches_reference(b, s_q, h_q, page_size, causal, scheduler, long):
   _check(w, scheduler=scheduler, seed=b + s_q)
 
 
+# One configuration per row; together every page size class, s_q up to 16,
+# h_q 16/64/128, h_kv 1 and 2, causal on and off, fp16 and bf16.
+_FEATURES = [
+    # b, s_q, h_q, h_kv, page_size, causal, dtype, long
+    (4, 1, 16, 1, 64, False, jnp.bfloat16, 20000),
+    (9, 2, 128, 1, 16, True, jnp.float16, 3000),
+    (9, 4, 64, 2, 256, True, jnp.bfloat16, 9000),
+    (9, 8, 16, 1, 32, False, jnp.float16, 5000),
+    (9, 16, 16, 1, 128, True, jnp.bfloat16, 12000),
+    (3, 16, 128, 1, 48, True, jnp.bfloat16, 2000),
+]
+
+
+@quick
+@pytest.mark.parametrize("b,s_q,h_q,h_kv,page_size,causal,dtype,long",
+                         _FEATURES)
+def test_feature_matrix(b, s_q, h_q, h_kv, page_size, causal, dtype, long):
+  """plan=None and every scheduler on one batch of lengths 0, 1, page
+  boundaries and a long one; each twice (bitwise equal); a stale plan."""
+  special = (0, long, 1, page_size - 1, page_size, page_size + 1,
+             3 * page_size + 5, 1000, s_q - 1)
+  lens = [special[i % len(special)] for i in range(b)]
+  lens = tuple(int(n) for n in np.random.default_rng(b).permutation(lens))
+  w = Workload("t", lens, s_q=s_q, h_q=h_q, h_kv=h_kv, page_size=page_size,
+               causal=causal)
+  q, kv, table, lens = _inputs(w, b + s_q, dtype)
+  want = tmla.mla_decode(q, kv, table, lens, softmax_scale=w.softmax_scale,
+                         causal=causal, backend="reference")
+  want = [np.asarray(x, np.float64) for x in want]
+  host = np.asarray(lens)
+  plans = [None] + [
+      tmla.plan_decode(host, s_q=s_q, h_q=h_q, h_kv=h_kv,
+                       page_size=page_size, scheduler=scheduler)
+      for scheduler in SCHEDULERS]
+  fn = jax.jit(lambda q, kv, table, lens, plan: tmla.mla_decode(
+      q, kv, table, lens, plan=plan, softmax_scale=w.softmax_scale,
+      causal=causal, backend="cuda"))
+  for plan in plans:
+    _poison_allocator(w)
+    out, lse = fn(q, kv, table, lens, plan)
+    assert out.dtype == dtype
+    assert_decode_close(out, lse, *want)
+    again = fn(q, kv, table, lens, plan)
+    np.testing.assert_array_equal(np.asarray(again[0]), np.asarray(out))
+    np.testing.assert_array_equal(np.asarray(again[1]), np.asarray(lse))
+  stale = host.copy()
+  longest = int(np.argmax(host))
+  stale[longest] -= 1
+  plan = tmla.plan_decode(stale, s_q=s_q, h_q=h_q, h_kv=h_kv,
+                          page_size=page_size, scheduler="makespan")
+  out, lse = fn(q, kv, table, lens, plan)
+  out = np.asarray(out, np.float32)
+  lse = np.asarray(lse)
+  assert np.isnan(out[longest]).all() and np.isnan(lse[longest]).all()
+  others = np.arange(b) != longest
+  assert_decode_close(out[others], lse[others], want[0][others],
+                      want[1][others])
+
+
 @pytest.mark.parametrize("name", ["W1", "W2", "W4"])
 @pytest.mark.parametrize("scheduler", (None,) + SCHEDULERS)
 def test_anchor_workloads(name, scheduler):
@@ -118,6 +183,7 @@ def test_fp16():
                       np.asarray(want[1], np.float64))
 
 
+@quick
 def test_repeated_runs_are_identical():
   w = WORKLOADS["W1"]
   q, kv, table, lens = _inputs(w, 7)
@@ -133,6 +199,7 @@ def test_repeated_runs_are_identical():
     np.testing.assert_array_equal(np.asarray(again[1]), first[1])
 
 
+@quick
 def test_bad_tables_and_lengths_give_nan_never_a_fault():
   w = Workload("t", (300, 300, 300, 300, 300), s_q=2, h_q=16, page_size=64)
   q, kv, table, lens = _inputs(w, 11)
@@ -166,7 +233,9 @@ def test_plan_for_other_lengths_gives_nan_for_those_sequences():
                       np.asarray(want[1][1:], np.float64))
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("scheduler", [
+    pytest.param(s, marks=quick if s == "makespan" else ())
+    for s in SCHEDULERS])
 def test_bad_page_in_one_piece_poisons_the_merged_sequence(scheduler):
   # Sequence 0 is cut into many pieces merged by REDUCEs (spread by rows
   # under the makespan scheduler); one bad page id in one piece must turn
@@ -192,6 +261,7 @@ def test_bad_page_in_one_piece_poisons_the_merged_sequence(scheduler):
                       np.asarray(want[1][1:], np.float64))
 
 
+@quick
 def test_scan_over_layers_with_one_plan():
   w = Workload("t", (3000, 64, 1), s_q=4, h_q=16, page_size=64, causal=True)
   q, kv, table, lens = _inputs(w, 5)
@@ -212,6 +282,69 @@ def test_scan_over_layers_with_one_plan():
                            softmax_scale=w.softmax_scale, backend="reference")
     assert_decode_close(outs[i], want[1], np.asarray(want[0], np.float64),
                         np.asarray(want[1], np.float64))
+
+
+@quick
+@pytest.mark.parametrize("scheduler", [None, "makespan"])
+@pytest.mark.parametrize("poison", ["nan_key", "nan_rope"])
+def test_keys_hidden_by_causality_never_affect_a_row(scheduler, poison):
+  # s_q = 4, causal: key n - 2 is seen by tokens 2 and 3 only. Sequence 0
+  # is long enough to be cut into pieces merged by REDUCEs.
+  w = Workload("t", (9000, 130, 5), s_q=4, h_q=16, page_size=64,
+               causal=True)
+  q, caches, table, lens = make_inputs(w, seed=8, dtype=np.float32,
+                                       extra_pages=2)
+  kv = caches[0]
+  for i, n in enumerate(w.seqlens):
+    row = kv[table[i, (n - 2) // 64], (n - 2) % 64]  # [h_kv, d_qk], a view
+    if poison == "nan_key":
+      row[:] = np.nan
+    else:
+      row[:, w.d_v:] = np.nan
+  args = (jnp.asarray(q, jnp.bfloat16), jnp.asarray(kv, jnp.bfloat16),
+          jnp.asarray(table), jnp.asarray(lens))
+  plan = scheduler and tmla.plan_decode(lens, s_q=4, h_q=16,
+                                        scheduler=scheduler)
+  out, lse = tmla.mla_decode(*args, plan=plan, causal=True,
+                             softmax_scale=w.softmax_scale, backend="cuda")
+  out = np.asarray(out, np.float32)
+  lse = np.asarray(lse)
+  assert np.isfinite(out[:, :2]).all() and np.isfinite(lse[:, :, :2]).all()
+  assert np.isnan(out[:, 2:]).all() and np.isnan(lse[:, :, 2:]).all()
+  want = tmla.mla_decode(*args, causal=True, softmax_scale=w.softmax_scale,
+                         backend="reference")
+  assert_decode_close(out, lse, np.asarray(want[0], np.float64),
+                      np.asarray(want[1], np.float64))
+
+
+@quick
+def test_mismatched_plans_are_refused_or_give_nan():
+  w = Workload("t", (500, 70, 0), s_q=2, h_q=16, page_size=64)
+  q, kv, table, lens = _inputs(w, 6)
+  host = np.asarray(lens)
+  call = lambda plan: tmla.mla_decode(q, kv, table, lens, plan=plan,
+                                      backend="cuda")
+  for kwargs, name in ((dict(page_size=16), "page_size"),
+                       (dict(head_dim_v=128), "head_dim_v"),
+                       (dict(h_kv=2, h_q=16), "h_kv"),
+                       (dict(s_q=1), "s_q")):
+    args = dict(s_q=2, h_q=16, page_size=64)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=f"plan: built for {name}="):
+      call(tmla.plan_decode(host, **args))
+  sms = default_num_sms()
+  with pytest.raises(Exception, match="SMs"):
+    jax.block_until_ready(call(tmla.plan_decode(host, s_q=2, h_q=16,
+                                                num_sms=sms + 1)))
+  # A device plan whose bound clamps a length: that sequence is NaN.
+  clamped = tmla.plan_on_device(lens, s_q=2, h_q=16, max_seqlen=256)
+  out, lse = call(clamped)
+  out = np.asarray(out, np.float32)
+  lse = np.asarray(lse)
+  assert np.isnan(out[0]).all() and np.isnan(lse[0]).all()
+  want = tmla.mla_decode(q, kv, table, lens, backend="reference")
+  assert_decode_close(out[1:], lse[1:], np.asarray(want[0][1:], np.float64),
+                      np.asarray(want[1][1:], np.float64))
 
 
 _SUBPROCESS = textwrap.dedent("""

@@ -46,6 +46,9 @@ def test_defaults():
     (dict(h_q=16.0), TypeError, "h_q must be an int, got float"),
     (dict(h_kv=3), ValueError, "h_q must be a multiple of h_kv"),
     (dict(page_size=0), ValueError, "page_size must be >= 1"),
+    (dict(page_size=32.0), TypeError, "page_size must be an int"),
+    (dict(seqlens=np.array([1 << 32, 5], np.int64)), ValueError,
+     r"seqlens must lie in \[0,"),
     (dict(head_dim_v=-4), ValueError, "head_dim_v must be >= 1"),
     (dict(num_sms=0), ValueError, "num_sms must be >= 1"),
     (dict(scheduler="fastest"), ValueError, "scheduler must be one of"),
@@ -76,7 +79,7 @@ def test_pytree_round_trip():
   assert leaves[0] is plan.instructions and leaves[1] is plan.seqlens
   back = jax.tree_util.tree_unflatten(treedef, leaves)
   assert isinstance(back, DecodePlan)
-  for field in ("s_q", "h_q", "h_kv", "page_size", "num_sms",
+  for field in ("s_q", "h_q", "h_kv", "page_size", "head_dim_v", "num_sms",
                 "max_instructions", "num_slots", "num_counters", "scheduler",
                 "predicted_makespan_ns"):
     assert getattr(back, field) == getattr(plan, field)
@@ -129,14 +132,53 @@ def test_capacities_are_bucketed():
                                      isa.INSTRUCTION_WORDS)
 
 
+_CALL = dict(batch=3, s_q=2, h_q=16, h_kv=1, page_size=64, head_dim_v=512)
+
+
 def test_check_compatible():
   plan = _plan()
-  plan.check_compatible(batch=3, s_q=2, h_q=16, h_kv=1)
-  for name, value in (("batch", 4), ("s_q", 1), ("h_q", 8), ("h_kv", 2)):
-    args = dict(batch=3, s_q=2, h_q=16, h_kv=1)
-    args[name] = value
+  plan.check_compatible(**_CALL)
+  for name, value in (("batch", 4), ("s_q", 1), ("h_q", 8), ("h_kv", 2),
+                      ("page_size", 16), ("head_dim_v", 128)):
     with pytest.raises(ValueError, match=f"built for {name}="):
-      plan.check_compatible(**args)
+      plan.check_compatible(**dict(_CALL, **{name: value}))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(num_sms=21), r"instructions must have shape"),
+    (dict(max_instructions=4), r"instructions must have shape"),
+    (dict(instructions=np.zeros((20, 8, isa.INSTRUCTION_WORDS - 1),
+                                np.int32)), r"instructions must have shape"),
+    (dict(instructions=np.zeros((20, 8, isa.INSTRUCTION_WORDS), np.int64)),
+     "instructions must be int32"),
+    (dict(seqlens=np.array([300, 0, 5000], np.int64)),
+     "seqlens must be int32"),
+    (dict(num_slots=-1), "num_slots and num_counters must be >= 0"),
+])
+def test_check_compatible_refuses_an_inconsistent_plan(change, match):
+  plan = _plan()
+  if "instructions" in change:
+    change["max_instructions"] = change["instructions"].shape[1]
+  with pytest.raises(ValueError, match=match):
+    dataclasses.replace(plan, **change).check_compatible(**_CALL)
+
+
+@pytest.mark.parametrize("page_size", [1, 8, 17, 24, 272, 512])
+def test_page_sizes_are_those_mla_decode_takes(page_size):
+  with pytest.raises(ValueError, match=f"page_size must be a multiple of 16"
+                     rf" in \[16, 256\], got {page_size}"):
+    _plan(page_size=page_size)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(h_q=1 << 40), "work items"),
+    (dict(s_q=1 << 40), "work items"),
+    (dict(seqlens=[5] * (1 << 20), h_q=512), "work items"),
+    (dict(num_sms=1 << 40), "num_sms must be <= 4096"),
+])
+def test_sizes_past_the_limits_raise_value_error(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    _plan(**kwargs)
 
 
 def test_workspace_words():

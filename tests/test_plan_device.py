@@ -63,7 +63,7 @@ def test_compiled_equals_host_balanced():
 @pytest.mark.parametrize("shape", [
     dict(s_q=4, h_q=16, h_kv=1, page_size=64, num_sms=132, batch=6),
     dict(s_q=3, h_q=40, h_kv=2, page_size=16, num_sms=7, batch=3),
-    dict(s_q=1, h_q=8, h_kv=1, page_size=1, num_sms=5, batch=9),
+    dict(s_q=1, h_q=8, h_kv=1, page_size=16, num_sms=5, batch=9),
 ])
 @hypothesis.settings(max_examples=25, deadline=None)
 @hypothesis.given(data=st.data())
@@ -140,6 +140,18 @@ def test_device_plan_aux_data_and_jit():
     (dict(h_kv=5), ValueError, "multiple of h_kv"),
     (dict(max_seqlen=1 << 30, cache_seqlens=jnp.ones(4096, jnp.int32)),
      ValueError, "use plan_decode on the host"),
+    (dict(page_size=8), ValueError, r"page_size must be a multiple of 16"),
+    (dict(page_size=512), ValueError, r"in \[16, 256\], got 512"),
+    (dict(cache_seqlens=np.array([1 << 32, 3], np.int64)), ValueError,
+     "cache_seqlens must fit in int32"),
+    (dict(cache_seqlens=np.array([(1 << 32) - 1], np.uint32)), ValueError,
+     "cache_seqlens must fit in int32"),
+    (dict(cache_seqlens=[-(1 << 40)]), ValueError,
+     "cache_seqlens must fit in int32"),
+    (dict(h_q=1 << 40), ValueError, "work items"),
+    (dict(cache_seqlens=["1", "2"]), TypeError, "integer array, got dtype <U1"),
+    (dict(cache_seqlens=[1 << 70]), TypeError, "integer array, got dtype object"),
+    (dict(cache_seqlens=np.array([1.0, 2.0])), TypeError, "integer array"),
 ])
 def test_bad_arguments(kwargs, error, match):
   args = dict(cache_seqlens=jnp.array([3, 4], jnp.int32), s_q=1, h_q=12,
@@ -147,3 +159,11 @@ def test_bad_arguments(kwargs, error, match):
   args.update(kwargs)
   with pytest.raises(error, match=match):
     plan_on_device(**args)
+
+
+@pytest.mark.parametrize("dtype", [jnp.uint32, jnp.uint8, jnp.int16])
+def test_lengths_of_other_integer_dtypes_are_clamped_not_wrapped(dtype):
+  lens = jnp.asarray([jnp.iinfo(dtype).max, 10], dtype)
+  plan = plan_on_device(lens, s_q=1, h_q=16, page_size=16, max_seqlen=64,
+                        num_sms=4)
+  np.testing.assert_array_equal(plan.seqlens, [64, 10])

@@ -179,3 +179,42 @@ def test_random_shapes(data, b, s_q, h_kv, group, page_size, d_v, causal):
   w = Workload("t", lens, s_q=s_q, h_q=h_kv * group, h_kv=h_kv, d_qk=d_v + 64,
                d_v=d_v, page_size=page_size, causal=causal)
   _run(w, seed=data.draw(st.integers(0, 1000)))
+
+
+@pytest.mark.parametrize("poison", ["nan_key", "nan_rope", "inf_value"])
+def test_keys_hidden_by_causality_never_affect_a_row(poison):
+  # s_q = 4, causal: token t of a sequence of n tokens sees keys
+  # 0 .. n - 4 + t. Key n - 2 is seen by tokens 2 and 3 only.
+  w = Workload("t", (40, 19, 5), s_q=4, h_q=16, h_kv=2, d_qk=D_QK, d_v=D_V,
+               page_size=16, causal=True)
+  q, caches, table, lens = make_inputs(w, seed=4, dtype=ml_dtypes.bfloat16)
+  kv = caches[0].copy()
+  for i, n in enumerate(w.seqlens):
+    pos = n - 2
+    row = kv[table[i, pos // 16], pos % 16]  # [h_kv, d_qk], a view
+    if poison == "nan_key":
+      row[:] = np.nan
+    elif poison == "nan_rope":
+      row[:, D_V:] = np.nan
+    else:
+      row[:, 5] = np.inf
+  out, lse = _run(w, inputs=(q, [kv], table, lens))
+  out = np.asarray(out, np.float32)
+  lse = np.asarray(lse)
+  # Tokens 0 and 1 never see the poisoned key: untouched, finite.
+  assert np.isfinite(out[:, :2]).all() and np.isfinite(lse[:, :, :2]).all()
+  if poison != "inf_value":
+    # Tokens 2 and 3 see a NaN score: all of their outputs are NaN.
+    assert np.isnan(out[:, 2:]).all() and np.isnan(lse[:, :, 2:]).all()
+  else:
+    assert np.isnan(out[:, 2:, :, 5]).all()
+
+
+@pytest.mark.parametrize("s_q", [1, 3])
+def test_nan_past_the_length_inside_a_used_page_never_leaks(s_q):
+  w = Workload("t", (21, 16, 1), s_q=s_q, h_q=16, d_qk=D_QK, d_v=D_V,
+               page_size=16, causal=True)
+  q, caches, table, lens = make_inputs(w, seed=9, dtype=ml_dtypes.bfloat16)
+  assert np.isnan(caches[0][table[0, 1], 5:]).all()  # the page's tail
+  out, lse = _run(w, inputs=(q, caches, table, lens))
+  assert np.isfinite(np.asarray(out, np.float32)).all()

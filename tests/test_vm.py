@@ -78,7 +78,7 @@ def workloads(draw):
   return Workload(
       "drawn", lens, s_q=draw(st.integers(1, 4)),
       h_q=h_kv * draw(st.sampled_from([1, 3, 8, 20])), h_kv=h_kv, d_qk=D_QK,
-      d_v=D_V, page_size=draw(st.sampled_from([1, 4, 16, 64])),
+      d_v=D_V, page_size=draw(st.sampled_from([16, 32, 64])),
       causal=draw(st.booleans()))
 
 
@@ -132,7 +132,7 @@ def test_long_sequence_plans_match_reference(scheduler, lens, s_q, h_q,
 
 
 @pytest.mark.parametrize("shape", [
-    dict(s_q=2, h_q=6, h_kv=2, page_size=4, num_sms=5, causal=True),
+    dict(s_q=2, h_q=6, h_kv=2, page_size=16, num_sms=5, causal=True),
     dict(s_q=1, h_q=40, h_kv=1, page_size=16, num_sms=3, causal=False),
 ])
 @hypothesis.settings(max_examples=15, deadline=None)
@@ -151,14 +151,37 @@ def test_device_plan_matches_reference(shape, lens):
 def test_rows_without_keys_and_causal_edges():
   # len 2 < s_q 4: causal rows of tokens 0 and 1 see no key.
   w = Workload("edge", (2, 0, 5), s_q=4, h_q=2, d_qk=D_QK, d_v=D_V,
-               page_size=4, causal=True)
-  plan = plan_decode(w.seqlens, s_q=4, h_q=2, page_size=4, num_sms=3,
+               page_size=16, causal=True)
+  plan = plan_decode(w.seqlens, s_q=4, h_q=2, page_size=16, num_sms=3,
                      head_dim_v=D_V)
   result, (out, lse) = _run(w, plan)
   _assert_matches(result, out, lse)
   assert np.isinf(result.lse[0, :, :2]).all() and result.lse[0, :, 2:].all()
   assert (result.out[1] == 0).all() and np.isinf(result.lse[1]).all()
   assert (result.lse > 0).all() or np.isfinite(result.lse).any()
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_nan_keys_reach_exactly_the_rows_that_see_them(scheduler):
+  # Causal, s_q = 3: key n - 1 is seen by token 2 only, key 100 by every
+  # token of sequence 0. The plans cut sequence 0 and merge its pieces.
+  w = Workload("nan", (3000, 40), s_q=3, h_q=8, d_qk=D_QK, d_v=D_V,
+               page_size=16, causal=True)
+  plan = plan_decode(w.seqlens, s_q=3, h_q=8, page_size=16, head_dim_v=D_V,
+                     num_sms=8, scheduler=scheduler, cost_model=CHEAP_MERGES)
+  assert (np.asarray(plan.instructions)[..., isa.FIELD_OPCODE]
+          == isa.OP_REDUCE).any()
+  q, (kv,), table, lens = make_inputs(w, seed=3)
+  for i, n in enumerate(w.seqlens):
+    kv[table[i, (n - 1) // 16], (n - 1) % 16] = np.nan
+  result = vm.execute(plan, q, kv, table, lens, head_dim_v=D_V, causal=True)
+  assert np.isfinite(result.out[:, :2]).all()
+  assert np.isfinite(result.lse[:, :, :2]).all()
+  assert np.isnan(result.out[:, 2]).all() and np.isnan(result.lse[:, :, 2]).all()
+  kv[table[0, 100 // 16], 100 % 16, 0, 3] = np.nan
+  result = vm.execute(plan, q, kv, table, lens, head_dim_v=D_V, causal=True)
+  assert np.isnan(result.out[0]).all() and np.isnan(result.lse[0]).all()
+  assert np.isfinite(result.out[1, :2]).all()
 
 
 def test_cost_words_are_the_cost_model():

@@ -43,6 +43,35 @@ from jax_thundermla.plan.tensorize import MIN_CAPACITY
 
 # int32 headroom of the on-device arithmetic (see balanced.py).
 _PAGE_LIMIT = 1 << 28
+_INT32_MAX = (1 << 31) - 1
+
+
+def _lengths(cache_seqlens: Any) -> jax.Array:
+  """The lengths as an integer jax array ``[b]``, checked.
+
+  Host values (lists, numpy arrays) must fit in int32: turning them into a
+  device array would otherwise wrap them silently (2**32 + 5 -> 5).
+  """
+  if not isinstance(cache_seqlens, jax.Array):  # Tracers are jax.Arrays.
+    host = np.asarray(cache_seqlens)
+    if host.dtype.kind not in "iu":
+      raise TypeError(
+          f"cache_seqlens must be an integer array, got dtype {host.dtype}")
+    if host.size and (
+        int(host.min()) < -_INT32_MAX - 1 or int(host.max()) > _INT32_MAX):
+      raise ValueError(
+          f"cache_seqlens must fit in int32, got values in"
+          f" [{int(host.min())}, {int(host.max())}]")
+    cache_seqlens = host
+  lengths = jnp.asarray(cache_seqlens)
+  if lengths.ndim != 1 or lengths.shape[0] == 0:
+    raise ValueError(
+        f"cache_seqlens must have shape [b] with b >= 1, got shape"
+        f" {lengths.shape}")
+  if not jnp.issubdtype(lengths.dtype, jnp.integer):
+    raise TypeError(
+        f"cache_seqlens must be an integer array, got dtype {lengths.dtype}")
+  return lengths
 
 
 @functools.partial(jax.jit, static_argnames=("st", "capacity"))
@@ -101,10 +130,12 @@ def plan_on_device(cache_seqlens: Any, *, s_q: int, h_q: int, h_kv: int = 1,
     cache_seqlens: int ``[b]`` device (or traced) array: tokens per sequence,
       the ``s_q`` new ones included. Values are clamped to
       ``[0, max_seqlen]``; the plan's ``seqlens`` holds the clamped values.
+      Host values (lists, numpy arrays) must fit in int32.
     s_q: new query tokens per sequence.
     h_q: query heads.
     h_kv: KV heads.
-    page_size: tokens per cache page.
+    page_size: tokens per cache page: a multiple of 16 up to 256, as
+      mla_decode takes.
     max_seqlen: static bound on the lengths, e.g. ``max_pages * page_size``
       of the block table.
     head_dim_v: value head dim (prices the instructions).
@@ -122,23 +153,17 @@ def plan_on_device(cache_seqlens: Any, *, s_q: int, h_q: int, h_kv: int = 1,
   Raises:
     TypeError, ValueError: bad arguments, naming the argument.
   """
+  lengths = _lengths(cache_seqlens)
   s_q, h_q, h_kv, page_size, head_dim_v, num_sms, cost = validate_shapes(
-      s_q=s_q, h_q=h_q, h_kv=h_kv, page_size=page_size,
-      head_dim_v=head_dim_v, num_sms=num_sms, cost_model=cost_model)
+      batch=lengths.shape[0], s_q=s_q, h_q=h_q, h_kv=h_kv,
+      page_size=page_size, head_dim_v=head_dim_v, num_sms=num_sms,
+      cost_model=cost_model)
   if isinstance(max_seqlen, bool) or not isinstance(
       max_seqlen, (int, np.integer)):
     raise TypeError(
         f"max_seqlen must be a static int, got {type(max_seqlen).__name__}")
   if max_seqlen < 0:
     raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
-  lengths = jnp.asarray(cache_seqlens)
-  if lengths.ndim != 1 or lengths.shape[0] == 0:
-    raise ValueError(
-        f"cache_seqlens must have shape [b] with b >= 1, got shape"
-        f" {lengths.shape}")
-  if not jnp.issubdtype(lengths.dtype, jnp.integer):
-    raise TypeError(
-        f"cache_seqlens must be an integer array, got dtype {lengths.dtype}")
   max_pages = -(-int(max_seqlen) // page_size)
   st = balanced.statics(
       batch=lengths.shape[0], s_q=s_q, h_q=h_q, h_kv=h_kv,
@@ -153,24 +178,29 @@ def plan_on_device(cache_seqlens: Any, *, s_q: int, h_q: int, h_kv: int = 1,
     raise ValueError(
         f"max_seqlen={max_seqlen} makes one PARTIAL cost more than int32 ns;"
         " use plan_decode on the host")
+  bound = min(int(max_seqlen), _INT32_MAX)
+  if jnp.iinfo(lengths.dtype).max > _INT32_MAX:
+    # Clamp in the wider type: a cast first would wrap 2**32 + 5 to 5.
+    clamped = jnp.clip(lengths, 0, bound).astype(jnp.int32)
+  else:
+    clamped = jnp.clip(lengths.astype(jnp.int32), 0, bound)
   scheduler = _pick_scheduler(scheduler, num_sms)
   if scheduler == "compiled":
     caps = device_ffi.capacities(lengths.shape[0], s_q, h_q, h_kv, num_sms)
     instructions, clamped, _ = device_ffi.plan_arrays(
-        lengths, s_q=s_q, h_q=h_q, h_kv=h_kv, page_size=page_size,
-        max_seqlen=min(max_seqlen, (1 << 31) - 1), head_dim_v=head_dim_v,
-        num_sms=num_sms, cost=cost)
+        clamped, s_q=s_q, h_q=h_q, h_kv=h_kv, page_size=page_size,
+        max_seqlen=bound, head_dim_v=head_dim_v, num_sms=num_sms, cost=cost)
     return DecodePlan(
         instructions=instructions, seqlens=clamped, s_q=s_q, h_q=h_q,
-        h_kv=h_kv, page_size=page_size, num_sms=num_sms,
-        max_instructions=caps[0], num_slots=caps[1], num_counters=caps[2],
-        scheduler="compiled", predicted_makespan_ns=math.nan)
-  clamped = jnp.clip(lengths.astype(jnp.int32), 0, min(max_seqlen,
-                                                         (1 << 31) - 1))
+        h_kv=h_kv, page_size=page_size, head_dim_v=head_dim_v,
+        num_sms=num_sms, max_instructions=caps[0], num_slots=caps[1],
+        num_counters=caps[2], scheduler="compiled",
+        predicted_makespan_ns=math.nan)
   capacity = max(MIN_CAPACITY, st.max_per_sm)
   return DecodePlan(
       instructions=_instructions(clamped, st, capacity), seqlens=clamped,
-      s_q=s_q, h_q=h_q, h_kv=h_kv, page_size=page_size, num_sms=num_sms,
-      max_instructions=capacity, num_slots=max(MIN_CAPACITY, st.max_slots),
+      s_q=s_q, h_q=h_q, h_kv=h_kv, page_size=page_size,
+      head_dim_v=head_dim_v, num_sms=num_sms, max_instructions=capacity,
+      num_slots=max(MIN_CAPACITY, st.max_slots),
       num_counters=max(MIN_CAPACITY, st.max_counters), scheduler="balanced",
       predicted_makespan_ns=math.nan)

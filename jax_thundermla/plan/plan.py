@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jax_thundermla import _validation
 from jax_thundermla import isa
 from jax_thundermla.plan import balanced
 from jax_thundermla.plan import makespan
@@ -24,6 +25,11 @@ SCHEDULERS = ("balanced", "static", "makespan")
 
 # SMs assumed when no GPU is visible (H100 SXM).
 DEFAULT_NUM_SMS = 132
+# Most instruction lists a plan may have (far above any GPU's SM count).
+MAX_NUM_SMS = 4096
+# Most work items (sequence, KV head, 64-row tile) a plan may cover: the
+# planners hold a few words per item on the host.
+MAX_WORK_ITEMS = 1 << 22
 # Largest sequence length a plan accepts (KV positions are int32 words).
 MAX_SEQLEN = (1 << 31) - 1
 # Largest instruction cost (ns) an int32 cost word holds.
@@ -79,6 +85,7 @@ class DecodePlan:
     h_q: query heads.
     h_kv: KV heads.
     page_size: tokens per cache page.
+    head_dim_v: value head dim the instructions were priced for.
     num_sms: SMs of the grid (instruction lists).
     max_instructions: capacity of each list.
     num_slots: partial slots of the workspace.
@@ -95,6 +102,7 @@ class DecodePlan:
   h_q: int
   h_kv: int
   page_size: int
+  head_dim_v: int
   num_sms: int
   max_instructions: int
   num_slots: int
@@ -103,7 +111,8 @@ class DecodePlan:
   predicted_makespan_ns: float
 
   def tree_flatten(self):
-    aux = (self.s_q, self.h_q, self.h_kv, self.page_size, self.num_sms,
+    aux = (self.s_q, self.h_q, self.h_kv, self.page_size, self.head_dim_v,
+           self.num_sms,
            self.max_instructions, self.num_slots, self.num_counters,
            self.scheduler, _Informational(self.predicted_makespan_ns))
     return (self.instructions, self.seqlens), aux
@@ -117,26 +126,50 @@ class DecodePlan:
   def batch(self) -> int:
     return int(self.seqlens.shape[0])
 
-  def check_compatible(self, *, batch: int, s_q: int, h_q: int,
-                       h_kv: int) -> None:
+  def check_compatible(self, *, batch: int, s_q: int, h_q: int, h_kv: int,
+                       page_size: int, head_dim_v: int) -> None:
     """Raises ValueError unless the plan was built for these shapes.
+
+    Every field the kernel reads from the plan takes part: the shapes the
+    instructions index (batch, s_q, h_q, h_kv), the page size their KV
+    ranges were cut at, the head dim they were priced for, and the plan's
+    own arrays (their shapes against its capacities).
 
     Args:
       batch: sequences of the call.
       s_q: new query tokens per sequence.
       h_q: query heads.
       h_kv: KV heads.
+      page_size: tokens per cache page.
+      head_dim_v: value head dim.
 
     Raises:
-      ValueError: naming the first mismatching dimension.
+      ValueError: naming the first mismatch.
     """
     for name, want, got in (("batch", self.batch, batch),
                             ("s_q", self.s_q, s_q), ("h_q", self.h_q, h_q),
-                            ("h_kv", self.h_kv, h_kv)):
+                            ("h_kv", self.h_kv, h_kv),
+                            ("page_size", self.page_size, page_size),
+                            ("head_dim_v", self.head_dim_v, head_dim_v)):
       if want != got:
         raise ValueError(
             f"plan: built for {name}={want}, the call has {name}={got}; build"
             " a plan for these shapes")
+    want = (self.num_sms, self.max_instructions, isa.INSTRUCTION_WORDS)
+    shape = tuple(getattr(self.instructions, "shape", ()))
+    if shape != want:
+      raise ValueError(
+          f"plan: instructions must have shape [num_sms, max_instructions,"
+          f" {isa.INSTRUCTION_WORDS}] = {list(want)}, got {list(shape)}")
+    for name, value in (("instructions", self.instructions),
+                        ("seqlens", self.seqlens)):
+      if np.dtype(value.dtype) != np.int32:
+        raise ValueError(
+            f"plan: {name} must be int32, got {np.dtype(value.dtype).name}")
+    if min(self.num_slots, self.num_counters) < 0:
+      raise ValueError(
+          f"plan: num_slots and num_counters must be >= 0, got"
+          f" {self.num_slots} and {self.num_counters}")
 
   def workspace_words(self, head_dim_v: int) -> int:
     """4-byte words of the kernel workspace (layout in csrc/isa.h)."""
@@ -187,11 +220,18 @@ def _int_arg(name: str, value: Any, minimum: int) -> int:
   return value
 
 
-def validate_shapes(*, s_q: Any, h_q: Any, h_kv: Any, page_size: Any,
-                    head_dim_v: Any, num_sms: Any,
+def validate_shapes(*, batch: int, s_q: Any, h_q: Any, h_kv: Any,
+                    page_size: Any, head_dim_v: Any, num_sms: Any,
                     cost_model: Any) -> tuple[int, int, int, int, int, int,
                                               CostModel]:
   """Checks the static arguments shared by the planners.
+
+  Page sizes are those mla_decode takes (one check for both).
+
+  Args:
+    batch: sequences to plan (already checked >= 1).
+    s_q, h_q, h_kv, page_size, head_dim_v, num_sms, cost_model: as given to
+      the planner.
 
   Returns:
     ``(s_q, h_q, h_kv, page_size, head_dim_v, num_sms, cost_model)`` with
@@ -207,9 +247,18 @@ def validate_shapes(*, s_q: Any, h_q: Any, h_kv: Any, page_size: Any,
     raise ValueError(
         f"h_q must be a multiple of h_kv, got h_q={h_q}, h_kv={h_kv}")
   page_size = _int_arg("page_size", page_size, 1)
+  _validation.check_page_size(page_size, "page_size")
   head_dim_v = _int_arg("head_dim_v", head_dim_v, 1)
   num_sms = default_num_sms() if num_sms is None else _int_arg(
       "num_sms", num_sms, 1)
+  if num_sms > MAX_NUM_SMS:
+    raise ValueError(f"num_sms must be <= {MAX_NUM_SMS}, got {num_sms}")
+  tiles = -(-s_q * (h_q // h_kv) // isa.TILE_ROWS)
+  if batch * h_kv * tiles > MAX_WORK_ITEMS:
+    raise ValueError(
+        f"batch * h_kv * ceil(s_q * h_q / h_kv / {isa.TILE_ROWS}) (work"
+        f" items) must be <= {MAX_WORK_ITEMS}, got {batch} * {h_kv} *"
+        f" {tiles} (s_q={s_q}, h_q={h_q})")
   if cost_model is None:
     cost_model = _DEFAULT_COST
   elif not isinstance(cost_model, CostModel):
@@ -250,10 +299,11 @@ def plan_decode(seqlens: Any, *, s_q: int, h_q: int, h_kv: int = 1,
     s_q: new query tokens per sequence.
     h_q: query heads.
     h_kv: KV heads (``h_q % h_kv == 0``).
-    page_size: tokens per cache page.
+    page_size: tokens per cache page: a multiple of 16 up to 256, as
+      mla_decode takes.
     head_dim_v: value head dim (prices the instructions).
-    num_sms: SMs of the grid; by default those of the first GPU jax sees,
-      else 132.
+    num_sms: SMs of the grid (at most MAX_NUM_SMS); by default those of the
+      first GPU jax sees, else 132.
     scheduler: one of SCHEDULERS: ``"balanced"`` (FlashMLA's even split,
       the same lists as the on-device planner), ``"static"`` (fixed chunks,
       a 4-way reduction tree, list scheduling) or ``"makespan"`` (built
@@ -269,7 +319,7 @@ def plan_decode(seqlens: Any, *, s_q: int, h_q: int, h_kv: int = 1,
   """
   lens = _host_seqlens(seqlens)
   s_q, h_q, h_kv, page_size, head_dim_v, num_sms, cost = validate_shapes(
-      s_q=s_q, h_q=h_q, h_kv=h_kv, page_size=page_size,
+      batch=lens.shape[0], s_q=s_q, h_q=h_q, h_kv=h_kv, page_size=page_size,
       head_dim_v=head_dim_v, num_sms=num_sms, cost_model=cost_model)
   if scheduler not in SCHEDULERS:
     raise ValueError(
@@ -294,7 +344,8 @@ def plan_decode(seqlens: Any, *, s_q: int, h_q: int, h_kv: int = 1,
   instructions, caps = tensorize.tensorize(schedule, num_sms)
   return DecodePlan(
       instructions=instructions, seqlens=lens.astype(np.int32), s_q=s_q,
-      h_q=h_q, h_kv=h_kv, page_size=page_size, num_sms=num_sms,
-      max_instructions=caps.max_instructions, num_slots=caps.num_slots,
-      num_counters=caps.num_counters, scheduler=scheduler,
+      h_q=h_q, h_kv=h_kv, page_size=page_size, head_dim_v=head_dim_v,
+      num_sms=num_sms, max_instructions=caps.max_instructions,
+      num_slots=caps.num_slots, num_counters=caps.num_counters,
+      scheduler=scheduler,
       predicted_makespan_ns=makespan_ns)
