@@ -45,24 +45,12 @@ static_assert(kProducerRegisters * kWarpgroupThreads +
 constexpr int kBarConsumers = 1;  // both consumer warpgroups
 constexpr int kBarConsumer0 = 2;  // consumer warpgroup c uses 2 + c
 
-// A stage's column blocks ("boxes") load and are released in groups: the
-// rope box feeds only QK^T and is free once it is done; consumer c's V
-// boxes [c * 4, c * 4 + 4) are free once that consumer's PV is done. Each
-// box has its own full barrier, so QK^T starts on the first box to land.
-constexpr int kRopeBox = kNumColBlocks - 1;  // columns 512..575
-constexpr int kVBoxesPerConsumer = kColsPerConsumer / kColBlock;  // 4
-constexpr int kRopeGroup = 0;
-constexpr int kVGroup0 = 1;  // consumer c releases group kVGroup0 + c
-constexpr int kNumBoxGroups = 1 + kNumConsumers;  // rope, V-left, V-right
-static_assert(kNumConsumers * kVBoxesPerConsumer == kRopeBox,
-              "the V boxes are the column blocks before the rope box");
-
 // Shared memory plan (bytes from a 1024-byte aligned base).
 // A column block: 64 columns (128 bytes, one swizzle row) of every row.
 constexpr int kQColBlockBytes = kTileRows * kSwizzleBytes;      // 8 KB
-constexpr int kKvColBlockBytes = kBlockTokens * kSwizzleBytes;  // 8 KB
+constexpr int kKvColBlockBytes = kBlockTokens * kSwizzleBytes;  // 4 KB
 constexpr int kQBytes = kNumColBlocks * kQColBlockBytes;        // 72 KB
-constexpr int kStageBytes = kNumColBlocks * kKvColBlockBytes;   // 72 KB
+constexpr int kStageBytes = kNumColBlocks * kKvColBlockBytes;   // 36 KB
 // P: one 128-byte swizzled row (64 tokens) per query row.
 constexpr int kPBytes = kTileRows * kSwizzleBytes;              // 8 KB
 static_assert(kBlockTokens == 64, "QK^T is one m64n64 MMA per k-step");
@@ -70,11 +58,9 @@ constexpr int kSmemQ = 0;
 constexpr int kSmemKv = kSmemQ + kQBytes;
 constexpr int kSmemP = kSmemKv + kStages * kStageBytes;
 constexpr int kSmemRowScale = kSmemP + kPBytes;
-// mbarriers: full[kStages][kNumColBlocks], empty[kStages][kNumBoxGroups],
-// hand_full, hand_empty.
+// mbarriers: full[kStages], empty[kStages], hand_full, hand_empty.
 constexpr int kSmemBarriers = kSmemRowScale + kTileRows * 4;
-constexpr int kNumMbarriers =
-    kStages * kNumColBlocks + kStages * kNumBoxGroups + 2;
+constexpr int kNumMbarriers = 2 * kStages + 2;
 // The next instruction's words, staged by consumer 0 during a PARTIAL.
 constexpr int kSmemNext = kSmemBarriers + kNumMbarriers * 8;
 constexpr int kSmemUsed = kSmemNext + isa::kInstructionWords * 4;

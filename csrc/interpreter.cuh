@@ -89,12 +89,8 @@ __global__ void __launch_bounds__(config::kThreads, 1)
   const Smem smem = Smem::Carve(smem_raw);
   if (threadIdx.x == 0) {
     for (int s = 0; s < config::kStages; ++s) {
-      for (int j = 0; j < config::kNumColBlocks; ++j) {
-        ptx::MbarInit(smem.Full(s, j), 1);
-      }
-      for (int g = 0; g < config::kNumBoxGroups; ++g) {
-        ptx::MbarInit(smem.Empty(s, g), 1);
-      }
+      ptx::MbarInit(&smem.full[s], 1);
+      ptx::MbarInit(&smem.empty[s], config::kNumConsumers);
     }
     ptx::MbarInit(smem.hand_full, config::kWarpgroupThreads);
     ptx::MbarInit(smem.hand_empty, config::kWarpgroupThreads);

@@ -71,18 +71,6 @@ __device__ __forceinline__ void TmaLoad3d(void* dst, const CUtensorMap* map,
       : "memory");
 }
 
-// Starts moving a 3-D tiled box into L2 (no shared memory, no barrier), so
-// that a later TmaLoad3d of the same box finds it there.
-__device__ __forceinline__ void TmaPrefetchL2(const CUtensorMap* map,
-                                              int32_t c0, int32_t c1,
-                                              int32_t c2) {
-  asm volatile(
-      "cp.async.bulk.prefetch.tensor.3d.L2.global.tile [%0, {%1, %2, %3}];" ::
-          "l"(reinterpret_cast<uint64_t>(map)),
-      "r"(c0), "r"(c1), "r"(c2)
-      : "memory");
-}
-
 __device__ __forceinline__ void PrefetchTensorMap(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];" ::"l"(
                    reinterpret_cast<uint64_t>(map))

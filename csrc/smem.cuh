@@ -12,8 +12,8 @@ struct Smem {
   uint8_t* kv;         // [kStages][9 column blocks][64 tokens][128 B]
   uint8_t* p;          // [64 rows][64 tokens] T, swizzled
   float* row_scale;    // [64]: per-row rescale (per block) or 1/l (end)
-  uint64_t* full;      // [kStages][kNumColBlocks] mbarriers: box loaded
-  uint64_t* empty;     // [kStages][kNumBoxGroups] mbarriers: group consumed
+  uint64_t* full;      // [kStages] mbarriers: stage loaded
+  uint64_t* empty;     // [kStages] mbarriers: stage consumed
   // The P / row_scale hand-off from consumer 0 to consumer 1, one round per
   // KV block and one per PARTIAL epilogue.
   uint64_t* hand_full;   // consumer 0 wrote P and row_scale (128 arrivals)
@@ -34,8 +34,8 @@ struct Smem {
     m.p = s + config::kSmemP;
     m.row_scale = reinterpret_cast<float*>(s + config::kSmemRowScale);
     m.full = reinterpret_cast<uint64_t*>(s + config::kSmemBarriers);
-    m.empty = m.full + config::kStages * config::kNumColBlocks;
-    m.hand_full = m.empty + config::kStages * config::kNumBoxGroups;
+    m.empty = m.full + config::kStages;
+    m.hand_full = m.empty + config::kStages;
     m.hand_empty = m.hand_full + 1;
     m.next = reinterpret_cast<int32_t*>(s + config::kSmemNext);
     return m;
@@ -43,12 +43,6 @@ struct Smem {
 
   __device__ __forceinline__ uint8_t* Stage(int stage) const {
     return kv + stage * config::kStageBytes;
-  }
-  __device__ __forceinline__ uint64_t* Full(int stage, int box) const {
-    return full + stage * config::kNumColBlocks + box;
-  }
-  __device__ __forceinline__ uint64_t* Empty(int stage, int group) const {
-    return empty + stage * config::kNumBoxGroups + group;
   }
 };
 

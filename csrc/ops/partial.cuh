@@ -100,79 +100,6 @@ __device__ __forceinline__ void ZeroTail(uint8_t* stage, int block_start,
   }
 }
 
-// Bits of a 16-bit element that are all ones exactly when it is Inf/NaN.
-template <typename T>
-struct NonFinite;
-template <>
-struct NonFinite<__nv_bfloat16> {
-  static constexpr uint32_t kExponent = 0x7F80;
-};
-template <>
-struct NonFinite<__half> {
-  static constexpr uint32_t kExponent = 0x7C00;
-};
-
-// Zeroes the Inf/NaN elements of a 32-bit word of two 16-bit elements.
-template <typename T>
-__device__ __forceinline__ uint32_t ZeroNonFinite2(uint32_t x) {
-  constexpr uint32_t kE = NonFinite<T>::kExponent;
-  const uint32_t lo = (x & kE) == kE ? 0xFFFFu : 0u;
-  const uint32_t hi = ((x >> 16) & kE) == kE ? 0xFFFF0000u : 0u;
-  return x & ~(lo | hi);
-}
-
-// First key that some query row of a causal PARTIAL does not see: keys in
-// [HiddenFrom, valid_hi) are masked for some rows and seen by others. Past
-// valid_hi the tail is zeroed anyway; without a causal mask none is hidden.
-__device__ __forceinline__ int HiddenFrom(const MlaDecodeParams& p, int len,
-                                          int valid_hi) {
-  return p.causal && p.s_q > 1 ? len - p.s_q + 1 : valid_hi;
-}
-
-// Zeroes Inf/NaN in the V columns [col0, col0 + 256) of the block's keys
-// [lo, hi): a row that does not see such a key gets P = 0 for it, and
-// 0 x NaN in P V would still reach it. A row that sees the key is NaN
-// through its score, since V columns are key columns. Call after QK^T has
-// read the stage; the caller fences and syncs before P V.
-template <typename T>
-__device__ __forceinline__ void ZeroNonFiniteV(uint8_t* stage, int block_start,
-                                               int lo, int hi, int col0,
-                                               int thread_in_wg) {
-  const int first = max(lo - block_start, 0);
-  const int last = min(hi - block_start, config::kBlockTokens);
-  constexpr int kChunksPerRow = config::kSwizzleBytes / 16;  // 8
-  constexpr int kPerRow = config::kVBoxesPerConsumer * kChunksPerRow;
-  const int col_block0 = col0 / config::kColBlock;
-  const int work = max(last - first, 0) * kPerRow;
-  for (int w = thread_in_wg; w < work; w += config::kWarpgroupThreads) {
-    const int row = first + w / kPerRow;
-    const int j = col_block0 + (w % kPerRow) / kChunksPerRow;
-    const int chunk = w % kChunksPerRow;
-    int4* at = reinterpret_cast<int4*>(stage + j * config::kKvColBlockBytes +
-                                       ptx::Swizzle128(row, chunk));
-    const int4 v = *at;
-    const int4 fixed = make_int4(
-        static_cast<int>(ZeroNonFinite2<T>(static_cast<uint32_t>(v.x))),
-        static_cast<int>(ZeroNonFinite2<T>(static_cast<uint32_t>(v.y))),
-        static_cast<int>(ZeroNonFinite2<T>(static_cast<uint32_t>(v.z))),
-        static_cast<int>(ZeroNonFinite2<T>(static_cast<uint32_t>(v.w))));
-    if (fixed.x != v.x || fixed.y != v.y || fixed.z != v.z ||
-        fixed.w != v.w) {
-      *at = fixed;
-    }
-  }
-}
-
-// Waits until consumer c's V boxes of `stage` are loaded.
-__device__ __forceinline__ void WaitVBoxes(const Smem& smem, int stage,
-                                           uint32_t parity, int consumer) {
-#pragma unroll
-  for (int j = 0; j < config::kVBoxesPerConsumer; ++j) {
-    ptx::MbarWaitWarp(
-        smem.Full(stage, consumer * config::kVBoxesPerConsumer + j), parity);
-  }
-}
-
 // O[64 x 256 of this consumer] += P[64 x kBlockTokens] V[kBlockTokens x 256].
 template <typename T>
 __device__ __forceinline__ void AccumulatePv(float (&o)[128],
@@ -344,7 +271,6 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
   const int len = min(max(__ldg(p.seqlens + in.batch), 0),
                       p.max_pages * p.page_size);
   const int valid_hi = min(range.hi, len);
-  const int hidden_from = HiddenFrom(p, len, valid_hi);
   const int limit0 = RowLimit(p, in, f.r0, valid_hi, len);
   const int limit1 = RowLimit(p, in, f.r1, valid_hi, len);
 
@@ -366,44 +292,32 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
 
   for (int b = 0; b < range.num_blocks; ++b, ++pipe.block_counter) {
     const int stage = StageOf(pipe.block_counter);
-    const uint32_t parity = PhaseOf(pipe.block_counter);
     const int block_start = range.first + b * config::kBlockTokens;
     uint8_t* kv = smem.Stage(stage);
-    ptx::MbarWaitWarp(smem.Full(stage, config::kRopeBox), parity);
+    ptx::MbarWaitWarp(&smem.full[stage], PhaseOf(pipe.block_counter));
     if (b == 0) marks.Ready();
     if (valid_hi - block_start < config::kBlockTokens) {
-      WaitVBoxes(smem, stage, parity, 0);
       ZeroTail(kv, block_start, valid_hi, 0, thread_in_wg);
       ptx::FenceProxyAsync();
       ptx::BarSync(config::kBarConsumer0, config::kWarpgroupThreads);
     }
 
-    // S = Q K^T, the rope box first, then each box as it lands.
     float s[kScoreRegs];
     const uint32_t k_addr = ptx::SmemAddr(kv);
     ptx::WgmmaFence();
 #pragma unroll
-    for (int jj = 0; jj < config::kNumColBlocks; ++jj) {
-      const int j = jj == 0 ? config::kRopeBox : jj - 1;
-      if (jj > 0) ptx::MbarWaitWarp(smem.Full(stage, j), parity);
-#pragma unroll
-      for (int kk = 0; kk < config::kColBlock / 16; ++kk) {
-        // 16 dims = 32 bytes of a swizzled row.
-        wgmma::MmaM64N64K16<T>(
-            s, ptx::DescKMajor(q_addr + j * config::kQColBlockBytes + kk * 32),
-            ptx::DescKMajor(k_addr + j * config::kKvColBlockBytes + kk * 32),
-            jj > 0 || kk > 0);
-      }
+    for (int ks = 0; ks < config::kHeadDimQK / 16; ++ks) {
+      // 16 dims = 32 bytes of a swizzled row; 4 k-steps per column block.
+      const uint32_t in_row = (ks % 4) * 32;
+      wgmma::MmaM64N64K16<T>(
+          s,
+          ptx::DescKMajor(q_addr + (ks / 4) * config::kQColBlockBytes + in_row),
+          ptx::DescKMajor(k_addr + (ks / 4) * config::kKvColBlockBytes +
+                          in_row),
+          ks > 0);
     }
     ptx::WgmmaCommit();
     ptx::WgmmaWaitAll();
-    if (thread_in_wg == 0) {
-      ptx::MbarArrive(smem.Empty(stage, config::kRopeGroup));
-    }
-    // Made visible to this consumer's P V by the fence and barrier of the
-    // P hand-off below.
-    ZeroNonFiniteV<T>(kv, block_start, hidden_from, valid_hi, 0,
-                      thread_in_wg);
 
     // Mask, scale to base 2, online softmax.
     float mx0 = -INFINITY, mx1 = -INFINITY;
@@ -464,7 +378,7 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] *= (i % 4) >= 2 ? alpha1 : alpha0;
     AccumulatePv<T>(o, smem, kv, 0);
-    if (thread_in_wg == 0) ptx::MbarArrive(smem.Empty(stage, config::kVGroup0));
+    if (thread_in_wg == 0) ptx::MbarArrive(&smem.empty[stage]);
   }
 
   marks.Computed();
@@ -523,7 +437,6 @@ __device__ __forceinline__ void PartialPvConsumer(const MlaDecodeParams& p,
   const int len = min(max(__ldg(p.seqlens + in.batch), 0),
                       p.max_pages * p.page_size);
   const int valid_hi = min(range.hi, len);
-  const int hidden_from = HiddenFrom(p, len, valid_hi);
 
   float o[128];
 #pragma unroll
@@ -533,7 +446,7 @@ __device__ __forceinline__ void PartialPvConsumer(const MlaDecodeParams& p,
     const int stage = StageOf(pipe.block_counter);
     const int block_start = range.first + b * config::kBlockTokens;
     uint8_t* kv = smem.Stage(stage);
-    WaitVBoxes(smem, stage, PhaseOf(pipe.block_counter), 1);
+    ptx::MbarWaitWarp(&smem.full[stage], PhaseOf(pipe.block_counter));
     if (valid_hi - block_start < config::kBlockTokens) {
       ZeroTail(kv, block_start, valid_hi, config::kColsPerConsumer,
                thread_in_wg);
@@ -541,13 +454,6 @@ __device__ __forceinline__ void PartialPvConsumer(const MlaDecodeParams& p,
       ptx::BarSync(config::kBarConsumer0 + 1, config::kWarpgroupThreads);
     }
     ptx::MbarWaitWarp(smem.hand_full, pipe.round & 1);
-    if (hidden_from < min(valid_hi, block_start + config::kBlockTokens)) {
-      // Consumer 0's QK^T (before the hand-off) is done with the stage.
-      ZeroNonFiniteV<T>(kv, block_start, hidden_from, valid_hi,
-                        config::kColsPerConsumer, thread_in_wg);
-      ptx::FenceProxyAsync();
-      ptx::BarSync(config::kBarConsumer0 + 1, config::kWarpgroupThreads);
-    }
     const float alpha0 = smem.row_scale[f.r0];
     const float alpha1 = smem.row_scale[f.r1];
 #pragma unroll
@@ -555,7 +461,7 @@ __device__ __forceinline__ void PartialPvConsumer(const MlaDecodeParams& p,
     AccumulatePv<T>(o, smem, kv, 1);
     ptx::MbarArrive(smem.hand_empty);
     ++pipe.round;
-    if (thread_in_wg == 0) ptx::MbarArrive(smem.Empty(stage, config::kVGroup0 + 1));
+    if (thread_in_wg == 0) ptx::MbarArrive(&smem.empty[stage]);
   }
 
   ptx::MbarWaitWarp(smem.hand_full, pipe.round & 1);
