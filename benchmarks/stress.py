@@ -298,7 +298,9 @@ def run(count: int, *, seed: int, backend: str, buckets, use_vm: bool,
 
 
 _COUNT = flags.DEFINE_integer("count", 1000, "Workloads to draw.")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+# allow_override: the tests import this script and the DeepSeek example,
+# which also has --seed, into one process.
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed.", allow_override=True)
 _BACKEND = flags.DEFINE_enum(
     "backend", None, ["cuda", "reference"],
     "mla_decode backend; default: cuda on a GPU with the kernel built, else"

@@ -80,7 +80,10 @@ _HOST_PLAN = flags.DEFINE_bool(
     "host_plan", False,
     "Build one jax_thundermla.plan_decode schedule per step on the host and"
     " share it between all layers (needs dp == ep == 1).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of weights and prompts.")
+# allow_override: the tests import this example and benchmarks/stress.py,
+# which also has --seed, into one process.
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of weights and prompts.",
+                             allow_override=True)
 
 
 def make_config(name: str, num_layers: int | None
