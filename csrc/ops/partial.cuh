@@ -100,6 +100,79 @@ __device__ __forceinline__ void ZeroTail(uint8_t* stage, int block_start,
   }
 }
 
+// Bits of a 16-bit element that are all ones exactly when it is Inf/NaN.
+template <typename T>
+struct NonFinite;
+template <>
+struct NonFinite<__nv_bfloat16> {
+  static constexpr uint32_t kExponent = 0x7F80;
+};
+template <>
+struct NonFinite<__half> {
+  static constexpr uint32_t kExponent = 0x7C00;
+};
+
+// Zeroes the Inf/NaN elements of a 32-bit word of two 16-bit elements.
+template <typename T>
+__device__ __forceinline__ uint32_t ZeroNonFinite2(uint32_t x) {
+  constexpr uint32_t kE = NonFinite<T>::kExponent;
+  const uint32_t lo = (x & kE) == kE ? 0xFFFFu : 0u;
+  const uint32_t hi = ((x >> 16) & kE) == kE ? 0xFFFF0000u : 0u;
+  return x & ~(lo | hi);
+}
+
+// First key that some query row of a causal PARTIAL does not see: keys in
+// [HiddenFrom, valid_hi) are masked for some rows and seen by others (past
+// valid_hi the tail is zeroed anyway). Without a causal mask none is.
+__device__ __forceinline__ int HiddenFrom(const MlaDecodeParams& p, int len,
+                                          int valid_hi) {
+  return p.causal && p.s_q > 1 ? len - p.s_q + 1 : valid_hi;
+}
+
+// Whether the block at block_start holds keys of [hidden_from, valid_hi).
+__device__ __forceinline__ bool HoldsHiddenKeys(int block_start,
+                                                int hidden_from,
+                                                int valid_hi) {
+  return hidden_from < min(valid_hi, block_start + config::kBlockTokens) &&
+         block_start < valid_hi;
+}
+
+// Zeroes Inf/NaN in the V columns [col0, col0 + 256) of the block's keys
+// [lo, hi). A row that does not see such a key has P = 0 for it, and
+// 0 x NaN in P V would still reach it; a row that sees it is NaN through
+// its score already, since V columns are key columns. Runs after QK^T has
+// read the stage; the caller fences and syncs before P V.
+template <typename T>
+__device__ __forceinline__ void ZeroNonFiniteV(uint8_t* stage, int block_start,
+                                               int lo, int hi, int col0,
+                                               int thread_in_wg) {
+  const int first = max(lo - block_start, 0);
+  const int last = min(hi - block_start, config::kBlockTokens);
+  constexpr int kChunksPerRow = config::kSwizzleBytes / 16;  // 8
+  constexpr int kBlocksPerConsumer = config::kColsPerConsumer /
+                                     config::kColBlock;  // 4
+  constexpr int kPerRow = kBlocksPerConsumer * kChunksPerRow;
+  const int col_block0 = col0 / config::kColBlock;
+  const int work = max(last - first, 0) * kPerRow;
+  for (int w = thread_in_wg; w < work; w += config::kWarpgroupThreads) {
+    const int row = first + w / kPerRow;
+    const int j = col_block0 + (w % kPerRow) / kChunksPerRow;
+    const int chunk = w % kChunksPerRow;
+    int4* at = reinterpret_cast<int4*>(stage + j * config::kKvColBlockBytes +
+                                       ptx::Swizzle128(row, chunk));
+    const int4 v = *at;
+    const int4 fixed = make_int4(
+        static_cast<int>(ZeroNonFinite2<T>(static_cast<uint32_t>(v.x))),
+        static_cast<int>(ZeroNonFinite2<T>(static_cast<uint32_t>(v.y))),
+        static_cast<int>(ZeroNonFinite2<T>(static_cast<uint32_t>(v.z))),
+        static_cast<int>(ZeroNonFinite2<T>(static_cast<uint32_t>(v.w))));
+    if (fixed.x != v.x || fixed.y != v.y || fixed.z != v.z ||
+        fixed.w != v.w) {
+      *at = fixed;
+    }
+  }
+}
+
 // O[64 x 256 of this consumer] += P[64 x kBlockTokens] V[kBlockTokens x 256].
 template <typename T>
 __device__ __forceinline__ void AccumulatePv(float (&o)[128],
@@ -271,6 +344,7 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
   const int len = min(max(__ldg(p.seqlens + in.batch), 0),
                       p.max_pages * p.page_size);
   const int valid_hi = min(range.hi, len);
+  const int hidden_from = HiddenFrom(p, len, valid_hi);
   const int limit0 = RowLimit(p, in, f.r0, valid_hi, len);
   const int limit1 = RowLimit(p, in, f.r1, valid_hi, len);
 
@@ -318,6 +392,12 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
     }
     ptx::WgmmaCommit();
     ptx::WgmmaWaitAll();
+    // Visible to this consumer's P V through the fence and barrier of the
+    // P hand-off below.
+    if (HoldsHiddenKeys(block_start, hidden_from, valid_hi)) {
+      ZeroNonFiniteV<T>(kv, block_start, hidden_from, valid_hi, 0,
+                        thread_in_wg);
+    }
 
     // Mask, scale to base 2, online softmax.
     float mx0 = -INFINITY, mx1 = -INFINITY;
@@ -410,12 +490,16 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
       if (r >= in.num_rows) continue;
       const float l = half ? l1 : l0;
       const float m = half ? m1 : m0;
-      const float lse2 = poisoned ? NAN : l > 0.f ? m + log2f(l) : -INFINITY;
+      // l is NaN when a key the row sees holds NaN/Inf: its LSE is NaN.
+      const float lse2 = poisoned ? NAN
+                         : l > 0.f ? m + log2f(l)
+                         : l == 0.f ? -INFINITY
+                                    : NAN;
       if (in.dst_slot == isa::kFinalOutput) {
         const int64_t at =
             (static_cast<int64_t>(in.batch) * p.h_q + map.Head(in, r)) *
                 p.s_q + map.Token(in, r);
-        p.lse[at] = l > 0.f || poisoned ? lse2 * kLn2 : INFINITY;
+        p.lse[at] = l == 0.f && !poisoned ? INFINITY : lse2 * kLn2;
       } else {
         p.partial_lse[static_cast<int64_t>(in.dst_slot) * config::kTileRows +
                       r] = lse2;
@@ -437,6 +521,7 @@ __device__ __forceinline__ void PartialPvConsumer(const MlaDecodeParams& p,
   const int len = min(max(__ldg(p.seqlens + in.batch), 0),
                       p.max_pages * p.page_size);
   const int valid_hi = min(range.hi, len);
+  const int hidden_from = HiddenFrom(p, len, valid_hi);
 
   float o[128];
 #pragma unroll
@@ -454,6 +539,13 @@ __device__ __forceinline__ void PartialPvConsumer(const MlaDecodeParams& p,
       ptx::BarSync(config::kBarConsumer0 + 1, config::kWarpgroupThreads);
     }
     ptx::MbarWaitWarp(smem.hand_full, pipe.round & 1);
+    if (HoldsHiddenKeys(block_start, hidden_from, valid_hi)) {
+      // Consumer 0's QK^T (before the hand-off) is done with the stage.
+      ZeroNonFiniteV<T>(kv, block_start, hidden_from, valid_hi,
+                        config::kColsPerConsumer, thread_in_wg);
+      ptx::FenceProxyAsync();
+      ptx::BarSync(config::kBarConsumer0 + 1, config::kWarpgroupThreads);
+    }
     const float alpha0 = smem.row_scale[f.r0];
     const float alpha1 = smem.row_scale[f.r1];
 #pragma unroll
