@@ -13,8 +13,8 @@ from jax_thundermla.plan import plan_on_device
 
 TARGET = "tmla_mla_decode"
 TIMED_TARGET = "tmla_mla_decode_timed"
-HEAD_DIM_V = 512
-HEAD_DIM_QK = 576
+HEAD_DIM_V = isa.HEAD_DIM_V
+HEAD_DIM_QK = isa.HEAD_DIM_V + isa.ROPE_DIM
 
 
 def unsupported_reason(*, head_dim_v: int, d_qk: int) -> str | None:
