@@ -147,7 +147,8 @@ def plan_on_device(cache_seqlens: Any, *, s_q: int, h_q: int, h_kv: int = 1,
     cache_seqlens: int ``[b]`` device (or traced) array: tokens per sequence,
       the ``s_q`` new ones included. Values are clamped to
       ``[0, max_seqlen]``; the plan's ``seqlens`` holds the clamped values.
-      Host values (lists, numpy arrays) must fit in int32.
+      Host values (lists, numpy arrays) must fit in int32. ``b`` may be a
+      symbolic dimension of ``jax.export`` (then the compiled planner plans).
     s_q: new query tokens per sequence.
     h_q: query heads.
     h_kv: KV heads.
@@ -160,7 +161,9 @@ def plan_on_device(cache_seqlens: Any, *, s_q: int, h_q: int, h_kv: int = 1,
     cost_model: prices of the instructions; CostModel() by default.
     scheduler: ``"compiled"``, ``"balanced"`` (see the module docstring) or
       None: ``"compiled"`` when the extension is built and ``num_sms`` is at
-      most ``device_ffi.max_sms()``, ``"balanced"`` otherwise.
+      most ``device_ffi.max_sms()``, ``"balanced"`` otherwise; always
+      ``"compiled"`` for a symbolic ``b``, whose lowering needs no extension
+      (running it does).
 
   Returns:
     A DecodePlan whose leaves are jax arrays and whose capacities depend on
