@@ -104,12 +104,6 @@ def _plan(plan_leaves, meta: PlanMeta | None):
 def _kernel_impl(q, kv_cache, block_table, cache_seqlens, *plan_leaves,
                  config: Config):
   from jax_thundermla import kernel  # pylint: disable=g-import-not-at-top
-  if not isinstance(q.shape[0], int):
-    raise ValueError(
-        "mla_decode's CUDA lowering needs a static batch size (the kernel's"
-        f" on-device plan is sized from it), got batch {q.shape[0]}: export"
-        " one artifact per batch size for platform 'cuda', or a symbolic"
-        " batch for platforms=('cpu',) only")
   return tuple(kernel.mla_decode_cuda(
       q, kv_cache, block_table, cache_seqlens,
       _plan(plan_leaves, config.plan), head_dim_v=config.head_dim_v,

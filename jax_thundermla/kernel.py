@@ -39,7 +39,8 @@ def mla_decode_cuda(q: jax.Array, kv_cache: jax.Array,
     cache_seqlens: int32 [b].
     plan: a DecodePlan, or None to plan on the device from
       ``cache_seqlens`` (``plan_on_device``: the compiled planner, one
-      kernel; static capacity). The kernel checks each sequence's length
+      kernel; capacities from shapes, symbolic expressions for a symbolic
+      batch). The kernel checks each sequence's length
       against the plan's.
     head_dim_v: 512.
     softmax_scale: factor applied to QK^T.

@@ -229,7 +229,8 @@ def validate_shapes(*, batch: int, s_q: Any, h_q: Any, h_kv: Any,
   Page sizes are those mla_decode takes (one check for both).
 
   Args:
-    batch: sequences to plan (already checked >= 1).
+    batch: sequences to plan (already checked >= 1); may be a symbolic
+      dimension of ``jax.export``.
     s_q, h_q, h_kv, page_size, head_dim_v, num_sms, cost_model: as given to
       the planner.
 
@@ -254,7 +255,10 @@ def validate_shapes(*, batch: int, s_q: Any, h_q: Any, h_kv: Any,
   if num_sms > MAX_NUM_SMS:
     raise ValueError(f"num_sms must be <= {MAX_NUM_SMS}, got {num_sms}")
   tiles = -(-s_q * (h_q // h_kv) // isa.TILE_ROWS)
-  if batch * h_kv * tiles > MAX_WORK_ITEMS:
+  # A symbolic batch (jax.export) is planned on the device only, where the
+  # compiled planner checks its own limit when it runs.
+  if (not jax.export.is_symbolic_dim(batch)
+      and batch * h_kv * tiles > MAX_WORK_ITEMS):
     raise ValueError(
         f"batch * h_kv * ceil(s_q * h_q / h_kv / {isa.TILE_ROWS}) (work"
         f" items) must be <= {MAX_WORK_ITEMS}, got {batch} * {h_kv} *"
