@@ -33,22 +33,6 @@ _INT32_MAX = (1 << 31) - 1
 
 
 @dataclasses.dataclass(frozen=True)
-class PlanMeta:
-  """The static fields of a host DecodePlan (its leaves travel as operands)."""
-
-  s_q: int
-  h_q: int
-  h_kv: int
-  page_size: int
-  head_dim_v: int
-  num_sms: int
-  max_instructions: int
-  num_slots: int
-  num_counters: int
-  scheduler: str
-
-
-@dataclasses.dataclass(frozen=True)
 class Config:
   """Static parameters of one mla_decode call (hashable).
 
@@ -64,7 +48,7 @@ class Config:
   softmax_scale: float
   causal: bool
   cuda_impl: str
-  plan: PlanMeta | None
+  plan: tuple | None
 
   def __post_init__(self):
     if self.cuda_impl not in CUDA_IMPLS:
@@ -94,11 +78,11 @@ def _reference_impl(q, kv_cache, block_table, cache_seqlens, *plan_leaves,
   return out, lse
 
 
-def _plan(plan_leaves, meta: PlanMeta | None):
+def _plan(plan_leaves, meta: tuple | None):
   if meta is None:
     return None
   from jax_thundermla.plan import DecodePlan  # pylint: disable=g-import-not-at-top
-  return DecodePlan(*plan_leaves, *dataclasses.astuple(meta), float("nan"))
+  return DecodePlan(*plan_leaves, *meta, float("nan"))
 
 
 def _kernel_impl(q, kv_cache, block_table, cache_seqlens, *plan_leaves,
@@ -252,13 +236,9 @@ def cuda_impl_for(kernel_reason: str | None, gpu_without_kernel: bool) -> str:
   return "kernel"
 
 
-def plan_meta(plan) -> PlanMeta:
-  """The static fields of a DecodePlan."""
-  return PlanMeta(
-      s_q=plan.s_q, h_q=plan.h_q, h_kv=plan.h_kv, page_size=plan.page_size,
-      head_dim_v=plan.head_dim_v, num_sms=plan.num_sms, max_instructions=plan.max_instructions,
-      num_slots=plan.num_slots, num_counters=plan.num_counters,
-      scheduler=plan.scheduler)
+def plan_meta(plan) -> tuple:
+  """The static fields of a DecodePlan (``DecodePlan.static_fields``)."""
+  return plan.static_fields()
 
 
 def plan_leaves(plan) -> tuple:

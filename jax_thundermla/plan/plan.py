@@ -110,11 +110,13 @@ class DecodePlan:
   scheduler: str
   predicted_makespan_ns: float
 
+  def static_fields(self) -> tuple:
+    """The static fields from ``s_q`` to ``scheduler``, in field order."""
+    names = [f.name for f in dataclasses.fields(self)][2:-1]
+    return tuple(getattr(self, name) for name in names)
+
   def tree_flatten(self):
-    aux = (self.s_q, self.h_q, self.h_kv, self.page_size, self.head_dim_v,
-           self.num_sms,
-           self.max_instructions, self.num_slots, self.num_counters,
-           self.scheduler, _Informational(self.predicted_makespan_ns))
+    aux = (*self.static_fields(), _Informational(self.predicted_makespan_ns))
     return (self.instructions, self.seqlens), aux
 
   @classmethod
