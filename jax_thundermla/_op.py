@@ -24,12 +24,12 @@ from jax.interpreters import mlir
 import jax.numpy as jnp
 
 from jax_thundermla import _sharding
+from jax_thundermla import _validation
 from jax_thundermla import reference
 
 # What the ``cuda`` lowering runs: the megakernel, or the reference (shapes
 # the kernel does not take, or a GPU process without the extension).
 CUDA_IMPLS = ("kernel", "reference")
-_INT32_MAX = (1 << 31) - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +199,8 @@ def operation(config: Config):
     kvb = in_batched[1]
     # A host plan describes one problem: loop. So does a folded cache whose
     # page ids would not fit in int32.
-    if plan_leaves or (kvb and n * kv_cache.shape[1] > _INT32_MAX):
+    too_many_pages = n * kv_cache.shape[1] > _validation.INT32_MAX
+    if plan_leaves or (kvb and too_many_pages):
       out = _loop(batched, in_batched, args)
     else:
       out = _fold(batched, n, in_batched[:4], *args[:4])

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_thundermla import _validation
 from jax_thundermla import isa
 from jax_thundermla.plan import balanced
 from jax_thundermla.plan import device_ffi
@@ -46,7 +47,6 @@ from jax_thundermla.plan.tensorize import MIN_CAPACITY
 
 # int32 headroom of the on-device arithmetic (see balanced.py).
 _PAGE_LIMIT = 1 << 28
-_INT32_MAX = (1 << 31) - 1
 
 
 def _lengths(cache_seqlens: Any) -> jax.Array:
@@ -61,7 +61,8 @@ def _lengths(cache_seqlens: Any) -> jax.Array:
       raise TypeError(
           f"cache_seqlens must be an integer array, got dtype {host.dtype}")
     if host.size and (
-        int(host.min()) < -_INT32_MAX - 1 or int(host.max()) > _INT32_MAX):
+        int(host.min()) < -_validation.INT32_MAX - 1
+        or int(host.max()) > _validation.INT32_MAX):
       raise ValueError(
           f"cache_seqlens must fit in int32, got values in"
           f" [{int(host.min())}, {int(host.max())}]")
@@ -200,8 +201,8 @@ def plan_on_device(cache_seqlens: Any, *, s_q: int, h_q: int, h_kv: int = 1,
         f"batch * h_kv * tiles * (1 + max_pages) must be <= {_PAGE_LIMIT} for"
         f" the on-device planner, got {items} *"
         f" {1 + max_pages}; use plan_decode on the host")
-  bound = min(int(max_seqlen), _INT32_MAX)
-  if jnp.iinfo(lengths.dtype).max > _INT32_MAX:
+  bound = min(int(max_seqlen), _validation.INT32_MAX)
+  if jnp.iinfo(lengths.dtype).max > _validation.INT32_MAX:
     # Clamp in the wider type: a cast first would wrap 2**32 + 5 to 5.
     clamped = jnp.clip(lengths, 0, bound).astype(jnp.int32)
   else:
