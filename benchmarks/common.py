@@ -15,11 +15,13 @@ from jax_thundermla import profiling
 from jax_thundermla.workloads import Workload
 
 IMPLS = ("none", "none_scan", "device", "balanced", "static", "makespan",
-         "xla")
+         "makespan_scan", "xla")
+# The implementations that run inside a lax.scan over one stacked cache.
+SCAN_IMPLS = ("none_scan", "makespan_scan")
 
 
 def make_step(w: Workload, impl: str):
-  """A jitted decode step over the caches (a list; for ``none_scan`` one
+  """A jitted decode step over the caches (a list; for SCAN_IMPLS one
   stacked array), and its extra argument."""
   backend = "reference" if impl == "xla" else "cuda"
   kw = dict(head_dim_v=w.d_v, softmax_scale=w.softmax_scale,
@@ -27,11 +29,11 @@ def make_step(w: Workload, impl: str):
 
   @jax.jit
   def scan_step(q, caches, table, lens, plan):
-    # plan=None inside lax.scan over the layers: what a model loop writes.
-    del plan
+    # Inside lax.scan over the layers, what a model loop writes: plan=None,
+    # or one host plan passed to every layer.
     with jax.named_scope(f"mla_decode_{impl}"):
       def layer(carry, kv):
-        return carry, tmla.mla_decode(q, kv, table, lens, **kw)[0]
+        return carry, tmla.mla_decode(q, kv, table, lens, plan=plan, **kw)[0]
       return jax.lax.scan(layer, 0, caches)[1]
 
   @jax.jit
@@ -45,13 +47,12 @@ def make_step(w: Workload, impl: str):
               for kv in caches]
 
   plan = None
-  if impl == "none_scan":
-    return scan_step, plan
-  if impl in ("balanced", "static", "makespan"):
+  scheduler = impl.removesuffix("_scan")
+  if scheduler in ("balanced", "static", "makespan"):
     plan = tmla.plan_decode(np.asarray(w.seqlens), s_q=w.s_q, h_q=w.h_q,
                             h_kv=w.h_kv, page_size=w.page_size,
-                            head_dim_v=w.d_v, scheduler=impl)
-  return step, plan
+                            head_dim_v=w.d_v, scheduler=scheduler)
+  return (scan_step if impl in SCAN_IMPLS else step), plan
 
 
 READ_BANDWIDTH_METHOD = ("the faster of a read-only reduction of 2 GiB and"
@@ -97,7 +98,7 @@ def time_per_call(w: Workload, impl: str, inputs, *, steps: int,
   """
   q, caches, table, lens = inputs
   layers = len(caches)
-  if impl == "none_scan":
+  if impl in SCAN_IMPLS:
     caches = jnp.stack(caches)  # [layers, pages, page_size, h_kv, d_qk]
   step, plan = make_step(w, impl)
   run = lambda: step(q, caches, table, lens, plan)

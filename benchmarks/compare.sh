@@ -37,15 +37,22 @@ with_clock() {
 }
 
 nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader
+# Every version builds at once (one compiler process each), then each is
+# timed alone.
+sites=()
+for i in "${!dirs[@]}"; do
+  sites+=("$(mktemp -d)")
+  python3 -m pip install --no-build-isolation --no-deps --target "${sites[$i]}" \
+    "${dirs[$i]}" >"$out/build_$i.log" 2>&1 &
+done
+wait
 for i in "${!dirs[@]}"; do
   dir=${dirs[$i]}
-  site=$(mktemp -d)
   echo "== $i: $dir"
-  if ! python3 -m pip install --no-build-isolation --no-deps --target "$site" \
-      "$dir" >"$out/build_$i.log" 2>&1; then
+  if ! ls "${sites[$i]}"/jax_thundermla/_C*.so >/dev/null 2>&1; then
     tail -n 30 "$out/build_$i.log"; continue
   fi
-  (cd "$dir" && with_clock "$i" env PYTHONPATH="$site" \
+  (cd "$dir" && with_clock "$i" env PYTHONPATH="${sites[$i]}" \
     python3 benchmarks/run.py "$@" 2>&1 | grep -v "Unable to initialize" \
     | tee "$out/bench_$i.log")
 done

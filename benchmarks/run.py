@@ -4,11 +4,12 @@ On a GPU with the kernel built, every implementation runs on the same
 inputs: the megakernel with ``plan=None`` in every layer call (``none``: as
 separate calls in one jit; ``none_scan``: inside a ``lax.scan`` over the
 layers), with one ``plan_on_device`` per step (``device``), with each host
-scheduler's plan, and the pure-XLA reference; device time comes from the profiler
-trace (CUPTI): all GPU activity of the timed steps, planning included,
-divided by steps x layers. Each step attends ``--layers`` distinct KV caches
-(cold L2, like a model's layers) sharing one plan. Without a GPU the
-reference runs and is timed by wall clock.
+scheduler's plan (``makespan_scan``: the makespan plan in the same scan as
+``none_scan``), and the pure-XLA reference; device time comes from the
+profiler trace (CUPTI): all GPU activity of the timed steps, planning
+included, divided by steps x layers. Each step attends ``--layers``
+distinct KV caches (cold L2, like a model's layers) sharing one plan.
+Without a GPU the reference runs and is timed by wall clock.
 
   python benchmarks/run.py                          # defaults for this machine
   python benchmarks/run.py --workloads=W1,W3 --impls=device,makespan,xla
