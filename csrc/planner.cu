@@ -9,8 +9,8 @@ __global__ void __launch_bounds__(kPlannerThreads)
     PlannerKernel(const PlannerParams p, bool in_shared) {
   extern __shared__ __align__(16) char shared[];
   char* base = in_shared ? shared : static_cast<char*>(p.scratch);
-  Plan(Ctx{static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x)}, p,
-       base);
+  Ctx c{static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x)};
+  Plan(c, p, base);
 }
 
 }  // namespace

@@ -22,63 +22,66 @@ TMLA_HD inline void StoreStop(const PlannerParams& p, int64_t sm,
 
 // Layout A: makespan.py's _split (the smallest end time T whose fewest
 // pieces fit the SMs one per SM) and _one_per_sm. Needs n <= S.
-TMLA_HD inline Measure MeasureA(const Ctx& c, const Items& it,
-                                const Scratch& s) {
+TMLA_HD inline Measure MeasureA(Ctx& c, const Items& it, const Scratch& s) {
   const PlannerParams& p = it.p;
   const int n = it.n, S = p.num_sms;
-  int64_t local = 0;
-  for (int i = c.tid; i < n; i += c.nt) local = Max64(local, s.pages[i]);
-  const int64_t max_pages = BlockMax(c, local, s.cell);
-  const int top = static_cast<int>(
-      Max64(1, Min64(S - n + 1, max_pages)));
-  const int entries = n * top;
-  for (int e = c.tid; e < entries; e += c.nt) {
-    const int i = e / top;
-    s.best[e] = PathA(p, s.pages[i], it.page_ns(i), it.rows(i), e % top + 1);
-  }
-  Sync();
-  // Prefix minimum along each item's row (ping-pong Hillis-Steele).
-  int64_t* src = s.best;
-  int64_t* dst = s.best2;
-  for (int off = 1; off < top; off <<= 1) {
-    for (int e = c.tid; e < entries; e += c.nt) {
-      dst[e] = e % top >= off ? Min64(src[e], src[e - off]) : src[e];
-    }
-    Sync();
-    int64_t* t = src;
-    src = dst;
-    dst = t;
-  }
-  const int64_t* best = src;
-  int64_t lo = kLowest, hi = kLowest;
-  for (int i = c.tid; i < n; i += c.nt) {
-    lo = Max64(lo, best[i * top + top - 1]);
-    hi = Max64(hi, best[i * top]);
-  }
-  lo = BlockMax(c, lo, s.cell);
-  hi = BlockMax(c, hi, s.cell + 1);
-  // Smallest T >= lo with at most S - n entries above it.
-  auto above = [&](int64_t t) {
-    int64_t count = 0;
-    for (int e = c.tid; e < entries; e += c.nt) count += best[e] > t;
-    return BlockSum(c, count, s.cell + 2);
+  const int top = static_cast<int>(Max64(1, Min64(S - n + 1, it.max_pages)));
+  // best[i * top + k]: the shortest path of item i in at most k + 1 pieces
+  // (prefix minimum of PathA over the piece counts), one warp per item on
+  // the device. lo: the largest of the items' shortest paths.
+  auto path = [&](int i, int k) {
+    return PathA(p, s.pages[i], it.page_ns(i), it.rows(i), k + 1);
   };
-  if (above(lo) > S - n) {
-    ++lo;
-    while (lo < hi) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      if (above(mid) <= S - n) hi = mid; else lo = mid + 1;
+  int64_t lo = kLowest;
+#if defined(__CUDA_ARCH__)
+  const int lane = c.tid & 31;
+  for (int i = c.tid >> 5; i < n; i += c.nt >> 5) {
+    int64_t carry = kNever;
+    for (int base = 0; base < top; base += 32) {
+      const int k = base + lane;
+      int64_t v = Min64(k < top ? path(i, k) : kNever, carry);
+      for (int off = 1; off < 32; off <<= 1) {
+        const int64_t y = __shfl_up_sync(~0u, v, off);
+        if (lane >= off) v = Min64(v, y);
+      }
+      if (k < top) s.best[i * top + k] = v;
+      carry = __shfl_sync(~0u, v, 31);
     }
+    lo = Max64(lo, carry);
   }
-  const int64_t end = lo;
-  int64_t makespan = kLowest, cut = 0;
-  for (int i = c.tid; i < n; i += c.nt) {
-    // Rows do not increase: count the leading entries above T.
+#else
+  for (int i = 0; i < n; ++i) {
+    int64_t run = kNever;
+    for (int k = 0; k < top; ++k) s.best[i * top + k] = run = Min64(run, path(i, k));
+    lo = Max64(lo, run);
+  }
+#endif
+  lo = BlockMax(c, lo, s.red);
+  const int64_t* best = s.best;
+  // Leading entries of item i's row (which does not increase) above t.
+  auto leading = [&](int i, int64_t t) {
     int a = 0, b = top;
     while (a < b) {
       const int mid = (a + b) / 2;
-      if (best[i * top + mid] > end) a = mid + 1; else b = mid;
+      if (best[i * top + mid] > t) a = mid + 1; else b = mid;
     }
+    return a;
+  };
+  // T: the smallest t >= lo with at most S - n entries above it. Every
+  // entry is at most the longest item's single piece (it.max_cost), so
+  // that bound passes.
+  int log_top = 1;
+  while ((1 << log_top) <= top) ++log_top;
+  const int g = GroupFor(n, log_top, 32);
+  const int64_t end = Search(c, g, lo, it.max_cost,
+                             [&](int64_t t, int lane, int width) {
+    int64_t count = 0;
+    for (int i = lane; i < n; i += width) count += leading(i, t);
+    return GroupReduce(count, 0, width).sum <= S - n;
+  });
+  int64_t makespan = kLowest, cut = 0;
+  for (int i = c.tid; i < n; i += c.nt) {
+    const int a = leading(i, end);
     const int64_t k = a + 1;
     s.k_a[i] = s.start_a[i] = k;
     s.slot_a[i] = k > 1 ? k : 0;
@@ -86,12 +89,11 @@ TMLA_HD inline Measure MeasureA(const Ctx& c, const Items& it,
     cut += k > 1;
     makespan = Max64(makespan, best[i * top + a]);
   }
+  const Reduced r = BlockReduce(c, cut, makespan, s.red);
   Measure m;
-  m.makespan = BlockMax(c, makespan, s.cell);
-  m.longest = BlockSum(c, cut, s.cell) > 0 ? 2 : 1;
-  Scan(c, s.start_a, n, s.tmp);
-  Scan(c, s.slot_a, n, s.tmp);
-  Scan(c, s.ctr_a, n, s.tmp);
+  m.makespan = r.max;
+  m.longest = r.sum > 0 ? 2 : 1;
+  ScanN<3>(c, {s.start_a, s.slot_a, s.ctr_a}, {n, n, n}, s.tmp);
   m.slots = s.slot_a[n - 1];
   m.counters = s.ctr_a[n - 1];
   return m;
@@ -133,8 +135,7 @@ TMLA_HD inline void EmitA(const Ctx& c, const Items& it, const Scratch& s) {
 // the SM of piece k - 1 - j (never the first piece's SM), after that SM's
 // PARTIALs. A piece other than an item's first is the first on its SM and
 // an item's pieces lie on increasing SMs, so an SM holds at most one REDUCE.
-TMLA_HD inline Measure MeasureB(const Ctx& c, const Items& it,
-                                const Scratch& s) {
+TMLA_HD inline Measure MeasureB(Ctx& c, const Items& it, const Scratch& s) {
   const PlannerParams& p = it.p;
   const int n = it.n, S = p.num_sms;
   const int64_t fu = Max64(1, p.partial_fixed_ns);
@@ -142,7 +143,7 @@ TMLA_HD inline Measure MeasureB(const Ctx& c, const Items& it,
   int64_t local = 0;
   for (int i = c.tid; i < n; i += c.nt) local += fu + s.pages[i] * pu(i);
   const int64_t floor =
-      CeilDiv(BlockSum(c, local, s.cell), int64_t{kAlpha} * n);
+      CeilDiv(BlockSum(c, local, s.red), int64_t{kAlpha} * n);
   auto weight = [&](int i) { return Max64(fu + s.pages[i] * pu(i), floor); };
   for (int i = c.tid; i < n; i += c.nt) s.wend[i] = weight(i);
   Sync();
@@ -195,10 +196,8 @@ TMLA_HD inline Measure MeasureB(const Ctx& c, const Items& it,
   }
   for (int t = c.tid; t < S - 1; t += c.nt) s.b_eff[t] = s.b_valid[t];
   Sync();
-  Scan(c, s.start_b, n, s.tmp);
-  Scan(c, s.slot_b, n, s.tmp);
-  Scan(c, s.ctr_b, n, s.tmp);
-  if (S > 1) Scan(c, s.b_eff, S - 1, s.tmp);
+  ScanN<4>(c, {s.start_b, s.slot_b, s.ctr_b, s.b_eff}, {n, n, n, S - 1},
+           s.tmp);
   // Pieces in (item, page) order, which is also SM order.
   const int pieces = static_cast<int>(s.start_b[n - 1]);
   for (int i = c.tid; i < n; i += c.nt) {
@@ -257,9 +256,10 @@ TMLA_HD inline Measure MeasureB(const Ctx& c, const Items& it,
     makespan = Max64(makespan, end);
     longest = Max64(longest, s.first_b[sm + 1] - q + run);
   }
+  const Reduced r = BlockReduce<true>(c, makespan, longest, s.red);
   Measure m;
-  m.makespan = BlockMax(c, makespan, s.cell);
-  m.longest = BlockMax(c, longest, s.cell);
+  m.makespan = r.sum;
+  m.longest = r.max;
   m.slots = s.slot_b[n - 1];
   m.counters = s.ctr_b[n - 1];
   return m;
@@ -301,8 +301,7 @@ TMLA_HD inline void EmitB(const Ctx& c, const Items& it, const Scratch& s) {
 // fill the SMs up to the lowest common level L at which their room
 // sum(max(0, L - load)) holds them: item j goes to the SM whose share of
 // that room contains the middle of the item.
-TMLA_HD inline Measure MeasureC(const Ctx& c, const Items& it,
-                                const Scratch& s) {
+TMLA_HD inline Measure MeasureC(Ctx& c, const Items& it, const Scratch& s) {
   const PlannerParams& p = it.p;
   const int n = it.n, S = p.num_sms;
   constexpr uint64_t kIndexMask = 0xffffffffu;
@@ -316,17 +315,20 @@ TMLA_HD inline Measure MeasureC(const Ctx& c, const Items& it,
   const int head = static_cast<int>(Min64(n, int64_t{kLptRounds} * S));
   const int rounds = static_cast<int>(CeilDiv(head, S));
   for (int r = 0; r < rounds; ++r) {
-    for (int sm = c.tid; sm < S; sm += c.nt) {
-      const int64_t mine = s.load[sm];
-      int64_t rank = 0;
-      for (int t = 0; t < S; ++t) {
-        rank += s.load[t] < mine || (s.load[t] == mine && t < sm);
+    // In the first round every load is 0: SM sm has rank sm.
+    if (r > 0) {
+      for (int sm = c.tid; sm < S; sm += c.nt) {
+        const int64_t mine = s.load[sm];
+        int64_t rank = 0;
+        for (int t = 0; t < S; ++t) {
+          rank += s.load[t] < mine || (s.load[t] == mine && t < sm);
+        }
+        s.rank[sm] = rank;
       }
-      s.rank[sm] = rank;
+      Sync();
     }
-    Sync();
     for (int sm = c.tid; sm < S; sm += c.nt) {
-      const int64_t at = int64_t{r} * S + s.rank[sm];
+      const int64_t at = int64_t{r} * S + (r > 0 ? s.rank[sm] : sm);
       if (at >= head) continue;
       const int item = static_cast<int>(s.keys[at] & kIndexMask);
       s.c_sm[item] = sm;
@@ -346,19 +348,20 @@ TMLA_HD inline Measure MeasureC(const Ctx& c, const Items& it,
       most = Max64(most, s.load[sm]);
       least = Max64(least, -s.load[sm]);
     }
-    most = BlockMax(c, most, s.cell);
-    least = -BlockMax(c, least, s.cell + 1);
+    const Reduced r = BlockReduce<true>(c, most, least, s.red);
+    most = r.sum;
+    least = -r.max;
     Scan(c, s.t_pre, rest, s.tmp);
     const int64_t total = s.t_pre[rest - 1];
-    int64_t lo = least, hi = most + total;
-    while (lo < hi) {
-      const int64_t mid = lo + (hi - lo) / 2;
+    // The level: the smallest L whose room holds the rest.
+    const int64_t lo = Search(c, GroupFor(S, 1, 16), least, most + total,
+                              [&](int64_t level, int lane, int width) {
       int64_t room = 0;
-      for (int sm = c.tid; sm < S; sm += c.nt) {
-        room += Max64(0, mid - s.load[sm]);
+      for (int sm = lane; sm < S; sm += width) {
+        room += Max64(0, level - s.load[sm]);
       }
-      if (BlockSum(c, room, s.cell + 2) >= total) hi = mid; else lo = mid + 1;
-    }
+      return GroupReduce(room, 0, width).sum >= total;
+    });
     for (int sm = c.tid; sm < S; sm += c.nt) {
       s.room[sm] = Max64(0, lo - s.load[sm]);
     }
@@ -389,9 +392,10 @@ TMLA_HD inline Measure MeasureC(const Ctx& c, const Items& it,
     makespan = Max64(makespan, s.load[sm]);
     longest = Max64(longest, s.c_cnt[sm]);
   }
+  const Reduced r = BlockReduce<true>(c, makespan, longest, s.red);
   Measure m;
-  m.makespan = BlockMax(c, makespan, s.cell);
-  m.longest = BlockMax(c, longest, s.cell);
+  m.makespan = r.sum;
+  m.longest = r.max;
   return m;
 }
 
@@ -409,26 +413,39 @@ TMLA_HD inline void EmitC(const Ctx& c, const Items& it, const Scratch& s) {
 
 // The whole planner: clamp the lengths, price the items, measure the
 // layouts, write the best one that fits the capacity and the info words.
-TMLA_HD inline void Plan(const Ctx& c, const PlannerParams& p, char* base) {
+TMLA_HD inline void Plan(Ctx& c, const PlannerParams& p, char* base) {
   const int n = p.batch * p.h_kv * p.num_tiles;
   Scratch s;
   Carve(base, SizesOf(n, p.num_sms), p.batch, &s);
-  const Items it{p, n};
-  for (int b = c.tid; b < p.batch; b += c.nt) {
+  auto clamp = [&](int b) -> int64_t {
     const int32_t len = p.lengths[b];
-    s.len[b] = len < 0 ? 0 : (len > p.max_seqlen ? p.max_seqlen : len);
+    return len < 0 ? 0 : (len > p.max_seqlen ? p.max_seqlen : len);
+  };
+  for (int b = c.tid; b < p.batch; b += c.nt) {
+    s.len[b] = clamp(b);
     p.seqlens[b] = static_cast<int32_t>(s.len[b]);
   }
-  Sync();
+  const Items shape{p, n, 0, 0};
+  int64_t max_pages = 0, max_cost = kLowest;
   for (int i = c.tid; i < n; i += c.nt) {
-    s.pages[i] = CeilDiv(s.len[it.seq(i)], p.page_size);
-    s.cost[i] = p.partial_fixed_ns + s.pages[i] * it.page_ns(i);
+    s.pages[i] = CeilDiv(clamp(shape.seq(i)), p.page_size);
+    s.cost[i] = p.partial_fixed_ns + s.pages[i] * shape.page_ns(i);
+    max_pages = Max64(max_pages, s.pages[i]);
+    max_cost = Max64(max_cost, s.cost[i]);
   }
-  Sync();
+  const Reduced most = BlockReduce<true>(c, max_pages, max_cost, s.red);
+  const Items it{p, n, most.sum, most.max};
   Measure m[3];
   if (n <= p.num_sms) m[0] = MeasureA(c, it, s);
   m[1] = MeasureB(c, it, s);
-  m[2] = MeasureC(c, it, s);
+  // With n <= S layout C puts each item alone on an SM: its measure needs
+  // no assignment, which is made only if C is written.
+  if (n <= p.num_sms) {
+    m[2].makespan = it.max_cost;
+    m[2].longest = 1;
+  } else {
+    m[2] = MeasureC(c, it, s);
+  }
   int pick = -1;
   for (int l = 0; l < 3; ++l) {
     if (m[l].makespan != kNever && m[l].longest <= p.capacity &&
@@ -439,7 +456,10 @@ TMLA_HD inline void Plan(const Ctx& c, const PlannerParams& p, char* base) {
   Sync();
   if (pick == 0) EmitA(c, it, s);
   if (pick == 1) EmitB(c, it, s);
-  if (pick == 2) EmitC(c, it, s);
+  if (pick == 2) {
+    if (n <= p.num_sms) MeasureC(c, it, s);
+    EmitC(c, it, s);
+  }
   if (pick < 0) {
     // No layout fits: empty lists, and planned lengths no call has, so the
     // decode kernel writes NaN for every sequence rather than garbage.
