@@ -109,13 +109,16 @@ TMLA_HD inline void AtomicAdd(int64_t* at, int64_t v) {
 #endif
 }
 
-// In-place inclusive prefix sums of `count` arrays a[k][0, n[k]) at once,
-// two barriers for all; tmp holds 32 * count words. On the device each
-// thread scans a run of each array, then the runs' totals are scanned by
-// warp shuffles, every warp scanning the warps' totals itself.
-template <int count>
+// Inclusive prefix sums of `count` arrays at once, two barriers for all:
+// a[k][i] becomes init(k, 0) + ... + init(k, i) for i < n[k]; tmp holds
+// 32 * count words. init may read what other threads wrote before the
+// call; on the device each thread scans its own run of each array, then
+// the runs' totals are scanned by warp shuffles, every warp scanning the
+// warps' totals itself.
+template <int count, typename Init>
 TMLA_HD inline void ScanN(const Ctx& c, int64_t* const (&a)[count],
-                          const int (&n)[count], int64_t* tmp) {
+                          const int (&n)[count], int64_t* tmp,
+                          const Init& init) {
 #if defined(__CUDA_ARCH__)
   const int lane = c.tid & 31, warp = c.tid >> 5, warps = c.nt >> 5;
   int64_t own[count], x[count];
@@ -123,7 +126,7 @@ TMLA_HD inline void ScanN(const Ctx& c, int64_t* const (&a)[count],
     const int per = (n[k] + c.nt - 1) / c.nt;
     const int lo = min(n[k], c.tid * per), hi = min(n[k], lo + per);
     own[k] = 0;
-    for (int i = lo; i < hi; ++i) a[k][i] = (own[k] += a[k][i]);
+    for (int i = lo; i < hi; ++i) a[k][i] = (own[k] += init(k, i));
     x[k] = own[k];
     for (int off = 1; off < 32; off <<= 1) {
       const int64_t y = __shfl_up_sync(~0u, x[k], off);
@@ -150,9 +153,16 @@ TMLA_HD inline void ScanN(const Ctx& c, int64_t* const (&a)[count],
   (void)tmp;
   for (int k = 0; k < count; ++k) {
     int64_t s = 0;
-    for (int i = 0; i < n[k]; ++i) a[k][i] = (s += a[k][i]);
+    for (int i = 0; i < n[k]; ++i) a[k][i] = (s += init(k, i));
   }
 #endif
+}
+
+// In-place inclusive prefix sums of the arrays a[k][0, n[k]).
+template <int count>
+TMLA_HD inline void ScanN(const Ctx& c, int64_t* const (&a)[count],
+                          const int (&n)[count], int64_t* tmp) {
+  ScanN<count>(c, a, n, tmp, [&](int k, int i) { return a[k][i]; });
 }
 
 TMLA_HD inline void Scan(const Ctx& c, int64_t* a, int n, int64_t* tmp) {
@@ -211,10 +221,43 @@ TMLA_HD inline int GroupFor(int64_t n, int64_t cost_each, int64_t budget) {
   return g;
 }
 
-// Sorts the distinct keys a[0, n) ascending; a has room for npad (a power
-// of two >= n) keys, the device pads it.
-TMLA_HD inline void Sort(const Ctx& c, uint64_t* a, int n, int npad) {
+// Sorts the distinct keys a[0, n) ascending (bitonic on the device); a has
+// room for npad (a power of two >= n) keys and, when npad <= nt, b is a
+// second buffer of npad keys. With npad <= nt each thread holds one key in
+// a register: partners closer than 32 are exchanged by warp shuffles, the
+// others through a and b in turn, one barrier per such step.
+TMLA_HD inline void Sort(const Ctx& c, uint64_t* a, uint64_t* b, int n,
+                         int npad) {
 #if defined(__CUDA_ARCH__)
+  if (npad <= c.nt) {
+    const int i = c.tid;
+    uint64_t v = i < n ? a[i] : ~uint64_t{0};
+    uint64_t* buf[2] = {a, b};
+    // The steps through memory alternate a and b, the last one b, so that
+    // writing the result to a races with no read.
+    int turn = 0;
+    for (int k = 64; k <= npad; k <<= 1) {
+      for (int j = k >> 1; j >= 32; j >>= 1) turn ^= 1;
+    }
+    for (int k = 2; k <= npad; k <<= 1) {
+      for (int j = k >> 1; j > 0; j >>= 1) {
+        uint64_t y;
+        if (j < 32) {
+          y = __shfl_xor_sync(~0u, v, j);
+        } else {
+          if (i < npad) buf[turn][i] = v;
+          __syncthreads();
+          y = i < npad ? buf[turn][i ^ j] : v;
+          turn ^= 1;
+        }
+        const bool keep_min = ((i & j) == 0) == ((i & k) == 0);
+        v = keep_min ? (y < v ? y : v) : (y > v ? y : v);
+      }
+    }
+    if (i < n) a[i] = v;
+    __syncthreads();
+    return;
+  }
   for (int i = n + c.tid; i < npad; i += c.nt) a[i] = ~uint64_t{0};
   __syncthreads();
   for (int k = 2; k <= npad; k <<= 1) {
@@ -234,6 +277,7 @@ TMLA_HD inline void Sort(const Ctx& c, uint64_t* a, int n, int npad) {
   }
 #else
   (void)c;
+  (void)b;
   (void)npad;
   std::sort(a, a + n);
 #endif
@@ -296,6 +340,7 @@ struct Scratch {
   int64_t* rank;      // [S] SM order by load, then first poured item (C)
   int64_t* c_cnt;     // [S] items per SM (C)
   uint64_t* keys;     // [npad] layout C: items longest first
+  uint64_t* keys2;    // [npad] the sort's second buffer
   int64_t* c_sm;      // [n] per item: SM and position (C)
   int64_t* c_pos;     // [n]
   int64_t* t_pre;     // [n] prefix of the poured items' costs
@@ -361,6 +406,7 @@ TMLA_HD inline int64_t Carve(char* base, const Sizes& z, int batch,
   s->rank = take(S);
   s->c_cnt = take(S);
   s->keys = reinterpret_cast<uint64_t*>(take(z.npad));
+  s->keys2 = reinterpret_cast<uint64_t*>(take(z.npad));
   s->c_sm = take(n);
   s->c_pos = take(n);
   s->t_pre = take(n);

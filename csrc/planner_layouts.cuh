@@ -145,59 +145,69 @@ TMLA_HD inline Measure MeasureB(Ctx& c, const Items& it, const Scratch& s) {
   const int64_t floor =
       CeilDiv(BlockSum(c, local, s.red), int64_t{kAlpha} * n);
   auto weight = [&](int i) { return Max64(fu + s.pages[i] * pu(i), floor); };
-  for (int i = c.tid; i < n; i += c.nt) s.wend[i] = weight(i);
-  Sync();
-  Scan(c, s.wend, n, s.tmp);
+  int64_t* const wend[1] = {s.wend};
+  ScanN<1>(c, wend, {n}, s.tmp, [&](int, int i) { return weight(i); });
   const int64_t quota = CeilDiv(s.wend[n - 1], S);
-  for (int i = c.tid; i < n; i += c.nt) {
+  auto sm0 = [&](int i) {
     const int64_t w = weight(i);
-    s.sm0[i] = (s.wend[i] - w + Min64(fu, w - 1)) / quota;
+    return (s.wend[i] - w + Min64(fu, w - 1)) / quota;
+  };
+  for (int i = c.tid; i < n; i += c.nt) {
+    s.sm0[i] = sm0(i);
     s.k_b[i] = 1;
   }
-  // Run boundaries: the item each one falls in and the page it cuts at.
-  for (int t = c.tid; t < S - 1; t += c.nt) {
+  // Run boundary t: the item it falls in, the page it cuts at, the SM of
+  // the piece it starts and the SM that piece counts as on (eff).
+  struct Boundary {
+    int ic;
+    bool inside;
+    int64_t cut, smb, eff;
+  };
+  auto boundary = [&](int t) {
+    Boundary b;
     const int64_t bound = (t + 1) * quota;
     const int inside = UpperBound(s.wend, n, bound);
-    const int ic = inside < n ? inside : n - 1;
-    const int64_t begin = s.wend[ic] - weight(ic);
+    b.ic = inside < n ? inside : n - 1;
+    b.inside = inside < n;
+    const int64_t begin = s.wend[b.ic] - weight(b.ic);
     const int64_t offset = bound - begin - fu;
-    const int64_t page = offset > 0 ? CeilDiv(offset, pu(ic)) : 0;
-    const int64_t smb =
-        (begin + fu + Min64(page, Max64(s.pages[ic] - 1, 0)) * pu(ic)) /
-        quota;
-    s.b_ic[t] = ic;
-    s.b_cut[t] = page;
-    s.b_smb[t] = smb;
-    s.b_valid[t] = inside < n;
-  }
-  Sync();
+    b.cut = offset > 0 ? CeilDiv(offset, pu(b.ic)) : 0;
+    b.smb = (begin + fu +
+             Min64(b.cut, Max64(s.pages[b.ic] - 1, 0)) * pu(b.ic)) /
+            quota;
+    b.eff = b.cut > 0 ? b.smb : sm0(b.ic);
+    return b;
+  };
+  // A boundary cuts if it falls inside an item, strictly between its
+  // first and last page, and starts a piece on another SM than the
+  // item's previous boundary (or its first piece).
   for (int t = c.tid; t < S - 1; t += c.nt) {
-    const int64_t ic = s.b_ic[t];
-    s.b_eff[t] = s.b_cut[t] > 0 ? s.b_smb[t] : s.sm0[ic];
-  }
-  Sync();
-  for (int t = c.tid; t < S - 1; t += c.nt) {
-    const int64_t ic = s.b_ic[t];
-    const bool same = t > 0 && s.b_ic[t - 1] == ic;
-    const int64_t prev = same ? s.b_eff[t - 1] : s.sm0[ic];
-    s.b_valid[t] = s.b_valid[t] && s.b_cut[t] > 0 &&
-                   s.b_cut[t] < s.pages[ic] && s.b_smb[t] != prev;
+    const Boundary b = boundary(t);
+    int64_t prev = sm0(b.ic);
+    if (t > 0) {
+      const Boundary a = boundary(t - 1);
+      if (a.ic == b.ic) prev = a.eff;
+    }
+    s.b_ic[t] = b.ic;
+    s.b_cut[t] = b.cut;
+    s.b_smb[t] = b.smb;
+    s.b_valid[t] = b.inside && b.cut > 0 && b.cut < s.pages[b.ic] &&
+                   b.smb != prev;
   }
   Sync();
   for (int t = c.tid; t < S - 1; t += c.nt) {
     if (s.b_valid[t]) AtomicAdd(&s.k_b[s.b_ic[t]], 1);
   }
   Sync();
-  for (int i = c.tid; i < n; i += c.nt) {
-    const int64_t k = s.k_b[i];
-    s.start_b[i] = k;
-    s.slot_b[i] = k > 1 ? k : 0;
-    s.ctr_b[i] = k > 1;
-  }
-  for (int t = c.tid; t < S - 1; t += c.nt) s.b_eff[t] = s.b_valid[t];
-  Sync();
+  // Pieces, slots and counters per item; cuts before each boundary.
   ScanN<4>(c, {s.start_b, s.slot_b, s.ctr_b, s.b_eff}, {n, n, n, S - 1},
-           s.tmp);
+           s.tmp, [&](int k, int i) -> int64_t {
+             if (k == 3) return s.b_valid[i];
+             const int64_t pieces = s.k_b[i];
+             if (k == 0) return pieces;
+             if (k == 1) return pieces > 1 ? pieces : 0;
+             return pieces > 1;
+           });
   // Pieces in (item, page) order, which is also SM order.
   const int pieces = static_cast<int>(s.start_b[n - 1]);
   for (int i = c.tid; i < n; i += c.nt) {
@@ -214,17 +224,18 @@ TMLA_HD inline Measure MeasureB(Ctx& c, const Items& it, const Scratch& s) {
     s.p_sm[q] = s.b_smb[t];
   }
   Sync();
-  for (int q = c.tid; q < pieces; q += c.nt) {
-    const int i = static_cast<int>(s.p_item[q]);
-    const bool last = q == s.start_b[i] - 1;
-    const int64_t end = last ? s.pages[i] : s.p_page[q + 1];
-    s.p_end[q] = p.partial_fixed_ns + (end - s.p_page[q]) * it.page_ns(i);
-  }
   for (int sm = c.tid; sm <= S; sm += c.nt) {
     s.first_b[sm] = LowerBound(s.p_sm, pieces, sm);
   }
-  Sync();
-  Scan(c, s.p_end, pieces, s.tmp);
+  // p_end: each piece's end on its SM's clock (after the scan, less the
+  // ends of the SMs before).
+  int64_t* const p_end[1] = {s.p_end};
+  ScanN<1>(c, p_end, {pieces}, s.tmp, [&](int, int q) {
+    const int i = static_cast<int>(s.p_item[q]);
+    const bool last = q == s.start_b[i] - 1;
+    const int64_t end = last ? s.pages[i] : s.p_page[q + 1];
+    return p.partial_fixed_ns + (end - s.p_page[q]) * it.page_ns(i);
+  });
   auto before = [&](int64_t q) { return q > 0 ? s.p_end[q - 1] : 0; };
   for (int sm = c.tid; sm < S; sm += c.nt) {
     s.load[sm] = before(s.first_b[sm + 1]) - before(s.first_b[sm]);
@@ -311,7 +322,7 @@ TMLA_HD inline Measure MeasureC(Ctx& c, const Items& it, const Scratch& s) {
   }
   for (int sm = c.tid; sm < S; sm += c.nt) s.load[sm] = s.c_cnt[sm] = 0;
   Sync();
-  Sort(c, s.keys, n, NextPow2(n));
+  Sort(c, s.keys, s.keys2, n, NextPow2(n));
   const int head = static_cast<int>(Min64(n, int64_t{kLptRounds} * S));
   const int rounds = static_cast<int>(CeilDiv(head, S));
   for (int r = 0; r < rounds; ++r) {
