@@ -122,6 +122,7 @@ TMLA_HD inline void ScanN(const Ctx& c, int64_t* const (&a)[count],
 #if defined(__CUDA_ARCH__)
   const int lane = c.tid & 31, warp = c.tid >> 5, warps = c.nt >> 5;
   int64_t own[count], x[count];
+#pragma unroll
   for (int k = 0; k < count; ++k) {
     const int per = (n[k] + c.nt - 1) / c.nt;
     const int lo = min(n[k], c.tid * per), hi = min(n[k], lo + per);
@@ -135,6 +136,7 @@ TMLA_HD inline void ScanN(const Ctx& c, int64_t* const (&a)[count],
     if (lane == 31) tmp[32 * k + warp] = x[k];
   }
   __syncthreads();
+#pragma unroll
   for (int k = 0; k < count; ++k) {
     int64_t t = lane < warps ? tmp[32 * k + lane] : 0;
     for (int off = 1; off < 32; off <<= 1) {
@@ -232,7 +234,6 @@ TMLA_HD inline void Sort(const Ctx& c, uint64_t* a, uint64_t* b, int n,
   if (npad <= c.nt) {
     const int i = c.tid;
     uint64_t v = i < n ? a[i] : ~uint64_t{0};
-    uint64_t* buf[2] = {a, b};
     // The steps through memory alternate a and b, the last one b, so that
     // writing the result to a races with no read.
     int turn = 0;
@@ -245,9 +246,10 @@ TMLA_HD inline void Sort(const Ctx& c, uint64_t* a, uint64_t* b, int n,
         if (j < 32) {
           y = __shfl_xor_sync(~0u, v, j);
         } else {
-          if (i < npad) buf[turn][i] = v;
+          uint64_t* buf = turn ? b : a;
+          if (i < npad) buf[i] = v;
           __syncthreads();
-          y = i < npad ? buf[turn][i ^ j] : v;
+          y = i < npad ? buf[i ^ j] : v;
           turn ^= 1;
         }
         const bool keep_min = ((i & j) == 0) == ((i & k) == 0);

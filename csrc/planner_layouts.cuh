@@ -478,7 +478,7 @@ TMLA_HD inline void Plan(Ctx& c, const PlannerParams& p, char* base) {
     for (int b = c.tid; b < p.batch; b += c.nt) p.seqlens[b] = -1;
   }
   if (c.tid == 0) {
-    const Measure& best = m[pick < 0 ? 1 : pick];
+    const Measure best = pick == 0 ? m[0] : (pick == 2 ? m[2] : m[1]);
     p.info[kInfoLayout] = pick;
     p.info[kInfoLongest] = static_cast<int32_t>(best.longest);
     p.info[kInfoSlots] = static_cast<int32_t>(best.slots);
