@@ -425,6 +425,7 @@ struct Items {
   int n;
   int64_t max_pages;  // of any item
   int64_t max_cost;   // of any item as one PARTIAL
+  int64_t work;       // layout B's weights before its floor, summed
   TMLA_HD int tile(int i) const { return i % p.num_tiles; }
   TMLA_HD int seq(int i) const { return i / (p.h_kv * p.num_tiles); }
   TMLA_HD int head(int i) const { return (i / p.num_tiles) % p.h_kv; }

@@ -79,21 +79,19 @@ TMLA_HD inline Measure MeasureA(Ctx& c, const Items& it, const Scratch& s) {
     for (int i = lane; i < n; i += width) count += leading(i, t);
     return GroupReduce(count, 0, width).sum <= S - n;
   });
-  int64_t makespan = kLowest, cut = 0;
-  for (int i = c.tid; i < n; i += c.nt) {
-    const int a = leading(i, end);
-    const int64_t k = a + 1;
-    s.k_a[i] = s.start_a[i] = k;
-    s.slot_a[i] = k > 1 ? k : 0;
-    s.ctr_a[i] = k > 1;
-    cut += k > 1;
-    makespan = Max64(makespan, best[i * top + a]);
-  }
-  const Reduced r = BlockReduce(c, cut, makespan, s.red);
+  // Item i in leading(i, T) + 1 pieces; its pieces, slots and counter.
+  for (int i = c.tid; i < n; i += c.nt) s.k_a[i] = leading(i, end) + 1;
+  ScanN<3>(c, {s.start_a, s.slot_a, s.ctr_a}, {n, n, n}, s.tmp,
+           [&](int f, int i) -> int64_t {
+             const int64_t k = leading(i, end) + 1;
+             return f == 0 ? k : (f == 1 ? (k > 1 ? k : 0) : k > 1);
+           });
+  // Each item's path is the first entry of its row at most T, and some
+  // row holds T itself (T is lo, the largest row minimum, or else an
+  // entry: the count above it drops there), so the makespan is T.
   Measure m;
-  m.makespan = r.max;
-  m.longest = r.sum > 0 ? 2 : 1;
-  ScanN<3>(c, {s.start_a, s.slot_a, s.ctr_a}, {n, n, n}, s.tmp);
+  m.makespan = end;
+  m.longest = s.ctr_a[n - 1] > 0 ? 2 : 1;
   m.slots = s.slot_a[n - 1];
   m.counters = s.ctr_a[n - 1];
   return m;
@@ -140,10 +138,7 @@ TMLA_HD inline Measure MeasureB(Ctx& c, const Items& it, const Scratch& s) {
   const int n = it.n, S = p.num_sms;
   const int64_t fu = Max64(1, p.partial_fixed_ns);
   auto pu = [&](int i) { return Max64(1, it.page_ns(i)); };
-  int64_t local = 0;
-  for (int i = c.tid; i < n; i += c.nt) local += fu + s.pages[i] * pu(i);
-  const int64_t floor =
-      CeilDiv(BlockSum(c, local, s.red), int64_t{kAlpha} * n);
+  const int64_t floor = CeilDiv(it.work, int64_t{kAlpha} * n);
   auto weight = [&](int i) { return Max64(fu + s.pages[i] * pu(i), floor); };
   int64_t* const wend[1] = {s.wend};
   ScanN<1>(c, wend, {n}, s.tmp, [&](int, int i) { return weight(i); });
@@ -436,16 +431,25 @@ TMLA_HD inline void Plan(Ctx& c, const PlannerParams& p, char* base) {
     s.len[b] = clamp(b);
     p.seqlens[b] = static_cast<int32_t>(s.len[b]);
   }
-  const Items shape{p, n, 0, 0};
-  int64_t max_pages = 0, max_cost = kLowest;
+  const Items shape{p, n, 0, 0, 0};
+  // Items' pages and costs; layout B's work: sum(max(1, fixed) + pages *
+  // max(1, page_ns)).
+  int64_t max_pages = 0, work = 0;
   for (int i = c.tid; i < n; i += c.nt) {
     s.pages[i] = CeilDiv(clamp(shape.seq(i)), p.page_size);
     s.cost[i] = p.partial_fixed_ns + s.pages[i] * shape.page_ns(i);
     max_pages = Max64(max_pages, s.pages[i]);
-    max_cost = Max64(max_cost, s.cost[i]);
+    work += Max64(1, p.partial_fixed_ns) +
+            s.pages[i] * Max64(1, shape.page_ns(i));
   }
-  const Reduced most = BlockReduce<true>(c, max_pages, max_cost, s.red);
-  const Items it{p, n, most.sum, most.max};
+  const Reduced r = BlockReduce(c, work, max_pages, s.red);
+  // The longest sequence has an item of each tile kind, so the costliest
+  // item is one of its items.
+  const int64_t page_ns_most =
+      p.num_tiles > 1 ? Max64(p.page_ns_full, p.page_ns_last)
+                      : p.page_ns_last;
+  const Items it{p, n, r.max, p.partial_fixed_ns + r.max * page_ns_most,
+                 r.sum};
   Measure m[3];
   if (n <= p.num_sms) m[0] = MeasureA(c, it, s);
   m[1] = MeasureB(c, it, s);
@@ -464,7 +468,7 @@ TMLA_HD inline void Plan(Ctx& c, const PlannerParams& p, char* base) {
       pick = l;
     }
   }
-  Sync();
+  // Every measure ends with a barrier after its last write.
   if (pick == 0) EmitA(c, it, s);
   if (pick == 1) EmitB(c, it, s);
   if (pick == 2) {
