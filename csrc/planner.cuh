@@ -1,7 +1,10 @@
 // The planner of planner.h, written once for one CTA (device) and one thread
 // (host). Every phase is a loop `for (i = c.tid; i < count; i += c.nt)`
-// followed by Sync(); the block-wide scan, sum, max and sort below have a
-// parallel device body and a serial host body with the same integer result.
+// ended by a barrier; the block-wide scan, reduction, search and sort below
+// have a parallel device body and a serial host body with the same integer
+// result. The device's time goes to its barriers (about 15-25 per plan for
+// up to 512 items), so phases share them: reductions carry two values,
+// scans several arrays, and searches test hundreds of candidates at once.
 #pragma once
 
 #include <cstdint>
@@ -315,7 +318,6 @@ struct Scratch {
   int64_t* pages;     // [n] pages of each item
   int64_t* cost;      // [n] each item as one PARTIAL
   int64_t* best;      // [n * top] layout A: shortest path with <= k pieces
-  int64_t* best2;     // [n * top] its ping-pong buffer
   int64_t* k_a;       // [n] layout A pieces per item
   int64_t* start_a;   // [n] inclusive scan of k_a
   int64_t* slot_a;    // [n] first slot (exclusive scan)
@@ -381,7 +383,6 @@ TMLA_HD inline int64_t Carve(char* base, const Sizes& z, int batch,
   s->pages = take(n);
   s->cost = take(n);
   s->best = take(n * z.top_cap);
-  s->best2 = take(n * z.top_cap);
   s->k_a = take(n);
   s->start_a = take(n);
   s->slot_a = take(n);

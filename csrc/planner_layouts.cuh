@@ -34,15 +34,15 @@ TMLA_HD inline Measure MeasureA(Ctx& c, const Items& it, const Scratch& s) {
   };
   int64_t lo = kLowest;
 #if defined(__CUDA_ARCH__)
-  const int lane = c.tid & 31;
+  const int row_lane = c.tid & 31;
   for (int i = c.tid >> 5; i < n; i += c.nt >> 5) {
     int64_t carry = kNever;
     for (int base = 0; base < top; base += 32) {
-      const int k = base + lane;
+      const int k = base + row_lane;
       int64_t v = Min64(k < top ? path(i, k) : kNever, carry);
       for (int off = 1; off < 32; off <<= 1) {
         const int64_t y = __shfl_up_sync(~0u, v, off);
-        if (lane >= off) v = Min64(v, y);
+        if (row_lane >= off) v = Min64(v, y);
       }
       if (k < top) s.best[i * top + k] = v;
       carry = __shfl_sync(~0u, v, 31);
@@ -52,7 +52,9 @@ TMLA_HD inline Measure MeasureA(Ctx& c, const Items& it, const Scratch& s) {
 #else
   for (int i = 0; i < n; ++i) {
     int64_t run = kNever;
-    for (int k = 0; k < top; ++k) s.best[i * top + k] = run = Min64(run, path(i, k));
+    for (int k = 0; k < top; ++k) {
+      s.best[i * top + k] = run = Min64(run, path(i, k));
+    }
     lo = Max64(lo, run);
   }
 #endif
@@ -69,10 +71,11 @@ TMLA_HD inline Measure MeasureA(Ctx& c, const Items& it, const Scratch& s) {
   };
   // T: the smallest t >= lo with at most S - n entries above it. Every
   // entry is at most the longest item's single piece (it.max_cost), so
-  // that bound passes.
+  // that bound passes. Groups of g threads share the items so that a lane
+  // makes at most about 8 probes per candidate.
   int log_top = 1;
   while ((1 << log_top) <= top) ++log_top;
-  const int g = GroupFor(n, log_top, 32);
+  const int g = GroupFor(n, log_top, 8);
   const int64_t end = Search(c, g, lo, it.max_cost,
                              [&](int64_t t, int lane, int width) {
     int64_t count = 0;
