@@ -1,9 +1,10 @@
-"""The compiled planner's plans, pinned: digests of 400 plans on the CPU.
+"""The compiled planner's plans, pinned: digests of 400 plans.
 
 ``fixtures/planner_digests.json`` holds, per case of ``_cases()``, the
 SHA-256 of the plan's live rows (each list up to and including its STOP
 row), its clamped lengths and its info words, as the planner made them when
-the file was written. A faster planner must make the same plans bit for bit.
+the file was written (on the CPU). A faster planner must make the same plans
+bit for bit, on the CPU and on the GPU.
 Regenerate only for a deliberate change of the plans:
 
   PYTHONPATH=$PWD python tests/test_plan_compiled_fixed.py --write
@@ -14,10 +15,12 @@ import json
 import pathlib
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import requires_gpu
 from jax_thundermla.plan import device_ffi
 from jax_thundermla.plan import timing
 from jax_thundermla.plan.cost import CostModel
@@ -65,9 +68,11 @@ def _cases():
   return out
 
 
-def _digest(lens, s_q, h_q, h_kv, num_sms, page_size, max_seqlen):
+def _digest(lens, s_q, h_q, h_kv, num_sms, page_size, max_seqlen,
+            device=None):
+  lens = jax.device_put(jnp.asarray(lens), device)
   ins, seqlens, info = (np.asarray(x) for x in device_ffi.plan_arrays(
-      jnp.asarray(lens), s_q=s_q, h_q=h_q, h_kv=h_kv, page_size=page_size,
+      lens, s_q=s_q, h_q=h_q, h_kv=h_kv, page_size=page_size,
       max_seqlen=max_seqlen, head_dim_v=512, num_sms=num_sms,
       cost=CostModel()))
   upto = np.minimum(timing.live_mask(ins).sum(1) + 1, ins.shape[1])
@@ -79,15 +84,27 @@ def _digest(lens, s_q, h_q, h_kv, num_sms, page_size, max_seqlen):
   return h.hexdigest()
 
 
-def test_plans_equal_the_pinned_digests():
+def _check(device):
   want = json.loads(FIXTURE.read_text())
   assert len(want) == CASES
   for k, case in enumerate(_cases()):
-    assert _digest(*case) == want[k], (k, case[0].tolist(), case[1:])
+    assert _digest(*case, device=device) == want[k], (
+        k, case[0].tolist(), case[1:])
+
+
+def test_cpu_plans_equal_the_pinned_digests():
+  _check(jax.devices("cpu")[0])
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_plans_equal_the_pinned_digests():
+  _check(jax.devices("gpu")[0])
 
 
 if __name__ == "__main__":
   if sys.argv[1:] != ["--write"]:
     sys.exit(__doc__)
-  FIXTURE.write_text(json.dumps([_digest(*c) for c in _cases()], indent=0)
-                     + "\n")
+  cpu = jax.devices("cpu")[0]
+  FIXTURE.write_text(json.dumps([_digest(*c, device=cpu) for c in _cases()],
+                                indent=0) + "\n")
