@@ -44,7 +44,17 @@ TMLA_HD inline void Sync() {
 
 TMLA_HD inline int64_t Min64(int64_t a, int64_t b) { return a < b ? a : b; }
 TMLA_HD inline int64_t Max64(int64_t a, int64_t b) { return a > b ? a : b; }
-TMLA_HD inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// a / b for a >= 0, b > 0; in 32 bits when both fit (the device's 64-bit
+// division is a long subroutine), with the same result.
+TMLA_HD inline int64_t Div64(int64_t a, int64_t b) {
+  if ((static_cast<uint64_t>(a) | static_cast<uint64_t>(b)) >> 32 == 0) {
+    return static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
+  }
+  return a / b;
+}
+TMLA_HD inline int64_t CeilDiv(int64_t a, int64_t b) {
+  return Div64(a + b - 1, b);
+}
 
 // Block-wide sums and maxima. Each warp reduces its lanes by shuffles and
 // writes one word per value to one of two buffers; after one barrier every
@@ -481,7 +491,7 @@ TMLA_HD inline Row MergeRun(const Items& it, int item, int64_t j, int64_t c,
                             int64_t* cost) {
   Row r(it, item, isa::kOpReduce);
   const int64_t rows = it.rows(item);
-  const int64_t lo = j * rows / c, hi = (j + 1) * rows / c;
+  const int64_t lo = Div64(j * rows, c), hi = Div64((j + 1) * rows, c);
   *cost = it.p.reduce_fixed_ns + k * it.p.input_ns[hi - lo];
   r.w[isa::kFieldRowStart] += static_cast<int32_t>(lo);
   r.w[isa::kFieldNumRows] = static_cast<int32_t>(hi - lo);

@@ -115,7 +115,8 @@ TMLA_HD inline void EmitA(const Ctx& c, const Items& it, const Scratch& s) {
     const bool cut = k > 1;
     const int64_t slot0 = s.slot_a[i] - (cut ? k : 0);
     const int64_t ctr0 = s.ctr_a[i] - cut;
-    const int64_t page0 = j * pages / k, page1 = (j + 1) * pages / k;
+    const int64_t page0 = Div64(j * pages, k);
+    const int64_t page1 = Div64((j + 1) * pages, k);
     Piece(it, s, i, page0, page1, cut ? slot0 + j : isa::kFinalOutput,
           cut ? ctr0 : isa::kNoCounter,
           p.partial_fixed_ns + (page1 - page0) * it.page_ns(i))
@@ -148,7 +149,7 @@ TMLA_HD inline Measure MeasureB(Ctx& c, const Items& it, const Scratch& s) {
   const int64_t quota = CeilDiv(s.wend[n - 1], S);
   auto sm0 = [&](int i) {
     const int64_t w = weight(i);
-    return (s.wend[i] - w + Min64(fu, w - 1)) / quota;
+    return Div64(s.wend[i] - w + Min64(fu, w - 1), quota);
   };
   for (int i = c.tid; i < n; i += c.nt) {
     s.sm0[i] = sm0(i);
@@ -170,9 +171,9 @@ TMLA_HD inline Measure MeasureB(Ctx& c, const Items& it, const Scratch& s) {
     const int64_t begin = s.wend[b.ic] - weight(b.ic);
     const int64_t offset = bound - begin - fu;
     b.cut = offset > 0 ? CeilDiv(offset, pu(b.ic)) : 0;
-    b.smb = (begin + fu +
-             Min64(b.cut, Max64(s.pages[b.ic] - 1, 0)) * pu(b.ic)) /
-            quota;
+    b.smb = Div64(
+        begin + fu + Min64(b.cut, Max64(s.pages[b.ic] - 1, 0)) * pu(b.ic),
+        quota);
     b.eff = b.cut > 0 ? b.smb : sm0(b.ic);
     return b;
   };
