@@ -354,14 +354,21 @@ struct Scratch {
   int64_t* rank;      // [S] SM order by load, then first poured item (C)
   int64_t* c_cnt;     // [S] items per SM (C)
   uint64_t* keys;     // [npad] layout C: items longest first
-  uint64_t* keys2;    // [npad] the sort's second buffer
-  int64_t* c_sm;      // [n] per item: SM and position (C)
-  int64_t* c_pos;     // [n]
+  int64_t* c_sm;      // [n] per item: SM and position (C); c_sm and c_pos
+  int64_t* c_pos;     // [n] together (2n >= npad words) are the sort's buffer
   int64_t* t_pre;     // [n] prefix of the poured items' costs
   int64_t* t_sm;      // [n] SM of each poured item
   int64_t* room;      // [S] prefix of the SMs' room below the level
-  int64_t* tmp;       // [4 * 32] scan carries
-  int64_t* red;       // [2 * 64] BlockReduce buffers
+  int64_t* tmp;       // [4 * 32] scan carries: Carry, not carved
+  int64_t* red;       // [2 * 64] BlockReduce buffers: Carry, not carved
+};
+
+// The words of the scans and reductions, apart from the carved scratch: in
+// static shared memory on the device (even when the scratch is in global
+// memory), on the stack on the host.
+struct Carry {
+  int64_t tmp[4 * 32];
+  int64_t red[2 * 64];
 };
 
 struct Sizes {
@@ -419,14 +426,11 @@ TMLA_HD inline int64_t Carve(char* base, const Sizes& z, int batch,
   s->rank = take(S);
   s->c_cnt = take(S);
   s->keys = reinterpret_cast<uint64_t*>(take(z.npad));
-  s->keys2 = reinterpret_cast<uint64_t*>(take(z.npad));
   s->c_sm = take(n);
   s->c_pos = take(n);
   s->t_pre = take(n);
   s->t_sm = take(n);
   s->room = take(S);
-  s->tmp = take(4 * 32);
-  s->red = take(2 * 64);
   return off;
 }
 

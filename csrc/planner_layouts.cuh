@@ -321,7 +321,7 @@ TMLA_HD inline Measure MeasureC(Ctx& c, const Items& it, const Scratch& s) {
   }
   for (int sm = c.tid; sm < S; sm += c.nt) s.load[sm] = s.c_cnt[sm] = 0;
   Sync();
-  Sort(c, s.keys, s.keys2, n, NextPow2(n));
+  Sort(c, s.keys, reinterpret_cast<uint64_t*>(s.c_sm), n, NextPow2(n));
   const int head = static_cast<int>(Min64(n, int64_t{kLptRounds} * S));
   const int rounds = static_cast<int>(CeilDiv(head, S));
   for (int r = 0; r < rounds; ++r) {
@@ -423,10 +423,13 @@ TMLA_HD inline void EmitC(const Ctx& c, const Items& it, const Scratch& s) {
 
 // The whole planner: clamp the lengths, price the items, measure the
 // layouts, write the best one that fits the capacity and the info words.
-TMLA_HD inline void Plan(Ctx& c, const PlannerParams& p, char* base) {
+TMLA_HD inline void Plan(Ctx& c, const PlannerParams& p, char* base,
+                         Carry* carry) {
   const int n = p.batch * p.h_kv * p.num_tiles;
   Scratch s;
   Carve(base, SizesOf(n, p.num_sms), p.batch, &s);
+  s.tmp = carry->tmp;
+  s.red = carry->red;
   auto clamp = [&](int b) -> int64_t {
     const int32_t len = p.lengths[b];
     return len < 0 ? 0 : (len > p.max_seqlen ? p.max_seqlen : len);

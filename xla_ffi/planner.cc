@@ -147,7 +147,8 @@ ffi::Error PlanCpu(int32_t h_kv, int32_t num_tiles, int32_t last_tile_rows,
       input_ns, lengths, instructions, seqlens, info, scratch, &p, &bytes);
   if (error.failure()) return error;
   plan::Ctx one_thread{0, 1};
-  plan::Plan(one_thread, p, static_cast<char*>(p.scratch));
+  plan::Carry carry;
+  plan::Plan(one_thread, p, static_cast<char*>(p.scratch), &carry);
   return ffi::Error::Success();
 }
 
