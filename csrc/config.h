@@ -8,8 +8,8 @@
 namespace tmla::config {
 
 // Head dims the kernel is built for (DeepSeek MLA, absorbed form).
-constexpr int kHeadDimV = 512;
-constexpr int kRopeDim = 64;
+constexpr int kHeadDimV = isa::kHeadDimV;
+constexpr int kRopeDim = isa::kRopeDim;
 constexpr int kHeadDimQK = kHeadDimV + kRopeDim;
 
 // Tiles: 64 query rows (one wgmma M) against 64 KV tokens per stage.
@@ -23,9 +23,9 @@ constexpr int kColBlock = 64;
 constexpr int kNumColBlocks = kHeadDimQK / kColBlock;  // 9
 constexpr int kSwizzleBytes = 128;
 constexpr int kSwizzleAtomBytes = 8 * kSwizzleBytes;  // 8 rows
-// Smallest TMA box (tokens); pages are multiples of it.
-constexpr int kMinChunkTokens = 16;
-constexpr int kMaxPageSize = 256;
+// Smallest TMA box (tokens): pages are multiples of it.
+constexpr int kMinChunkTokens = isa::kPageSizeMultiple;
+constexpr int kMaxPageSize = isa::kMaxPageSize;
 
 // Warp roles: warpgroup 0 loads (one thread issues TMA), warpgroups 1 and 2
 // compute; consumer 0 also owns QK^T and the softmax, each consumer owns
@@ -48,9 +48,9 @@ constexpr int kBarConsumer0 = 2;  // consumer warpgroup c uses 2 + c
 // Shared memory plan (bytes from a 1024-byte aligned base).
 // A column block: 64 columns (128 bytes, one swizzle row) of every row.
 constexpr int kQColBlockBytes = kTileRows * kSwizzleBytes;      // 8 KB
-constexpr int kKvColBlockBytes = kBlockTokens * kSwizzleBytes;  // 4 KB
+constexpr int kKvColBlockBytes = kBlockTokens * kSwizzleBytes;  // 8 KB
 constexpr int kQBytes = kNumColBlocks * kQColBlockBytes;        // 72 KB
-constexpr int kStageBytes = kNumColBlocks * kKvColBlockBytes;   // 36 KB
+constexpr int kStageBytes = kNumColBlocks * kKvColBlockBytes;   // 72 KB
 // P: one 128-byte swizzled row (64 tokens) per query row.
 constexpr int kPBytes = kTileRows * kSwizzleBytes;              // 8 KB
 static_assert(kBlockTokens == 64, "QK^T is one m64n64 MMA per k-step");

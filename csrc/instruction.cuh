@@ -15,13 +15,22 @@ struct Instruction {
   int32_t kv_head;
   int32_t row_start;
   int32_t num_rows;
-  int32_t arg0;  // PARTIAL: kv_start; REDUCE: src_slot
-  int32_t arg1;  // PARTIAL: kv_end;   REDUCE: num_src
+  // Words 5 and 6 mean one thing per opcode: read them through the named
+  // accessors below (kv_start/kv_end, src_slot/num_src).
+  int32_t word5;
+  int32_t word6;
   int32_t dst_slot;
   int32_t signal_counter;
   int32_t wait_counter;
   int32_t wait_count;
   int32_t slot_row;  // REDUCE: slot row of its first row
+
+  // PARTIAL: the KV tokens [kv_start, kv_end) it attends to.
+  __device__ __forceinline__ int32_t kv_start() const { return word5; }
+  __device__ __forceinline__ int32_t kv_end() const { return word6; }
+  // REDUCE: it merges slots [src_slot, src_slot + num_src).
+  __device__ __forceinline__ int32_t src_slot() const { return word5; }
+  __device__ __forceinline__ int32_t num_src() const { return word6; }
 
   static __device__ __forceinline__ const int4* Words(
       const MlaDecodeParams& p, int cta, int index) {
@@ -76,8 +85,9 @@ struct Instruction {
     if (!RowsValid(p) || !DstValid(p)) return false;
     if (opcode == isa::kOpPartial) return true;
     if (opcode == isa::kOpReduce) {
-      return arg1 >= 1 && arg1 <= isa::kMaxReduceInputs && arg0 >= 0 &&
-             arg0 + arg1 <= p.num_slots && slot_row >= 0 &&
+      return num_src() >= 1 && num_src() <= isa::kMaxReduceInputs &&
+             src_slot() >= 0 && src_slot() + num_src() <= p.num_slots &&
+             slot_row >= 0 &&
              slot_row + num_rows <= isa::kTileRows;
     }
     return false;
@@ -105,8 +115,8 @@ struct KvRange {
                                                int block_tokens) {
     const int32_t table_tokens = p.max_pages * p.page_size;
     KvRange r;
-    r.lo = max(in.arg0, 0);
-    r.hi = min(in.arg1, table_tokens);
+    r.lo = max(in.kv_start(), 0);
+    r.hi = min(in.kv_end(), table_tokens);
     r.first = r.lo - r.lo % p.chunk_tokens;
     r.num_blocks =
         r.hi > r.lo ? (r.hi - r.first + block_tokens - 1) / block_tokens : 0;

@@ -2,7 +2,9 @@
 //
 // Python mirrors these constants in jax_thundermla/isa.py; tests/test_isa.py
 // parses this file and checks that both agree, so every constant below is
-// written as `constexpr int32_t kName = value;` on one line.
+// written as `constexpr int32_t kName = value;` on one line. The workspace
+// layout functions at the end are checked the same way (tests/test_isa.py
+// compiles a host program that prints them).
 //
 // Instruction tensor: int32 [num_sms, max_instructions, kInstructionWords].
 // CTA i executes row i in order and stops at the first kOpStop (an all-zero
@@ -35,6 +37,7 @@
 //                (log2 of the sum of 2^(score * scale * log2(e)));
 //                -inf for a row that saw no key
 //   counters     int32 [num_counters], zeroed before every launch
+// (offsets: WorkspacePartialLse, WorkspaceCounters, WorkspaceWords below).
 #pragma once
 
 #include <cstdint>
@@ -46,11 +49,18 @@ constexpr int32_t kIsaVersion = 2;
 constexpr int32_t kInstructionWords = 16;
 constexpr int32_t kTileRows = 64;
 
+// Limits of the kernel's inputs (the shapes it is built for): value head dim
+// (DeepSeek MLA latent), rope dim (d_qk = kHeadDimV + kRopeDim), and cache
+// pages of a multiple of kPageSizeMultiple tokens up to kMaxPageSize.
+constexpr int32_t kHeadDimV = 512;
+constexpr int32_t kRopeDim = 64;
+constexpr int32_t kPageSizeMultiple = 16;
+constexpr int32_t kMaxPageSize = 256;
+
 // Opcodes.
 constexpr int32_t kOpStop = 0;
 constexpr int32_t kOpPartial = 1;
 constexpr int32_t kOpReduce = 2;
-constexpr int32_t kNumOpcodes = 3;
 
 // Field offsets shared by every opcode.
 constexpr int32_t kFieldOpcode = 0;
@@ -90,5 +100,18 @@ constexpr int32_t kTimingEnd = 7;       // results written and signalled
 // Sentinels.
 constexpr int32_t kFinalOutput = -1;
 constexpr int32_t kNoCounter = -1;
+
+// Workspace layout (see the top of this file), in 4-byte words from its
+// start, for num_slots slots of head_dim_v columns; partial O starts at 0.
+constexpr int64_t WorkspacePartialLse(int64_t num_slots, int64_t head_dim_v) {
+  return num_slots * kTileRows * head_dim_v;
+}
+constexpr int64_t WorkspaceCounters(int64_t num_slots, int64_t head_dim_v) {
+  return WorkspacePartialLse(num_slots, head_dim_v) + num_slots * kTileRows;
+}
+constexpr int64_t WorkspaceWords(int64_t num_slots, int64_t num_counters,
+                                 int64_t head_dim_v) {
+  return WorkspaceCounters(num_slots, head_dim_v) + num_counters;
+}
 
 }  // namespace tmla::isa

@@ -71,8 +71,6 @@ cudaError_t Launch(const MlaDecodeLaunch& l, const CUtensorMap& map,
 
 }  // namespace
 
-int MlaDecodeSmemBytes() { return config::kSmemBytes; }
-
 cudaError_t LaunchMlaDecode(const MlaDecodeLaunch& l, cudaStream_t stream) {
   MlaDecodeLaunch launch = l;
   launch.params.chunk_tokens =

@@ -19,9 +19,6 @@ struct MlaDecodeLaunch {
   int32_t num_ctas;      // rows of the instruction tensor
 };
 
-// Dynamic shared memory one CTA needs.
-int MlaDecodeSmemBytes();
-
 // Launches the timed build of the kernel when launch.params.timings is set.
 cudaError_t LaunchMlaDecode(const MlaDecodeLaunch& launch,
                             cudaStream_t stream);

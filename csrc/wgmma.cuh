@@ -1,5 +1,6 @@
 // The two warpgroup MMA shapes of the MLA decode kernel (sm_90a wgmma).
-// Generated operand lists: one asm statement per shape and element type.
+// One asm statement per shape and element type, its operand lists written
+// out by hand.
 #pragma once
 
 #include <cstdint>

@@ -24,28 +24,12 @@ from jax.interpreters import mlir
 import jax.numpy as jnp
 
 from jax_thundermla import _sharding
+from jax_thundermla import _validation
 from jax_thundermla import reference
 
 # What the ``cuda`` lowering runs: the megakernel, or the reference (shapes
 # the kernel does not take, or a GPU process without the extension).
 CUDA_IMPLS = ("kernel", "reference")
-_INT32_MAX = (1 << 31) - 1
-
-
-@dataclasses.dataclass(frozen=True)
-class PlanMeta:
-  """The static fields of a host DecodePlan (its leaves travel as operands)."""
-
-  s_q: int
-  h_q: int
-  h_kv: int
-  page_size: int
-  head_dim_v: int
-  num_sms: int
-  max_instructions: int
-  num_slots: int
-  num_counters: int
-  scheduler: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +48,7 @@ class Config:
   softmax_scale: float
   causal: bool
   cuda_impl: str
-  plan: PlanMeta | None
+  plan: tuple | None
 
   def __post_init__(self):
     if self.cuda_impl not in CUDA_IMPLS:
@@ -94,22 +78,16 @@ def _reference_impl(q, kv_cache, block_table, cache_seqlens, *plan_leaves,
   return out, lse
 
 
-def _plan(plan_leaves, meta: PlanMeta | None):
+def _plan(plan_leaves, meta: tuple | None):
   if meta is None:
     return None
   from jax_thundermla.plan import DecodePlan  # pylint: disable=g-import-not-at-top
-  return DecodePlan(*plan_leaves, *dataclasses.astuple(meta), float("nan"))
+  return DecodePlan(*plan_leaves, *meta, float("nan"))
 
 
 def _kernel_impl(q, kv_cache, block_table, cache_seqlens, *plan_leaves,
                  config: Config):
   from jax_thundermla import kernel  # pylint: disable=g-import-not-at-top
-  if not isinstance(q.shape[0], int):
-    raise ValueError(
-        "mla_decode's CUDA lowering needs a static batch size (the kernel's"
-        f" on-device plan is sized from it), got batch {q.shape[0]}: export"
-        " one artifact per batch size for platform 'cuda', or a symbolic"
-        " batch for platforms=('cpu',) only")
   return tuple(kernel.mla_decode_cuda(
       q, kv_cache, block_table, cache_seqlens,
       _plan(plan_leaves, config.plan), head_dim_v=config.head_dim_v,
@@ -221,7 +199,8 @@ def operation(config: Config):
     kvb = in_batched[1]
     # A host plan describes one problem: loop. So does a folded cache whose
     # page ids would not fit in int32.
-    if plan_leaves or (kvb and n * kv_cache.shape[1] > _INT32_MAX):
+    too_many_pages = n * kv_cache.shape[1] > _validation.INT32_MAX
+    if plan_leaves or (kvb and too_many_pages):
       out = _loop(batched, in_batched, args)
     else:
       out = _fold(batched, n, in_batched[:4], *args[:4])
@@ -258,13 +237,9 @@ def cuda_impl_for(kernel_reason: str | None, gpu_without_kernel: bool) -> str:
   return "kernel"
 
 
-def plan_meta(plan) -> PlanMeta:
-  """The static fields of a DecodePlan."""
-  return PlanMeta(
-      s_q=plan.s_q, h_q=plan.h_q, h_kv=plan.h_kv, page_size=plan.page_size,
-      head_dim_v=plan.head_dim_v, num_sms=plan.num_sms, max_instructions=plan.max_instructions,
-      num_slots=plan.num_slots, num_counters=plan.num_counters,
-      scheduler=plan.scheduler)
+def plan_meta(plan) -> tuple:
+  """The static fields of a DecodePlan (``DecodePlan.static_fields``)."""
+  return plan.static_fields()
 
 
 def plan_leaves(plan) -> tuple:

@@ -8,9 +8,11 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-ROPE_DIM = 64
-MAX_PAGE_SIZE = 256
-PAGE_SIZE_MULTIPLE = 16
+from jax_thundermla import isa
+
+ROPE_DIM = isa.ROPE_DIM
+MAX_PAGE_SIZE = isa.MAX_PAGE_SIZE
+PAGE_SIZE_MULTIPLE = isa.PAGE_SIZE_MULTIPLE
 DTYPES = (jnp.bfloat16, jnp.float16)
 INDEX_DTYPE = jnp.int32
 # Token positions and page ids are int32 on both backends.

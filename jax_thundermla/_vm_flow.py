@@ -43,9 +43,9 @@ def order_and_clocks(words: np.ndarray, sm: np.ndarray, index: np.ndarray,
     is how many instructions of SM s happen before or at x.
   """
   n = words.shape[0]
-  signal = words[:, isa.FIELD_SIGNAL_COUNTER]
-  wait = words[:, isa.FIELD_WAIT_COUNTER]
-  count = words[:, isa.FIELD_WAIT_COUNT]
+  signal = isa.Fields(words).signal_counter
+  wait = isa.Fields(words).wait_counter
+  count = isa.Fields(words).wait_count
   signallers: dict[int, list[int]] = {}
   for x in np.flatnonzero(signal >= 0).tolist():
     signallers.setdefault(int(signal[x]), []).append(x)

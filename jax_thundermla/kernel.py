@@ -13,8 +13,8 @@ from jax_thundermla.plan import plan_on_device
 
 TARGET = "tmla_mla_decode"
 TIMED_TARGET = "tmla_mla_decode_timed"
-HEAD_DIM_V = 512
-HEAD_DIM_QK = 576
+HEAD_DIM_V = isa.HEAD_DIM_V
+HEAD_DIM_QK = isa.HEAD_DIM_V + isa.ROPE_DIM
 
 
 def unsupported_reason(*, head_dim_v: int, d_qk: int) -> str | None:
@@ -39,7 +39,8 @@ def mla_decode_cuda(q: jax.Array, kv_cache: jax.Array,
     cache_seqlens: int32 [b].
     plan: a DecodePlan, or None to plan on the device from
       ``cache_seqlens`` (``plan_on_device``: the compiled planner, one
-      kernel; static capacity). The kernel checks each sequence's length
+      kernel; capacities from shapes, symbolic expressions for a symbolic
+      batch). The kernel checks each sequence's length
       against the plan's.
     head_dim_v: 512.
     softmax_scale: factor applied to QK^T.

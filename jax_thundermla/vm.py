@@ -136,12 +136,12 @@ def _machine(program: Any, seqlens: Any, s_q: Any, h_q: Any, h_kv: Any,
 def _check_fields(m: _Machine, words: np.ndarray, sm: np.ndarray,
                   index: np.ndarray) -> None:
   """Raises ProgramError at the first instruction with a bad field."""
-  op = words[:, isa.FIELD_OPCODE]
-  b = words[:, isa.FIELD_BATCH]
-  row0 = words[:, isa.FIELD_ROW_START]
-  rows = words[:, isa.FIELD_NUM_ROWS]
-  dst = words[:, isa.FIELD_DST_SLOT]
-  slot_row = words[:, isa.FIELD_SLOT_ROW]
+  op = isa.Fields(words).opcode
+  b = isa.Fields(words).batch
+  row0 = isa.Fields(words).row_start
+  rows = isa.Fields(words).num_rows
+  dst = isa.Fields(words).dst_slot
+  slot_row = isa.Fields(words).slot_row
   partial = op == isa.OP_PARTIAL
   reduce = op == isa.OP_REDUCE
   batch = m.seqlens.shape[0]
@@ -152,8 +152,8 @@ def _check_fields(m: _Machine, words: np.ndarray, sm: np.ndarray,
   checks = (
       (~(partial | reduce), "unknown opcode"),
       ((b < 0) | (b >= batch), "batch out of range"),
-      ((words[:, isa.FIELD_KV_HEAD] < 0)
-       | (words[:, isa.FIELD_KV_HEAD] >= m.h_kv), "kv_head out of range"),
+      ((isa.Fields(words).kv_head < 0)
+       | (isa.Fields(words).kv_head >= m.h_kv), "kv_head out of range"),
       ((rows < 1) | (rows > isa.TILE_ROWS) | (row0 < 0)
        | (row0 + rows > m.rows_per_head), "query rows out of range"),
       (partial & ((f5 < 0) | (f5 > f6) | (f6 > length)),
@@ -167,12 +167,12 @@ def _check_fields(m: _Machine, words: np.ndarray, sm: np.ndarray,
       (reduce & ((slot_row < 0) | (slot_row + rows > isa.TILE_ROWS)),
        "slot rows out of the tile"),
       ((dst < isa.FINAL_OUTPUT) | (dst >= slots), "dst_slot out of range"),
-      ((words[:, isa.FIELD_SIGNAL_COUNTER] < isa.NO_COUNTER)
-       | (words[:, isa.FIELD_SIGNAL_COUNTER] >= counters),
+      ((isa.Fields(words).signal_counter < isa.NO_COUNTER)
+       | (isa.Fields(words).signal_counter >= counters),
        "signal_counter out of range"),
-      ((words[:, isa.FIELD_WAIT_COUNTER] < isa.NO_COUNTER)
-       | (words[:, isa.FIELD_WAIT_COUNTER] >= counters)
-       | (words[:, isa.FIELD_WAIT_COUNT] < 0), "wait counter out of range"),
+      ((isa.Fields(words).wait_counter < isa.NO_COUNTER)
+       | (isa.Fields(words).wait_counter >= counters)
+       | (isa.Fields(words).wait_count < 0), "wait counter out of range"),
   )
   for bad, what in checks:
     if bad.any():
@@ -333,25 +333,23 @@ def _follow(m: _Machine, numerics: _Numerics | None, words: np.ndarray,
   flow = _vm_flow.Flow(sm, index, clock, d_v)
   outputs = _Outputs(m, d_v)
   for x in order:
-    w = words[x]
-    key = tuple(int(v) for v in w[[isa.FIELD_BATCH, isa.FIELD_KV_HEAD,
-                                    isa.FIELD_ROW_START,
-                                    isa.FIELD_NUM_ROWS]])
-    if w[isa.FIELD_OPCODE] == isa.OP_PARTIAL:
+    w = isa.Fields(words[x])
+    key = tuple(int(v) for v in w.key)
+    if w.opcode == isa.OP_PARTIAL:
       slot_row = 0
-      start, end = int(w[isa.FIELD_KV_START]), int(w[isa.FIELD_KV_END])
+      start, end = int(w.kv_start), int(w.kv_end)
       value = _vm_flow.Value(key, flow.new_ranges(
           [(start, end)] if end > start else [], key[3]))
       if numerics is not None:
         value.out, value.lse2 = numerics.partial(key, start, end)
     else:
-      slot_row = int(w[isa.FIELD_SLOT_ROW])
-      ranges, outs, lse2 = flow.read(x, key, int(w[isa.FIELD_SRC_SLOT]),
-                                     int(w[isa.FIELD_NUM_SRC]), slot_row)
+      slot_row = int(w.slot_row)
+      ranges, outs, lse2 = flow.read(x, key, int(w.src_slot),
+                                     int(w.num_src), slot_row)
       value = _vm_flow.Value(key, flow.merge(x, ranges))
       if numerics is not None:
         value.out, value.lse2 = numerics.reduce(outs, lse2)
-    dst = int(w[isa.FIELD_DST_SLOT])
+    dst = int(w.dst_slot)
     if dst == isa.FINAL_OUTPUT:
       outputs.store(flow.name(x), value, flow.ranges)
     else:

@@ -247,7 +247,7 @@ def test_bad_page_in_one_piece_poisons_the_merged_sequence(scheduler):
   table[0, 300] = -7
   plan = tmla.plan_decode(np.asarray(lens), s_q=4, h_q=16,
                           scheduler=scheduler)
-  ops = np.asarray(plan.instructions)[..., isa.FIELD_OPCODE]
+  ops = isa.Fields(np.asarray(plan.instructions)).opcode
   assert (ops == isa.OP_REDUCE).sum() >= 1
   out, lse = tmla.mla_decode(q, kv, jnp.asarray(table), lens, plan=plan,
                              causal=True, softmax_scale=w.softmax_scale,

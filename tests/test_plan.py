@@ -93,7 +93,7 @@ def test_plan_passes_through_jit():
   def use(p):
     traces.append(1)
     assert isinstance(p, DecodePlan) and p.num_sms == plan.num_sms
-    return p.instructions[..., isa.FIELD_OPCODE].sum(), p.seqlens + 1
+    return isa.Fields(p.instructions).opcode.sum(), p.seqlens + 1
 
   total, lens = use(plan)
   assert int(total) == int(plan.instructions[..., 0].sum())
@@ -233,11 +233,11 @@ def test_cost_model_prices():
   heavy = dataclasses.replace(cost, row_token_ns=10.0)
   assert heavy.page_ns(64, 64, 512) == 64 * 64 * 10
   assert cost.reduce_input_ns(64, 512) == 256
-  words = np.zeros((2, isa.INSTRUCTION_WORDS), np.int32)
-  words[0, [isa.FIELD_OPCODE, isa.FIELD_NUM_ROWS, isa.FIELD_KV_START,
-            isa.FIELD_KV_END]] = [isa.OP_PARTIAL, 64, 10, 130]
-  words[1, [isa.FIELD_OPCODE, isa.FIELD_NUM_ROWS, isa.FIELD_NUM_SRC]] = [
-      isa.OP_REDUCE, 64, 3]
+  words = np.concatenate([
+      isa.pack(np, np.int32, 1, opcode=isa.OP_PARTIAL, num_rows=64,
+               kv_start=10, kv_end=130),
+      isa.pack(np, np.int32, 1, opcode=isa.OP_REDUCE, num_rows=64,
+               num_src=3)])
   np.testing.assert_array_equal(
       cost.instruction_ns(words, page_size=64, head_dim_v=512),
       [2500 + 3 * cost.page_ns(64, 64, 512), 1500 + 3 * 256])

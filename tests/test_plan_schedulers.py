@@ -41,10 +41,10 @@ def check_plan(plan) -> vm.VMResult:
   live = timing.live_mask(ins)
   assert not ins[~live].any(), "rows after a list's STOP must be zero"
   words = ins[live]
-  signal = words[:, isa.FIELD_SIGNAL_COUNTER]
-  for x in np.flatnonzero(words[:, isa.FIELD_WAIT_COUNT] > 0):
-    producers = signal == words[x, isa.FIELD_WAIT_COUNTER]
-    assert producers.sum() == words[x, isa.FIELD_WAIT_COUNT]
+  signal = isa.Fields(words).signal_counter
+  for x in np.flatnonzero(isa.Fields(words).wait_count > 0):
+    producers = signal == isa.Fields(words).wait_counter[x]
+    assert producers.sum() == isa.Fields(words).wait_count[x]
     assert run.start_ns[x] >= run.end_ns[producers].max()
   for cap in (plan.max_instructions, plan.num_slots, plan.num_counters):
     assert cap >= 8 and cap & (cap - 1) == 0
@@ -128,25 +128,26 @@ def _spread_by_rows(schedule: Schedule, k: np.ndarray, num_tiles: int,
   one at a time, by its runs of rows on the SMs of the item's last pieces."""
   rows, sm, pos = [], [], []
   for row, s, p in zip(schedule.rows, schedule.sm, schedule.key):
-    item = (row[isa.FIELD_BATCH] * num_tiles
-            + row[isa.FIELD_ROW_START] // isa.TILE_ROWS)
-    one_level = (row[isa.FIELD_OPCODE] == isa.OP_REDUCE
-                 and row[isa.FIELD_DST_SLOT] == isa.FINAL_OUTPUT
+    f = isa.Fields(row)
+    item = f.batch * num_tiles + f.row_start // isa.TILE_ROWS
+    one_level = (f.opcode == isa.OP_REDUCE
+                 and f.dst_slot == isa.FINAL_OUTPUT
                  and k[item] <= fanin)
     if not one_level:
       rows.append(row)
       sm.append(s)
       pos.append(p)
       continue
-    r = int(row[isa.FIELD_NUM_ROWS])
+    r = int(f.num_rows)
     runs = min(int(k[item]), r)
     for j in range(runs):
       lo, hi = j * r // runs, (j + 1) * r // runs
       run = row.copy()
-      run[isa.FIELD_ROW_START] += lo
-      run[isa.FIELD_NUM_ROWS] = hi - lo
-      run[isa.FIELD_SLOT_ROW] = lo
-      run[isa.FIELD_COST] = cost.reduce_fixed() + k[item] * (
+      g = isa.Fields(run)
+      g.row_start += lo
+      g.num_rows = hi - lo
+      g.slot_row = lo
+      g.cost = cost.reduce_fixed() + k[item] * (
           cost.reduce_input_ns(hi - lo, 512))
       rows.append(run)
       sm.append(s - j)
@@ -199,27 +200,27 @@ def test_makespan_spreads_final_merges_by_rows(name):
   live = timing.live_mask(ins)
   sm = np.nonzero(live)[0]
   words = ins[live].astype(np.int64)
-  reduce = words[:, isa.FIELD_OPCODE] == isa.OP_REDUCE
-  assert (words[reduce, isa.FIELD_DST_SLOT] == isa.FINAL_OUTPUT).all()
+  reduce = isa.Fields(words).opcode == isa.OP_REDUCE
+  assert (isa.Fields(words).dst_slot[reduce] == isa.FINAL_OUTPUT).all()
   tile = w.s_q * w.h_q
-  counters = np.unique(words[reduce, isa.FIELD_WAIT_COUNTER])
+  counters = np.unique(isa.Fields(words).wait_counter[reduce])
   assert counters.size >= 1
   for counter in counters.tolist():
-    runs = reduce & (words[:, isa.FIELD_WAIT_COUNTER] == counter)
-    pieces = (words[:, isa.FIELD_OPCODE] == isa.OP_PARTIAL) & (
-        words[:, isa.FIELD_SIGNAL_COUNTER] == counter)
+    runs = reduce & (isa.Fields(words).wait_counter == counter)
+    pieces = (isa.Fields(words).opcode == isa.OP_PARTIAL) & (
+        isa.Fields(words).signal_counter == counter)
     k = int(pieces.sum())
     assert runs.sum() == min(k, tile) > 1
     assert np.unique(sm[runs]).size == runs.sum()
     assert set(sm[runs].tolist()) <= set(sm[pieces].tolist())
-    assert (words[runs, isa.FIELD_NUM_SRC] == k).all()
-    assert (words[runs, isa.FIELD_WAIT_COUNT] == k).all()
-    run = words[runs][np.argsort(words[runs, isa.FIELD_SLOT_ROW])]
-    starts = run[:, isa.FIELD_SLOT_ROW]
-    ends = starts + run[:, isa.FIELD_NUM_ROWS]
+    assert (isa.Fields(words).num_src[runs] == k).all()
+    assert (isa.Fields(words).wait_count[runs] == k).all()
+    run = words[runs][np.argsort(isa.Fields(words).slot_row[runs])]
+    starts = isa.Fields(run).slot_row
+    ends = starts + isa.Fields(run).num_rows
     assert starts[0] == 0 and ends[-1] == tile
     np.testing.assert_array_equal(starts[1:], ends[:-1])
-    np.testing.assert_array_equal(run[:, isa.FIELD_ROW_START], starts)
+    np.testing.assert_array_equal(isa.Fields(run).row_start, starts)
   check_plan(plan)
 
 
@@ -230,10 +231,10 @@ def test_makespan_merges_in_two_levels_beyond_max_reduce_inputs(h_q,
   cut into more pieces than that and merged by a tree."""
   plan = plan_decode([1_000_000], s_q=1, h_q=h_q, num_sms=num_sms)
   ins = np.asarray(plan.instructions)
-  reduce = ins[..., isa.FIELD_OPCODE] == isa.OP_REDUCE
-  partial = ins[..., isa.FIELD_OPCODE] == isa.OP_PARTIAL
+  reduce = isa.Fields(ins).opcode == isa.OP_REDUCE
+  partial = isa.Fields(ins).opcode == isa.OP_PARTIAL
   assert partial.sum() > isa.MAX_REDUCE_INPUTS
-  assert (ins[reduce][:, isa.FIELD_DST_SLOT] >= 0).any()
+  assert (isa.Fields(ins[reduce]).dst_slot >= 0).any()
   check_plan(plan)
 
 

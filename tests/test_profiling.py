@@ -137,14 +137,11 @@ def test_fit_cost_model_recovers_linear_costs():
   plan = tmla.plan_decode([5000, 9000], s_q=1, h_q=16, num_sms=4,
                           page_size=64, scheduler="balanced")
   words = np.zeros_like(np.asarray(plan.instructions))
-  words[0, 0, [isa.FIELD_OPCODE, isa.FIELD_NUM_ROWS, isa.FIELD_KV_START,
-               isa.FIELD_KV_END]] = [P, 16, 0, 128]
-  words[1, 0, [isa.FIELD_OPCODE, isa.FIELD_NUM_ROWS, isa.FIELD_KV_START,
-               isa.FIELD_KV_END]] = [P, 16, 64, 320]
-  words[2, 0, [isa.FIELD_OPCODE, isa.FIELD_NUM_ROWS, isa.FIELD_NUM_SRC]] = [
-      R, 16, 2]
-  words[3, 0, [isa.FIELD_OPCODE, isa.FIELD_NUM_ROWS, isa.FIELD_NUM_SRC]] = [
-      R, 16, 4]
+  partials, reduces = isa.Fields(words[:2, 0]), isa.Fields(words[2:4, 0])
+  partials.opcode, reduces.opcode = P, R
+  partials.num_rows = reduces.num_rows = 16
+  partials.kv_start, partials.kv_end = [0, 64], [128, 320]
+  reduces.num_src = [2, 4]
   plan = dataclasses.replace(plan, instructions=words)
   rows = {
       (0, 0): (P, 0, 10, 20, 3000 + 50 * 128),

@@ -119,13 +119,13 @@ def test_long_sequence_plans_match_reference(scheduler, lens, s_q, h_q,
   plan = plan_decode(lens, s_q=s_q, h_q=h_q, page_size=64, head_dim_v=D_V,
                      num_sms=num_sms, scheduler=scheduler)
   words = np.asarray(plan.instructions)
-  reduce = words[..., isa.FIELD_OPCODE] == isa.OP_REDUCE
+  reduce = isa.Fields(words).opcode == isa.OP_REDUCE
   if scheduler == "makespan":
-    assert (words[reduce][:, isa.FIELD_NUM_ROWS] < min(64, s_q * h_q)).any()
-    assert (words[reduce][:, isa.FIELD_SLOT_ROW] > 0).any()
+    assert (isa.Fields(words[reduce]).num_rows < min(64, s_q * h_q)).any()
+    assert (isa.Fields(words[reduce]).slot_row > 0).any()
   np.testing.assert_array_equal(
       CostModel().instruction_ns(words, page_size=64, head_dim_v=D_V),
-      words[..., isa.FIELD_COST])
+      isa.Fields(words).cost)
   result, (out, lse) = _run(w, plan)
   _assert_matches(result, out, lse)
   assert result.makespan_ns == pytest.approx(plan.predicted_makespan_ns)
@@ -156,9 +156,11 @@ def test_rows_without_keys_and_causal_edges():
                      head_dim_v=D_V)
   result, (out, lse) = _run(w, plan)
   _assert_matches(result, out, lse)
-  assert np.isinf(result.lse[0, :, :2]).all() and result.lse[0, :, 2:].all()
+  assert np.isinf(result.lse[0, :, :2]).all()
+  assert np.isfinite(result.lse[0, :, 2:]).all()
   assert (result.out[1] == 0).all() and np.isinf(result.lse[1]).all()
-  assert (result.lse > 0).all() or np.isfinite(result.lse).any()
+  # Sequence 2 (5 tokens) gives every causal row at least one key.
+  assert np.isfinite(result.lse[2]).all()
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
@@ -169,7 +171,7 @@ def test_nan_keys_reach_exactly_the_rows_that_see_them(scheduler):
                page_size=16, causal=True)
   plan = plan_decode(w.seqlens, s_q=3, h_q=8, page_size=16, head_dim_v=D_V,
                      num_sms=8, scheduler=scheduler, cost_model=CHEAP_MERGES)
-  assert (np.asarray(plan.instructions)[..., isa.FIELD_OPCODE]
+  assert (isa.Fields(np.asarray(plan.instructions)).opcode
           == isa.OP_REDUCE).any()
   q, (kv,), table, lens = make_inputs(w, seed=3)
   for i, n in enumerate(w.seqlens):
@@ -193,45 +195,46 @@ def test_cost_words_are_the_cost_model():
     words = np.asarray(plan.instructions)
     np.testing.assert_array_equal(
         cost.instruction_ns(words, page_size=16, head_dim_v=512),
-        words[..., isa.FIELD_COST])
+        isa.Fields(words).cost)
     priced = vm.simulate(plan, cost_model=cost, page_size=16)
     assert priced.makespan_ns == plan.predicted_makespan_ns
 
 
 def _program(lists):
-  """Instruction tensor from per-SM lists of {word: value} dicts."""
+  """Instruction tensor from per-SM lists of {field name: value} dicts."""
   width = max(1, max(len(x) for x in lists))
   out = np.zeros((len(lists), width, isa.INSTRUCTION_WORDS), np.int32)
   for s, instructions in enumerate(lists):
     for i, fields in enumerate(instructions):
-      out[s, i, isa.FIELD_SIGNAL_COUNTER] = isa.NO_COUNTER
-      out[s, i, isa.FIELD_WAIT_COUNTER] = isa.NO_COUNTER
-      out[s, i, isa.FIELD_DST_SLOT] = isa.FINAL_OUTPUT
-      out[s, i, isa.FIELD_NUM_ROWS] = 1
-      out[s, i, isa.FIELD_COST] = 10
-      for word, value in fields.items():
-        out[s, i, word] = value
+      row = isa.Fields(out[s, i])
+      row.signal_counter = isa.NO_COUNTER
+      row.wait_counter = isa.NO_COUNTER
+      row.dst_slot = isa.FINAL_OUTPUT
+      row.num_rows = 1
+      row.cost = 10
+      for name, value in fields.items():
+        setattr(row, name, value)
   return out
 
 
 def partial(start, end, dst=isa.FINAL_OUTPUT, signal=isa.NO_COUNTER,
             wait=isa.NO_COUNTER, count=0, batch=0, rows=1):
-  return {isa.FIELD_OPCODE: isa.OP_PARTIAL, isa.FIELD_BATCH: batch,
-          isa.FIELD_KV_START: start, isa.FIELD_KV_END: end,
-          isa.FIELD_DST_SLOT: dst, isa.FIELD_SIGNAL_COUNTER: signal,
-          isa.FIELD_WAIT_COUNTER: wait, isa.FIELD_WAIT_COUNT: count,
-          isa.FIELD_NUM_ROWS: rows}
+  return {"opcode": isa.OP_PARTIAL, "batch": batch,
+          "kv_start": start, "kv_end": end,
+          "dst_slot": dst, "signal_counter": signal,
+          "wait_counter": wait, "wait_count": count,
+          "num_rows": rows}
 
 
 def reduce(src, num, wait, count, dst=isa.FINAL_OUTPUT,
            signal=isa.NO_COUNTER, rows=(0, 1), slot_row=0):
   """A REDUCE of query rows ``[rows[0], rows[1])``."""
-  return {isa.FIELD_OPCODE: isa.OP_REDUCE, isa.FIELD_SRC_SLOT: src,
-          isa.FIELD_NUM_SRC: num, isa.FIELD_DST_SLOT: dst,
-          isa.FIELD_SIGNAL_COUNTER: signal, isa.FIELD_WAIT_COUNTER: wait,
-          isa.FIELD_WAIT_COUNT: count, isa.FIELD_ROW_START: rows[0],
-          isa.FIELD_NUM_ROWS: rows[1] - rows[0],
-          isa.FIELD_SLOT_ROW: slot_row}
+  return {"opcode": isa.OP_REDUCE, "src_slot": src,
+          "num_src": num, "dst_slot": dst,
+          "signal_counter": signal, "wait_counter": wait,
+          "wait_count": count, "row_start": rows[0],
+          "num_rows": rows[1] - rows[0],
+          "slot_row": slot_row}
 
 
 def _simulate(lists, seqlens=(10,), h_q=1):
@@ -252,7 +255,7 @@ def test_valid_split_and_timing():
 
 def test_wait_starts_after_the_signal():
   slow = partial(0, 4, dst=0, signal=0)
-  slow[isa.FIELD_COST] = 50
+  slow["cost"] = 50
   run = _simulate([[slow], [partial(4, 10, dst=1, signal=0),
                             reduce(0, 2, 0, 2)]])
   assert run.makespan_ns == 60
@@ -313,12 +316,12 @@ def test_missing_coverage():
 
 
 @pytest.mark.parametrize("bad, match", [
-    ({isa.FIELD_OPCODE: 7}, "unknown opcode"),
-    ({isa.FIELD_KV_END: 11}, "KV range"),
-    ({isa.FIELD_KV_START: 3}, "whole sequence"),
-    ({isa.FIELD_BATCH: 1}, "batch"),
-    ({isa.FIELD_NUM_ROWS: 2}, "query rows"),
-    ({isa.FIELD_WAIT_COUNTER: -2}, "wait counter"),
+    ({"opcode": 7}, "unknown opcode"),
+    ({"kv_end": 11}, "KV range"),
+    ({"kv_start": 3}, "whole sequence"),
+    ({"batch": 1}, "batch"),
+    ({"num_rows": 2}, "query rows"),
+    ({"wait_counter": -2}, "wait counter"),
 ])
 def test_bad_fields(bad, match):
   with pytest.raises(vm.ProgramError, match=match):
@@ -390,7 +393,7 @@ def test_reduce_slot_rows_outside_the_tile(slot_row, rows):
 
 def test_partial_ignores_slot_row():
   lists = _whole_tile()
-  lists[0][0][isa.FIELD_SLOT_ROW] = 99
+  lists[0][0]["slot_row"] = 99
   assert _simulate(lists, seqlens=(150,), h_q=_TILE).makespan_ns == 20
 
 

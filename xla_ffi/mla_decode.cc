@@ -87,9 +87,9 @@ ffi::Error Decode(cudaStream_t stream, int32_t device, float softmax_scale,
     return Invalid("head dims must be 576, got q " + Dims(qd) +
                    " kv_cache " + Dims(kd));
   }
-  if (h_kv < 1 || h_q % h_kv != 0 || page_size % config::kMinChunkTokens ||
-      page_size < config::kMinChunkTokens ||
-      page_size > config::kMaxPageSize || td[0] != batch ||
+  if (h_kv < 1 || h_q % h_kv != 0 || page_size % isa::kPageSizeMultiple ||
+      page_size < isa::kPageSizeMultiple ||
+      page_size > isa::kMaxPageSize || td[0] != batch ||
       seqlens.dimensions()[0] != batch ||
       plan_seqlens.dimensions()[0] != batch || td[1] < 1 || num_pages < 1) {
     return Invalid("inconsistent shapes: q " + Dims(qd) + " kv_cache " +
@@ -101,8 +101,7 @@ ffi::Error Decode(cudaStream_t stream, int32_t device, float softmax_scale,
                    Dims(id));
   }
   const int64_t workspace_words =
-      static_cast<int64_t>(num_slots) * config::kTileRows *
-          (config::kHeadDimV + 1) + num_counters;
+      isa::WorkspaceWords(num_slots, num_counters, isa::kHeadDimV);
   if (num_slots < 0 || num_counters < 0 ||
       static_cast<int64_t>(workspace->element_count()) < workspace_words) {
     return Invalid("workspace smaller than num_slots/num_counters need");
@@ -134,10 +133,9 @@ ffi::Error Decode(cudaStream_t stream, int32_t device, float softmax_scale,
   p.lse = lse->typed_data();
   float* ws = workspace->typed_data();
   p.partial_o = ws;
-  p.partial_lse = ws + static_cast<int64_t>(num_slots) * config::kTileRows *
-                           config::kHeadDimV;
+  p.partial_lse = ws + isa::WorkspacePartialLse(num_slots, isa::kHeadDimV);
   p.counters = reinterpret_cast<int32_t*>(
-      p.partial_lse + static_cast<int64_t>(num_slots) * config::kTileRows);
+      ws + isa::WorkspaceCounters(num_slots, isa::kHeadDimV));
   p.batch = static_cast<int32_t>(batch);
   p.s_q = static_cast<int32_t>(s_q);
   p.h_q = static_cast<int32_t>(h_q);

@@ -124,9 +124,10 @@ struct ReduceSources {
                                                      const Instruction& in,
                                                      int col) {
     return ReduceSources{
-        p.partial_o + static_cast<int64_t>(in.arg0) * kSlotStride +
+        p.partial_o + static_cast<int64_t>(in.src_slot()) * kSlotStride +
             static_cast<int64_t>(in.slot_row) * config::kHeadDimV + col,
-        p.partial_lse + static_cast<int64_t>(in.arg0) * config::kTileRows +
+        p.partial_lse +
+            static_cast<int64_t>(in.src_slot()) * config::kTileRows +
             in.slot_row};
   }
 };
@@ -196,9 +197,10 @@ __device__ __forceinline__ void ReduceSplitInputs(const MlaDecodeParams& p,
   const int col = thread_in_wg * 4;
   const ReduceSources src = ReduceSources::Of(p, in, col);
   Merge merge[kRowsAtOnce];
-  for (int i0 = consumer; i0 < in.arg1; i0 += kInputStride * kInputsAtOnce) {
-    MergeBatch<kRowsAtOnce, kInputsAtOnce>(src, in.num_rows, in.arg1, 0, i0,
-                                           kInputStride, merge);
+  for (int i0 = consumer; i0 < in.num_src();
+       i0 += kInputStride * kInputsAtOnce) {
+    MergeBatch<kRowsAtOnce, kInputsAtOnce>(src, in.num_rows, in.num_src(), 0,
+                                           i0, kInputStride, merge);
   }
   if (consumer == 1) {
 #pragma unroll
@@ -236,8 +238,8 @@ __device__ __forceinline__ void ReduceSplitRows(const MlaDecodeParams& p,
   for (int r0 = consumer * kRowsAtOnce; r0 < in.num_rows;
        r0 += config::kNumConsumers * kRowsAtOnce) {
     Merge merge[kRowsAtOnce];
-    for (int i0 = 0; i0 < in.arg1; i0 += kInputsAtOnce) {
-      MergeBatch<kRowsAtOnce, kInputsAtOnce>(src, in.num_rows, in.arg1, r0,
+    for (int i0 = 0; i0 < in.num_src(); i0 += kInputsAtOnce) {
+      MergeBatch<kRowsAtOnce, kInputsAtOnce>(src, in.num_rows, in.num_src(), r0,
                                              i0, 1, merge);
     }
 #pragma unroll
@@ -259,7 +261,7 @@ __device__ __forceinline__ void Reduce(const MlaDecodeParams& p,
     ReduceSplitInputs<T, 2>(p, in, smem, consumer, thread_in_wg);
   } else if (in.num_rows <= 4) {
     ReduceSplitInputs<T, 4>(p, in, smem, consumer, thread_in_wg);
-  } else if (in.arg1 <= 2) {
+  } else if (in.num_src() <= 2) {
     ReduceSplitRows<T, 8, 2>(p, in, consumer, thread_in_wg);
   } else {
     ReduceSplitRows<T, 4, 4>(p, in, consumer, thread_in_wg);

@@ -181,8 +181,8 @@ bool RunCase(const Case& c, std::mt19937& rng) {
   const Plan plan = BuildPlan(c);
   const size_t out_elems = static_cast<size_t>(batch) * c.s_q * c.h_q * kHeadDimV;
   const size_t lse_elems = static_cast<size_t>(batch) * c.h_q * c.s_q;
-  const size_t ws_words = static_cast<size_t>(plan.num_slots) * kTileRows *
-                              (kHeadDimV + 1) + plan.num_counters;
+  const size_t ws_words =
+      isa::WorkspaceWords(plan.num_slots, plan.num_counters, kHeadDimV);
 
   tmla::MlaDecodeLaunch l{};
   auto* d_q = ToDevice(q16);
@@ -207,8 +207,9 @@ bool RunCase(const Case& c, std::mt19937& rng) {
   p.out = d_out;
   p.lse = d_lse;
   p.partial_o = d_ws;
-  p.partial_lse = d_ws + static_cast<size_t>(plan.num_slots) * kTileRows * kHeadDimV;
-  p.counters = reinterpret_cast<int32_t*>(p.partial_lse + plan.num_slots * kTileRows);
+  p.partial_lse = d_ws + isa::WorkspacePartialLse(plan.num_slots, kHeadDimV);
+  p.counters = reinterpret_cast<int32_t*>(
+      d_ws + isa::WorkspaceCounters(plan.num_slots, kHeadDimV));
   p.batch = batch;
   p.s_q = c.s_q;
   p.h_q = c.h_q;

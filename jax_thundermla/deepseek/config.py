@@ -11,6 +11,8 @@ import math
 
 import jax.numpy as jnp
 
+from jax_thundermla.deepseek import hf_config as hf
+
 # mla_decode's keys are [latent | rope] with a rope part of exactly 64.
 ROPE_HEAD_DIM = 64
 # bfloat16/float16 run mla_decode (the CUDA kernel on a GPU); float32 runs
@@ -284,6 +286,6 @@ class DeepSeekConfig:
   def from_hf(cls, hf_config, *, num_layers: int | None = None,
               dtype: str = "bfloat16") -> "DeepSeekConfig":
     """Reads a Hugging Face DeepSeek-V2/V3 ``config.json``; see
-    ``jax_thundermla.deepseek.hf_config.config_from_hf``."""
-    from jax_thundermla.deepseek import hf_config as hf  # pylint: disable=g-import-not-at-top
-    return hf.config_from_hf(hf_config, num_layers=num_layers, dtype=dtype)
+    ``jax_thundermla.deepseek.hf_config.config_fields``."""
+    return cls(dtype=dtype,
+               **hf.config_fields(hf_config, num_layers=num_layers))

@@ -15,7 +15,6 @@ import json
 import os
 from typing import Any, Mapping
 
-from jax_thundermla.deepseek.config import DeepSeekConfig
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
@@ -177,18 +176,20 @@ def _moe_fields(cfg: Mapping[str, Any], model_type: str,
   return fields
 
 
-def config_from_hf(hf_config: Mapping[str, Any] | str | os.PathLike, *,
-                   num_layers: int | None = None,
-                   dtype: str = "bfloat16") -> DeepSeekConfig:
+def config_fields(hf_config: Mapping[str, Any] | str | os.PathLike, *,
+                  num_layers: int | None = None) -> dict[str, Any]:
   """Reads a Hugging Face DeepSeek-V2 or DeepSeek-V3 ``config.json``.
+
+  ``DeepSeekConfig.from_hf`` builds the config from these fields; this
+  module does not import the config class, so the two do not import each
+  other.
 
   Args:
     hf_config: the parsed JSON, or the path of the file or of its folder.
     num_layers: layers to keep (the first ones); default all.
-    dtype: activation, weight and cache dtype.
 
   Returns:
-    The config.
+    The ``DeepSeekConfig`` fields, ``num_layers`` included, dtype excluded.
 
   Raises:
     FileNotFoundError: no config at the path.
@@ -248,4 +249,4 @@ def config_from_hf(hf_config: Mapping[str, Any] | str | os.PathLike, *,
     raise ValueError(
         f"num_layers must be in [1, {total}] (the model's layers), got"
         f" {num_layers}")
-  return DeepSeekConfig(num_layers=num_layers, dtype=dtype, **fields)
+  return dict(fields, num_layers=num_layers)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
 
 import numpy as np
 
@@ -164,19 +163,6 @@ def _count(xp, index, mask, size, dtype):
   return xp.zeros(size, dtype).at[index].add(1, mode="drop")
 
 
-def _rows(xp, dtype, size: int, fields: dict[int, Any]):
-  """Instruction rows ``[size, INSTRUCTION_WORDS]`` from word -> column."""
-  if xp is np:
-    out = np.zeros((size, isa.INSTRUCTION_WORDS), dtype)
-    for word, value in fields.items():
-      out[:, word] = value
-    return out
-  zero = xp.zeros(size, dtype)
-  cols = [xp.broadcast_to(xp.asarray(fields[w], dtype), (size,))
-          if w in fields else zero for w in range(isa.INSTRUCTION_WORDS)]
-  return xp.stack(cols, axis=1)
-
-
 def _ranks(xp, mask, first, sm_index):
   """Rank of each masked entry among the masked entries of its SM.
 
@@ -302,23 +288,23 @@ def emit(xp, dtype, st: Statics, length, k, p_item, p_page, p_sm):
   p_tile = pi % st.num_tiles
   page_ns = xp.asarray(st.page_ns, dtype)[p_tile]
   input_ns = xp.asarray(st.input_ns, dtype)[p_tile]
-  common = {
-      isa.FIELD_BATCH: pi // (st.h_kv * st.num_tiles),
-      isa.FIELD_KV_HEAD: (pi // st.num_tiles) % st.h_kv,
-      isa.FIELD_ROW_START: p_tile * isa.TILE_ROWS,
-      isa.FIELD_NUM_ROWS: xp.asarray(st.tile_rows, dtype)[p_tile],
-  }
+  common = dict(
+      batch=pi // (st.h_kv * st.num_tiles),
+      kv_head=(pi // st.num_tiles) % st.h_kv,
+      row_start=p_tile * isa.TILE_ROWS,
+      num_rows=xp.asarray(st.tile_rows, dtype)[p_tile],
+  )
 
-  partial = _rows(xp, dtype, n_pieces, {
-      **common,
-      isa.FIELD_OPCODE: isa.OP_PARTIAL,
-      isa.FIELD_KV_START: xp.minimum(p_page * ps, length[pi]),
-      isa.FIELD_KV_END: xp.minimum(p_end * ps, length[pi]),
-      isa.FIELD_DST_SLOT: xp.where(split, slot0 + j, isa.FINAL_OUTPUT),
-      isa.FIELD_SIGNAL_COUNTER: xp.where(split, ctr0 + grp, isa.NO_COUNTER),
-      isa.FIELD_WAIT_COUNTER: isa.NO_COUNTER,
-      isa.FIELD_COST: st.fixed_ns + (p_end - p_page) * page_ns,
-  })
+  partial = isa.pack(
+      xp, dtype, n_pieces, **common,
+      opcode=isa.OP_PARTIAL,
+      kv_start=xp.minimum(p_page * ps, length[pi]),
+      kv_end=xp.minimum(p_end * ps, length[pi]),
+      dst_slot=xp.where(split, slot0 + j, isa.FINAL_OUTPUT),
+      signal_counter=xp.where(split, ctr0 + grp, isa.NO_COUNTER),
+      wait_counter=isa.NO_COUNTER,
+      cost=st.fixed_ns + (p_end - p_page) * page_ns,
+  )
   first = xp.searchsorted(p_sm, xp.arange(s + 1, dtype=dtype), side="left")
   per_partial = first[1:] - first[:-1]
   pos_partial = xp.arange(n_pieces, dtype=dtype) - first[sm_c]
@@ -326,32 +312,32 @@ def emit(xp, dtype, st: Statics, length, k, p_item, p_page, p_sm):
   group_end = tree & (is_last | (((j + 1) * groups) // kk != grp))
   g_first = (grp * kk + groups - 1) // groups
   g_size = j + 1 - g_first
-  level1 = _rows(xp, dtype, n_pieces, {
-      **common,
-      isa.FIELD_OPCODE: isa.OP_REDUCE,
-      isa.FIELD_SRC_SLOT: slot0 + g_first,
-      isa.FIELD_NUM_SRC: g_size,
-      isa.FIELD_DST_SLOT: slot0 + kk + grp,
-      isa.FIELD_SIGNAL_COUNTER: ctr0 + groups,
-      isa.FIELD_WAIT_COUNTER: ctr0 + grp,
-      isa.FIELD_WAIT_COUNT: g_size,
-      isa.FIELD_COST: st.reduce_fixed_ns + g_size * input_ns,
-  })
+  level1 = isa.pack(
+      xp, dtype, n_pieces, **common,
+      opcode=isa.OP_REDUCE,
+      src_slot=slot0 + g_first,
+      num_src=g_size,
+      dst_slot=slot0 + kk + grp,
+      signal_counter=ctr0 + groups,
+      wait_counter=ctr0 + grp,
+      wait_count=g_size,
+      cost=st.reduce_fixed_ns + g_size * input_ns,
+  )
   rank1, per_level1 = _ranks(xp, live & group_end, first, sm_c)
 
   final_src = xp.where(tree, slot0 + kk, slot0)
   final_num = xp.where(tree, groups, kk)
-  final = _rows(xp, dtype, n_pieces, {
-      **common,
-      isa.FIELD_OPCODE: isa.OP_REDUCE,
-      isa.FIELD_SRC_SLOT: final_src,
-      isa.FIELD_NUM_SRC: final_num,
-      isa.FIELD_DST_SLOT: isa.FINAL_OUTPUT,
-      isa.FIELD_SIGNAL_COUNTER: isa.NO_COUNTER,
-      isa.FIELD_WAIT_COUNTER: xp.where(tree, ctr0 + groups, ctr0),
-      isa.FIELD_WAIT_COUNT: final_num,
-      isa.FIELD_COST: st.reduce_fixed_ns + final_num * input_ns,
-  })
+  final = isa.pack(
+      xp, dtype, n_pieces, **common,
+      opcode=isa.OP_REDUCE,
+      src_slot=final_src,
+      num_src=final_num,
+      dst_slot=isa.FINAL_OUTPUT,
+      signal_counter=isa.NO_COUNTER,
+      wait_counter=xp.where(tree, ctr0 + groups, ctr0),
+      wait_count=final_num,
+      cost=st.reduce_fixed_ns + final_num * input_ns,
+  )
   rank_f, per_final = _ranks(xp, live & split & is_last, first, sm_c)
 
   nowhere = xp.full(n_pieces, s, dtype)
@@ -399,7 +385,7 @@ def emitted_makespan(rows: np.ndarray, sm: np.ndarray,
       or np.bincount(hostf, minlength=1).max() > 1):
     return None
   n = int(np.count_nonzero(sm[:p] < num_sms))
-  cost = rows[:, isa.FIELD_COST].astype(np.float64)
+  cost = isa.Fields(rows).cost.astype(np.float64)
   piece, piece_sm = cost[:n], sm[:n]
   total = np.cumsum(piece)
   first = np.ones(n, bool)
@@ -408,14 +394,14 @@ def emitted_makespan(rows: np.ndarray, sm: np.ndarray,
       np.where(first, total - piece, 0.0)), 0.0)
   busy = np.bincount(piece_sm, weights=piece, minlength=num_sms)
   # A first-level REDUCE at piece i reads pieces [i - size + 1, i].
-  size = rows[p + level1, isa.FIELD_NUM_SRC]
+  size = isa.Fields(rows).num_src[p + level1]
   ready = np.maximum.reduceat(end, np.stack(
       [level1 - size + 1, level1 + 1], axis=1).ravel())[::2]
   end1 = np.maximum(busy[host1], ready) + cost[p + level1]
   # What a final REDUCE waits for: pieces, or their groups' REDUCEs.
   end[level1] = np.maximum(end[level1], end1)
   busy[host1] = end1
-  key = rows[:n, isa.FIELD_BATCH:isa.FIELD_NUM_ROWS]
+  key = isa.Fields(rows[:n]).key[:, :3]
   item_first = np.ones(n, bool)
   item_first[1:] = (key[1:] != key[:-1]).any(axis=1)
   start = np.maximum.accumulate(np.where(item_first, np.arange(n), 0))

@@ -36,8 +36,8 @@ import numpy as np
 from jax_thundermla import isa
 
 # Head dims the default constants were derived for; other dims scale them.
-_REFERENCE_D_V = 512
-_ROPE_DIM = 64
+_REFERENCE_D_V = isa.HEAD_DIM_V
+_ROPE_DIM = isa.ROPE_DIM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,19 +110,19 @@ class CostModel:
       int64 array ``[...]`` of nanoseconds; 0 for STOP rows.
     """
     ins = np.asarray(instructions, np.int64)
-    op = ins[..., isa.FIELD_OPCODE]
-    rows = ins[..., isa.FIELD_NUM_ROWS]
+    op = isa.Fields(ins).opcode
+    rows = isa.Fields(ins).num_rows
     out = np.zeros(op.shape, np.int64)
     for r in np.unique(rows[op != isa.OP_STOP]):
       r = int(r)
       partial = (op == isa.OP_PARTIAL) & (rows == r)
-      start = ins[..., isa.FIELD_KV_START][partial]
-      end = ins[..., isa.FIELD_KV_END][partial]
+      start = isa.Fields(ins).kv_start[partial]
+      end = isa.Fields(ins).kv_end[partial]
       pages = np.where(end > start, -(-end // page_size) - start // page_size,
                        0)
       out[partial] = (self.partial_fixed()
                       + pages * self.page_ns(r, page_size, head_dim_v))
       reduce = (op == isa.OP_REDUCE) & (rows == r)
-      out[reduce] = (self.reduce_fixed() + ins[..., isa.FIELD_NUM_SRC][reduce]
+      out[reduce] = (self.reduce_fixed() + isa.Fields(ins).num_src[reduce]
                      * self.reduce_input_ns(r, head_dim_v))
     return out

@@ -18,7 +18,9 @@ The balanced scheduler's sizes:
 * slots and counters: bounds from the at most ``num_sms - 1`` cuts;
 * the cost unit: from ``max_seqlen``, so that int32 cannot overflow.
 
-Changing the lengths therefore never recompiles. For equal capacities the
+Changing the lengths therefore never recompiles. A symbolic batch size
+(``jax.export``) is planned by the compiled planner, whose capacities are
+then symbolic expressions (``device_ffi.capacities``). For equal capacities the
 instruction tensor equals the host balanced planner's for the same lengths
 when ``max_seqlen`` rounds up to the same page count as the longest length.
 """
@@ -33,17 +35,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_thundermla import _validation
 from jax_thundermla import isa
 from jax_thundermla.plan import balanced
 from jax_thundermla.plan import device_ffi
 from jax_thundermla.plan.cost import CostModel
 from jax_thundermla.plan.plan import DecodePlan
 from jax_thundermla.plan.plan import validate_shapes
+from jax_thundermla.plan.problem import tile_rows
 from jax_thundermla.plan.tensorize import MIN_CAPACITY
 
 # int32 headroom of the on-device arithmetic (see balanced.py).
 _PAGE_LIMIT = 1 << 28
-_INT32_MAX = (1 << 31) - 1
 
 
 def _lengths(cache_seqlens: Any) -> jax.Array:
@@ -58,7 +61,8 @@ def _lengths(cache_seqlens: Any) -> jax.Array:
       raise TypeError(
           f"cache_seqlens must be an integer array, got dtype {host.dtype}")
     if host.size and (
-        int(host.min()) < -_INT32_MAX - 1 or int(host.max()) > _INT32_MAX):
+        int(host.min()) < -_validation.INT32_MAX - 1
+        or int(host.max()) > _validation.INT32_MAX):
       raise ValueError(
           f"cache_seqlens must fit in int32, got values in"
           f" [{int(host.min())}, {int(host.max())}]")
@@ -86,14 +90,28 @@ def _instructions(lengths: jax.Array, st: balanced.Statics,
 ON_DEVICE_SCHEDULERS = ("compiled", "balanced")
 
 
-def _pick_scheduler(scheduler: str | None, num_sms: int) -> str:
-  if scheduler is None:
-    return ("compiled" if device_ffi.available()
-            and num_sms <= device_ffi.max_sms() else "balanced")
-  if scheduler not in ON_DEVICE_SCHEDULERS:
+def _pick_scheduler(scheduler: str | None, num_sms: int,
+                    symbolic_batch: bool) -> str:
+  if scheduler is not None and scheduler not in ON_DEVICE_SCHEDULERS:
     raise ValueError(
         f"scheduler must be None or one of {ON_DEVICE_SCHEDULERS}, got"
         f" {scheduler!r}")
+  if symbolic_batch:
+    # Only the compiled planner sizes its arrays by symbolic arithmetic; its
+    # lowering needs no extension (the process that runs it does).
+    if scheduler == "balanced":
+      raise ValueError(
+          "scheduler='balanced' needs a static batch size (its arrays are"
+          " sized from it); a symbolic batch is planned by scheduler="
+          "'compiled' (or None)")
+    if num_sms > device_ffi.max_sms():
+      raise ValueError(
+          f"a symbolic batch is planned by the compiled planner, which lays"
+          f" out at most {device_ffi.max_sms()} SMs, got num_sms={num_sms}")
+    return "compiled"
+  if scheduler is None:
+    return ("compiled" if device_ffi.available()
+            and num_sms <= device_ffi.max_sms() else "balanced")
   if scheduler == "compiled":
     if not device_ffi.available():
       raise RuntimeError(
@@ -130,7 +148,8 @@ def plan_on_device(cache_seqlens: Any, *, s_q: int, h_q: int, h_kv: int = 1,
     cache_seqlens: int ``[b]`` device (or traced) array: tokens per sequence,
       the ``s_q`` new ones included. Values are clamped to
       ``[0, max_seqlen]``; the plan's ``seqlens`` holds the clamped values.
-      Host values (lists, numpy arrays) must fit in int32.
+      Host values (lists, numpy arrays) must fit in int32. ``b`` may be a
+      symbolic dimension of ``jax.export`` (then the compiled planner plans).
     s_q: new query tokens per sequence.
     h_q: query heads.
     h_kv: KV heads.
@@ -143,7 +162,9 @@ def plan_on_device(cache_seqlens: Any, *, s_q: int, h_q: int, h_kv: int = 1,
     cost_model: prices of the instructions; CostModel() by default.
     scheduler: ``"compiled"``, ``"balanced"`` (see the module docstring) or
       None: ``"compiled"`` when the extension is built and ``num_sms`` is at
-      most ``device_ffi.max_sms()``, ``"balanced"`` otherwise.
+      most ``device_ffi.max_sms()``, ``"balanced"`` otherwise; always
+      ``"compiled"`` for a symbolic ``b``, whose lowering needs no extension
+      (running it does).
 
   Returns:
     A DecodePlan whose leaves are jax arrays and whose capacities depend on
@@ -165,30 +186,31 @@ def plan_on_device(cache_seqlens: Any, *, s_q: int, h_q: int, h_kv: int = 1,
   if max_seqlen < 0:
     raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
   max_pages = -(-int(max_seqlen) // page_size)
-  st = balanced.statics(
-      batch=lengths.shape[0], s_q=s_q, h_q=h_q, h_kv=h_kv,
-      page_size=page_size, head_dim_v=head_dim_v, num_sms=num_sms,
-      max_pages=max_pages, cost=cost)
-  if st.num_items * (1 + max_pages) > _PAGE_LIMIT:
-    raise ValueError(
-        f"batch * h_kv * tiles * (1 + max_pages) must be <= {_PAGE_LIMIT} for"
-        f" the on-device planner, got {st.num_items} * {1 + max_pages}; use"
-        " plan_decode on the host")
-  if st.fixed_ns + max_pages * max(st.page_ns) >= 1 << 31:
+  batch = lengths.shape[0]
+  symbolic = jax.export.is_symbolic_dim(batch)
+  scheduler = _pick_scheduler(scheduler, num_sms, symbolic)
+  rows = tile_rows(s_q, h_q, h_kv)
+  page_ns = max(cost.page_ns(r, page_size, head_dim_v) for r in rows)
+  if cost.partial_fixed() + max_pages * page_ns >= 1 << 31:
     raise ValueError(
         f"max_seqlen={max_seqlen} makes one PARTIAL cost more than int32 ns;"
         " use plan_decode on the host")
-  bound = min(int(max_seqlen), _INT32_MAX)
-  wide = jnp.iinfo(lengths.dtype).max > _INT32_MAX
-  scheduler = _pick_scheduler(scheduler, num_sms)
+  items = batch * h_kv * len(rows)
+  if not symbolic and items * (1 + max_pages) > _PAGE_LIMIT:
+    raise ValueError(
+        f"batch * h_kv * tiles * (1 + max_pages) must be <= {_PAGE_LIMIT} for"
+        f" the on-device planner, got {items} *"
+        f" {1 + max_pages}; use plan_decode on the host")
+  bound = min(int(max_seqlen), _validation.INT32_MAX)
+  wide = jnp.iinfo(lengths.dtype).max > _validation.INT32_MAX
   if scheduler == "compiled":
     # The planner clamps to [0, bound] itself: int32 lengths go to it as they
     # are (no kernel before it); wider ones are clamped first, since a cast
     # would wrap 2**32 + 5 to 5.
-    caps = device_ffi.capacities(lengths.shape[0], s_q, h_q, h_kv, num_sms)
+    caps = device_ffi.capacities(batch, s_q, h_q, h_kv, num_sms)
     instructions, clamped, _ = device_ffi.plan_arrays(
-        jnp.clip(lengths, 0, bound) if wide else lengths, s_q=s_q, h_q=h_q,
-        h_kv=h_kv, page_size=page_size,
+        jnp.clip(lengths, 0, bound).astype(jnp.int32) if wide else lengths,
+        s_q=s_q, h_q=h_q, h_kv=h_kv, page_size=page_size,
         max_seqlen=bound, head_dim_v=head_dim_v, num_sms=num_sms, cost=cost)
     return DecodePlan(
         instructions=instructions, seqlens=clamped, s_q=s_q, h_q=h_q,
@@ -201,6 +223,9 @@ def plan_on_device(cache_seqlens: Any, *, s_q: int, h_q: int, h_kv: int = 1,
     clamped = jnp.clip(lengths, 0, bound).astype(jnp.int32)
   else:
     clamped = jnp.clip(lengths.astype(jnp.int32), 0, bound)
+  st = balanced.statics(
+      batch=batch, s_q=s_q, h_q=h_q, h_kv=h_kv, page_size=page_size,
+      head_dim_v=head_dim_v, num_sms=num_sms, max_pages=max_pages, cost=cost)
   capacity = max(MIN_CAPACITY, st.max_per_sm)
   return DecodePlan(
       instructions=_instructions(clamped, st, capacity), seqlens=clamped,

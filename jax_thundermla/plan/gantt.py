@@ -7,20 +7,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from jax_thundermla import isa
+from jax_thundermla.plan import timing
 
 if TYPE_CHECKING:
   from jax_thundermla.plan.plan import DecodePlan
-
-_COLORS = {isa.OP_PARTIAL: "tab:blue", isa.OP_REDUCE: "tab:orange"}
-_LABELS = {isa.OP_PARTIAL: "PARTIAL", isa.OP_REDUCE: "REDUCE"}
 
 
 def draw(plan: DecodePlan, path: str, *, title: str | None = None) -> None:
   """Draws one row per SM: PARTIALs and REDUCEs in two colours, idle blank.
 
   Args:
-    plan: the plan; its instructions are timed with the virtual machine's
-      clock (their cost words).
+    plan: the plan; its instructions are timed by their cost words
+      (`timing.simulate`, the virtual machine's clock).
     path: output image file.
     title: figure title; by default the scheduler and the makespan.
 
@@ -58,19 +56,18 @@ def draw_predicted(ax, plan: DecodePlan):
 
   Args:
     ax: the axis.
-    plan: the plan; timed with the virtual machine's clock.
+    plan: the plan; timed by its cost words (`timing.simulate`).
 
   Returns:
-    The virtual machine's result (its makespan, per-instruction times).
+    The `timing.Timing` drawn (its makespan, per-instruction times).
   """
-  from jax_thundermla import vm  # pylint: disable=g-import-not-at-top
-  run = vm.simulate(plan, check=False)
-  for op, color in _COLORS.items():
+  run = timing.simulate(np.asarray(plan.instructions))
+  for op, color in isa.OP_COLORS.items():
     sel = run.opcode == op
     if sel.any():
       ax.barh(run.sm[sel], (run.end_ns[sel] - run.start_ns[sel]) / 1e3,
               left=run.start_ns[sel] / 1e3, height=0.8, color=color,
-              edgecolor="black", linewidth=0.2, label=_LABELS[op])
+              edgecolor="black", linewidth=0.2, label=isa.OP_NAMES[op])
   ax.set_ylabel("SM")
   ax.set_ylim(plan.num_sms - 0.5, -0.5)
   return run

@@ -141,14 +141,14 @@ def _reduces(items: WorkItems, item: np.ndarray, src: np.ndarray,
   that wait for all their inputs; the other arguments are the words of the
   same names."""
   rows = items.partial[item]
-  rows[:, isa.FIELD_OPCODE] = isa.OP_REDUCE
-  rows[:, isa.FIELD_SRC_SLOT] = src
-  rows[:, isa.FIELD_NUM_SRC] = num_src
-  rows[:, isa.FIELD_DST_SLOT] = dst
-  rows[:, isa.FIELD_SIGNAL_COUNTER] = signal
-  rows[:, isa.FIELD_WAIT_COUNTER] = wait
-  rows[:, isa.FIELD_WAIT_COUNT] = num_src
-  rows[:, isa.FIELD_COST] = cost
+  isa.Fields(rows).opcode = isa.OP_REDUCE
+  isa.Fields(rows).src_slot = src
+  isa.Fields(rows).num_src = num_src
+  isa.Fields(rows).dst_slot = dst
+  isa.Fields(rows).signal_counter = signal
+  isa.Fields(rows).wait_counter = wait
+  isa.Fields(rows).wait_count = num_src
+  isa.Fields(rows).cost = cost
   return rows
 
 
@@ -186,9 +186,9 @@ def _spread_merges(items: WorkItems, item: np.ndarray, k: np.ndarray,
   rows = _reduces(items, run_item, slot0[run_item], kk, isa.FINAL_OUTPUT,
                   isa.NO_COUNTER, ctr0[run_item],
                   items.reduce_fixed_ns + kk * items.row_input_ns[num_rows])
-  rows[:, isa.FIELD_ROW_START] += lo
-  rows[:, isa.FIELD_NUM_ROWS] = num_rows
-  rows[:, isa.FIELD_SLOT_ROW] = lo
+  isa.Fields(rows).row_start += lo
+  isa.Fields(rows).num_rows = num_rows
+  isa.Fields(rows).slot_row = lo
   return rows, last[run_item] - j, run_item
 
 
@@ -279,10 +279,10 @@ def _one_per_sm(items: WorkItems, k: np.ndarray, fanin: int,
     # No item is cut: item i is one PARTIAL, alone on SM i.
     piece_ns = items.cost_ns()
     rows = items.partial.copy()
-    rows[:, isa.FIELD_KV_END] = items.length
-    rows[:, isa.FIELD_DST_SLOT] = isa.FINAL_OUTPUT
-    rows[:, isa.FIELD_SIGNAL_COUNTER] = isa.NO_COUNTER
-    rows[:, isa.FIELD_COST] = piece_ns
+    isa.Fields(rows).kv_end = items.length
+    isa.Fields(rows).dst_slot = isa.FINAL_OUTPUT
+    isa.Fields(rows).signal_counter = isa.NO_COUNTER
+    isa.Fields(rows).cost = piece_ns
     return (Schedule(rows, np.arange(n), np.zeros(n, np.int64),
                      positional=True, workspace=(0, 0)),
             float(piece_ns.max()))
@@ -304,14 +304,14 @@ def _one_per_sm(items: WorkItems, k: np.ndarray, fanin: int,
   piece_ns = items.fixed_ns + (page1 - page0) * items.page_ns[p_item]
   length = items.length[p_item]
   rows = items.partial[p_item]
-  rows[:, isa.FIELD_KV_START] = np.minimum(page0 * page_size, length)
-  rows[:, isa.FIELD_KV_END] = np.minimum(page1 * page_size, length)
+  isa.Fields(rows).kv_start = np.minimum(page0 * page_size, length)
+  isa.Fields(rows).kv_end = np.minimum(page1 * page_size, length)
   # The piece of an uncut item has j = 0.
-  rows[:, isa.FIELD_DST_SLOT] = np.where(cut, slot0,
+  isa.Fields(rows).dst_slot = np.where(cut, slot0,
                                          isa.FINAL_OUTPUT)[p_item] + j
-  rows[:, isa.FIELD_SIGNAL_COUNTER] = np.where(cut, ctr0,
+  isa.Fields(rows).signal_counter = np.where(cut, ctr0,
                                                isa.NO_COUNTER)[p_item]
-  rows[:, isa.FIELD_COST] = piece_ns
+  isa.Fields(rows).cost = piece_ns
   spread, spread_sm, spread_item = _spread_merges(
       items, (cut & ~tree).nonzero()[0], k, last, slot0, ctr0)
   tasks = [rows, spread]
@@ -320,7 +320,7 @@ def _one_per_sm(items: WorkItems, k: np.ndarray, fanin: int,
   if tree.any():
     # The pieces of a tree signal the counter of their group.
     grp = j * groups[p_item] // kk
-    rows[:, isa.FIELD_SIGNAL_COUNTER] += grp
+    isa.Fields(rows).signal_counter += grp
     merges, merge_sm, merge_pos, end = _tree_merges(
         items, k, groups, slot0, ctr0, p_item, j, grp, piece_ns)
     tasks.append(merges)
@@ -330,7 +330,7 @@ def _one_per_sm(items: WorkItems, k: np.ndarray, fanin: int,
     end = np.maximum.reduceat(piece_ns, first)
   makespan = max(
       int(end[~cut | tree].max(initial=0)),
-      int((end[spread_item] + spread[:, isa.FIELD_COST]).max(initial=0)))
+      int((end[spread_item] + isa.Fields(spread).cost).max(initial=0)))
   return Schedule(
       np.concatenate(tasks), np.concatenate(sm), np.concatenate(pos),
       positional=True,

@@ -110,11 +110,13 @@ class DecodePlan:
   scheduler: str
   predicted_makespan_ns: float
 
+  def static_fields(self) -> tuple:
+    """The static fields from ``s_q`` to ``scheduler``, in field order."""
+    names = [f.name for f in dataclasses.fields(self)][2:-1]
+    return tuple(getattr(self, name) for name in names)
+
   def tree_flatten(self):
-    aux = (self.s_q, self.h_q, self.h_kv, self.page_size, self.head_dim_v,
-           self.num_sms,
-           self.max_instructions, self.num_slots, self.num_counters,
-           self.scheduler, _Informational(self.predicted_makespan_ns))
+    aux = (*self.static_fields(), _Informational(self.predicted_makespan_ns))
     return (self.instructions, self.seqlens), aux
 
   @classmethod
@@ -229,7 +231,8 @@ def validate_shapes(*, batch: int, s_q: Any, h_q: Any, h_kv: Any,
   Page sizes are those mla_decode takes (one check for both).
 
   Args:
-    batch: sequences to plan (already checked >= 1).
+    batch: sequences to plan (already checked >= 1); may be a symbolic
+      dimension of ``jax.export``.
     s_q, h_q, h_kv, page_size, head_dim_v, num_sms, cost_model: as given to
       the planner.
 
@@ -254,7 +257,10 @@ def validate_shapes(*, batch: int, s_q: Any, h_q: Any, h_kv: Any,
   if num_sms > MAX_NUM_SMS:
     raise ValueError(f"num_sms must be <= {MAX_NUM_SMS}, got {num_sms}")
   tiles = -(-s_q * (h_q // h_kv) // isa.TILE_ROWS)
-  if batch * h_kv * tiles > MAX_WORK_ITEMS:
+  # A symbolic batch (jax.export) is planned on the device only, where the
+  # compiled planner checks its own limit when it runs.
+  if (not jax.export.is_symbolic_dim(batch)
+      and batch * h_kv * tiles > MAX_WORK_ITEMS):
     raise ValueError(
         f"batch * h_kv * ceil(s_q * h_q / h_kv / {isa.TILE_ROWS}) (work"
         f" items) must be <= {MAX_WORK_ITEMS}, got {batch} * {h_kv} *"

@@ -90,12 +90,12 @@ def _item_tables(batch: int, h_kv: int, rows: tuple[int, ...],
   item = np.arange(batch * h_kv * num_tiles)
   tile = item % num_tiles
   partial = np.zeros((item.shape[0], isa.INSTRUCTION_WORDS), np.int64)
-  partial[:, isa.FIELD_OPCODE] = isa.OP_PARTIAL
-  partial[:, isa.FIELD_BATCH] = item // (h_kv * num_tiles)
-  partial[:, isa.FIELD_KV_HEAD] = (item // num_tiles) % h_kv
-  partial[:, isa.FIELD_ROW_START] = tile * isa.TILE_ROWS
-  partial[:, isa.FIELD_NUM_ROWS] = np.asarray(rows, np.int64)[tile]
-  partial[:, isa.FIELD_WAIT_COUNTER] = isa.NO_COUNTER
+  isa.Fields(partial).opcode = isa.OP_PARTIAL
+  isa.Fields(partial).batch = item // (h_kv * num_tiles)
+  isa.Fields(partial).kv_head = (item // num_tiles) % h_kv
+  isa.Fields(partial).row_start = tile * isa.TILE_ROWS
+  isa.Fields(partial).num_rows = np.asarray(rows, np.int64)[tile]
+  isa.Fields(partial).wait_counter = isa.NO_COUNTER
   tables = (np.asarray(page_ns, np.int64)[tile],
             np.asarray(input_ns, np.int64)[tile], partial)
   for table in tables:
@@ -138,7 +138,7 @@ class WorkItems:
   @property
   def rows(self) -> np.ndarray:
     """int64 ``[n]``: query rows of each item's tile (read-only)."""
-    return self.partial[:, isa.FIELD_NUM_ROWS]
+    return isa.Fields(self.partial).num_rows
 
   def cost_ns(self) -> np.ndarray:
     """int64 ``[n]``: cost of each item as one unsplit PARTIAL."""

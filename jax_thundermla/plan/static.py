@@ -86,13 +86,13 @@ def build_tree(items: WorkItems, piece_item: np.ndarray,
   page_end = np.where(last, items.pages[piece_item], next_page)
   length = items.length[piece_item]
   pieces = items.partial[piece_item]
-  pieces[:, isa.FIELD_KV_START] = np.minimum(piece_page * page_size, length)
-  pieces[:, isa.FIELD_KV_END] = np.minimum(page_end * page_size, length)
-  pieces[:, isa.FIELD_DST_SLOT] = isa.FINAL_OUTPUT
-  pieces[:, isa.FIELD_SIGNAL_COUNTER] = isa.NO_COUNTER
+  isa.Fields(pieces).kv_start = np.minimum(piece_page * page_size, length)
+  isa.Fields(pieces).kv_end = np.minimum(page_end * page_size, length)
+  isa.Fields(pieces).dst_slot = isa.FINAL_OUTPUT
+  isa.Fields(pieces).signal_counter = isa.NO_COUNTER
   piece_cost = (items.fixed_ns
                 + (page_end - piece_page) * items.page_ns[piece_item])
-  pieces[:, isa.FIELD_COST] = piece_cost
+  isa.Fields(pieces).cost = piece_cost
 
   blocks = [pieces]
   level_parts = [np.zeros(num_pieces, np.int64)]
@@ -132,22 +132,22 @@ def build_tree(items: WorkItems, piece_item: np.ndarray,
 
     # Children write a slot and signal their parent's counter.
     children = blocks[-1]
-    children[local, isa.FIELD_DST_SLOT] = slot
-    children[local, isa.FIELD_SIGNAL_COUNTER] = counter[group_of]
+    isa.Fields(children).dst_slot[local] = slot
+    isa.Fields(children).signal_counter[local] = counter[group_of]
     parent_parts[-1][local] = num_tasks + group_of
 
     g_item = item[group_first]
     reduces = items.partial[g_item]
-    reduces[:, isa.FIELD_OPCODE] = isa.OP_REDUCE
-    reduces[:, isa.FIELD_SRC_SLOT] = slot[group_first]
-    reduces[:, isa.FIELD_NUM_SRC] = num_src
-    reduces[:, isa.FIELD_DST_SLOT] = isa.FINAL_OUTPUT
-    reduces[:, isa.FIELD_SIGNAL_COUNTER] = isa.NO_COUNTER
-    reduces[:, isa.FIELD_WAIT_COUNTER] = counter
-    reduces[:, isa.FIELD_WAIT_COUNT] = num_src
+    isa.Fields(reduces).opcode = isa.OP_REDUCE
+    isa.Fields(reduces).src_slot = slot[group_first]
+    isa.Fields(reduces).num_src = num_src
+    isa.Fields(reduces).dst_slot = isa.FINAL_OUTPUT
+    isa.Fields(reduces).signal_counter = isa.NO_COUNTER
+    isa.Fields(reduces).wait_counter = counter
+    isa.Fields(reduces).wait_count = num_src
     reduce_cost = (items.reduce_fixed_ns
                    + num_src * items.reduce_input_ns[g_item])
-    reduces[:, isa.FIELD_COST] = reduce_cost
+    isa.Fields(reduces).cost = reduce_cost
     blocks.append(reduces)
     level_parts.append(np.full(num_groups, level, np.int64))
     cost_parts.append(reduce_cost)

@@ -60,10 +60,10 @@ class Capacities:
 def capacities_of(rows: np.ndarray, longest: int) -> Capacities:
   """Capacities used by instruction rows ``[m, W]`` in lists of at most
   ``longest`` instructions."""
-  reduce = rows[rows[:, isa.FIELD_OPCODE] == isa.OP_REDUCE]
-  src_end = reduce[:, isa.FIELD_SRC_SLOT] + reduce[:, isa.FIELD_NUM_SRC]
-  words = rows[:, [isa.FIELD_DST_SLOT, isa.FIELD_SIGNAL_COUNTER,
-                   isa.FIELD_WAIT_COUNTER]]
+  reduce = rows[isa.Fields(rows).opcode == isa.OP_REDUCE]
+  src_end = isa.Fields(reduce).src_slot + isa.Fields(reduce).num_src
+  f = isa.Fields(rows)
+  words = np.stack([f.dst_slot, f.signal_counter, f.wait_counter], axis=1)
   dst, signal, wait = np.maximum.reduce(words, axis=0, initial=-1).tolist()
   slots = max(dst + 1, int(np.maximum.reduce(src_end, initial=0)))
   return Capacities(longest, slots, 1 + max(signal, wait))

@@ -50,7 +50,7 @@ class Timing:
 
 def live_mask(instructions: np.ndarray) -> np.ndarray:
   """bool ``[S, I]``: rows an SM executes (those before its first STOP)."""
-  op = np.asarray(instructions)[..., isa.FIELD_OPCODE]
+  op = isa.Fields(np.asarray(instructions)).opcode
   return np.cumprod(op != isa.OP_STOP, axis=1).astype(bool)
 
 
@@ -77,15 +77,15 @@ def simulate(instructions: np.ndarray,
   words = ins[live].astype(np.int64)
   n = words.shape[0]
   if durations is None:
-    dur = words[:, isa.FIELD_COST].astype(np.float64)
+    dur = isa.Fields(words).cost.astype(np.float64)
   else:
     dur = np.asarray(durations, np.float64)[live]
   if n == 0:
     empty = np.zeros(0)
-    return Timing(sm, index, words[:, isa.FIELD_OPCODE], empty, empty)
-  signal = words[:, isa.FIELD_SIGNAL_COUNTER]
-  wait = words[:, isa.FIELD_WAIT_COUNTER]
-  count = words[:, isa.FIELD_WAIT_COUNT]
+    return Timing(sm, index, isa.Fields(words).opcode, empty, empty)
+  signal = isa.Fields(words).signal_counter
+  wait = isa.Fields(words).wait_counter
+  count = isa.Fields(words).wait_count
   if signal.min() < -1 or wait.min() < -1:
     raise ValueError("counter fields must be >= -1 (NO_COUNTER)")
   waiting = np.flatnonzero((wait >= 0) & (count > 0))
@@ -128,7 +128,7 @@ def simulate(instructions: np.ndarray,
   if stuck.any():
     raise DeadlockError(_deadlock_report(
         sm, index, stuck, wait, count, per_counter, num_counters))
-  return Timing(sm, index, words[:, isa.FIELD_OPCODE], start, end)
+  return Timing(sm, index, isa.Fields(words).opcode, start, end)
 
 
 def _deadlock_report(sm, index, stuck, wait, count, per_counter,

@@ -1,0 +1,134 @@
+"""Decoding the timed kernel's per-instruction records, and their summary."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from jax_thundermla import isa
+
+
+@dataclasses.dataclass(frozen=True)
+class InstructionTiming:
+  """One executed instruction of the timed kernel.
+
+  Times are nanoseconds from the earliest start in the launch (one
+  %globaltimer clock for all SMs).
+
+  Attributes:
+    sm: the CTA (one per SM) that ran it.
+    index: its position in that CTA's list.
+    opcode: ``isa.OP_PARTIAL`` or ``isa.OP_REDUCE``.
+    start: fetched, before any dependency wait.
+    ready: dependencies met and (PARTIAL) the first KV block in smem.
+    computed: last MMA or merge finished.
+    end: results written and signalled.
+  """
+
+  sm: int
+  index: int
+  opcode: int
+  start: int
+  ready: int
+  computed: int
+  end: int
+
+  @property
+  def duration(self) -> int:
+    return self.end - self.start
+
+
+def decode_timings(records: Any) -> list[InstructionTiming]:
+  """Decodes the timed kernel's records.
+
+  Args:
+    records: int32 ``[num_sms, max_instructions, isa.TIMING_WORDS]`` (the
+      third result of ``mla_decode(..., timing=True)``).
+
+  Returns:
+    The executed instructions, ordered by SM then position, times relative
+    to the earliest start.
+
+  Raises:
+    ValueError: wrong shape, or times that go backwards in a record.
+  """
+  r = np.asarray(records)
+  if r.ndim != 3 or r.shape[2] != isa.TIMING_WORDS:
+    raise ValueError(
+        f"records must be [num_sms, max_instructions, {isa.TIMING_WORDS}],"
+        f" got shape {r.shape}")
+  words = r.astype(np.int64)
+
+  def time(at: int) -> np.ndarray:
+    return (words[..., at] & 0xFFFFFFFF) | (words[..., at + 1] << 32)
+
+  stamps = np.stack([time(isa.TIMING_START), time(isa.TIMING_READY),
+                     time(isa.TIMING_COMPUTED), time(isa.TIMING_END)], -1)
+  sm, index = np.nonzero(words[..., isa.TIMING_OPCODE])
+  if sm.size == 0:
+    return []
+  stamps = stamps[sm, index]
+  if np.any(np.diff(stamps, axis=-1) < 0):
+    raise ValueError("a record's times are not ordered start <= ready <="
+                     " computed <= end")
+  stamps -= stamps[:, 0].min()
+  opcode = words[sm, index, isa.TIMING_OPCODE]
+  return [InstructionTiming(int(a), int(b), int(c), *map(int, t))
+          for a, b, c, t in zip(sm, index, opcode, stamps)]
+
+
+@dataclasses.dataclass(frozen=True)
+class TimingSummary:
+  """What a launch's timings say.
+
+  Attributes:
+    makespan_ns: from the first start to the last end.
+    mean_ns: mean duration per op name ("PARTIAL", "REDUCE").
+    count: instructions per op name.
+    idle_fraction: share of num_sms x makespan during which an SM ran no
+      instruction (SMs with no instruction count as idle throughout).
+    tail_ns: from the first SM to finish its list to the last.
+  """
+
+  makespan_ns: int
+  mean_ns: dict[str, float]
+  count: dict[str, int]
+  idle_fraction: float
+  tail_ns: int
+
+
+def summarize_timings(timings: Sequence[InstructionTiming], *,
+                      num_sms: int) -> TimingSummary:
+  """Per-op mean durations, idle fraction and tail of one launch.
+
+  Args:
+    timings: from ``decode_timings``.
+    num_sms: CTAs of the launch (``records.shape[0]``).
+
+  Returns:
+    A TimingSummary.
+
+  Raises:
+    ValueError: no timings, or an SM index outside ``num_sms``.
+  """
+  if not timings:
+    raise ValueError("no instruction was timed")
+  if max(t.sm for t in timings) >= num_sms:
+    raise ValueError(f"an SM index is >= num_sms={num_sms}")
+  makespan = max(t.end for t in timings) - min(t.start for t in timings)
+  mean, count = {}, {}
+  for op, name in isa.OP_NAMES.items():
+    durations = [t.duration for t in timings if t.opcode == op]
+    if durations:
+      mean[name] = float(np.mean(durations))
+      count[name] = len(durations)
+  busy = sum(t.duration for t in timings)
+  finish: dict[int, int] = {}
+  for t in timings:
+    finish[t.sm] = max(finish.get(t.sm, 0), t.end)
+  idle = 1.0 - busy / (num_sms * makespan) if makespan else 0.0
+  return TimingSummary(makespan_ns=makespan, mean_ns=mean, count=count,
+                       idle_fraction=idle,
+                       tail_ns=max(finish.values()) - min(finish.values()))
