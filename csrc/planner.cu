@@ -9,8 +9,9 @@ __global__ void __launch_bounds__(kPlannerThreads)
     PlannerKernel(const PlannerParams p, bool in_shared) {
   extern __shared__ __align__(16) char shared[];
   char* base = in_shared ? shared : static_cast<char*>(p.scratch);
-  Plan(Ctx{static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x)}, p,
-       base);
+  __shared__ Carry carry;
+  Ctx c{static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x)};
+  Plan(c, p, base, &carry);
 }
 
 }  // namespace
@@ -24,9 +25,11 @@ int64_t PlannerScratchBytes(int64_t num_items, int64_t num_sms) {
 
 cudaError_t LaunchPlanner(const PlannerParams& p, int64_t scratch_bytes,
                           int64_t max_shared_bytes, cudaStream_t stream) {
-  const bool in_shared = scratch_bytes <= max_shared_bytes;
+  // The kernel's static shared memory (Carry) counts against the limit.
+  const bool in_shared =
+      scratch_bytes + static_cast<int64_t>(sizeof(Carry)) <= max_shared_bytes;
   const int shared = in_shared ? static_cast<int>(scratch_bytes) : 0;
-  if (shared > 48 * 1024) {
+  if (shared + static_cast<int>(sizeof(Carry)) > 48 * 1024) {
     cudaError_t status = cudaFuncSetAttribute(
         PlannerKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared);
     if (status != cudaSuccess) return status;

@@ -27,7 +27,7 @@ constexpr int32_t kAlpha = 8;
 // Rounds of longest-first assignment before the rest is poured (layout C).
 constexpr int32_t kLptRounds = 4;
 // Threads of the device planner's CTA.
-constexpr int32_t kPlannerThreads = 1024;
+constexpr int32_t kPlannerThreads = 512;
 // Most SMs the planner lays out: every merge is then one REDUCE level.
 constexpr int32_t kMaxPlannerSms = 256;
 // Entries of the REDUCE input price table: one per row count 0..kTileRows.

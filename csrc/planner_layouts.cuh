@@ -22,76 +22,79 @@ TMLA_HD inline void StoreStop(const PlannerParams& p, int64_t sm,
 
 // Layout A: makespan.py's _split (the smallest end time T whose fewest
 // pieces fit the SMs one per SM) and _one_per_sm. Needs n <= S.
-TMLA_HD inline Measure MeasureA(const Ctx& c, const Items& it,
-                                const Scratch& s) {
+TMLA_HD inline Measure MeasureA(Ctx& c, const Items& it, const Scratch& s) {
   const PlannerParams& p = it.p;
   const int n = it.n, S = p.num_sms;
-  int64_t local = 0;
-  for (int i = c.tid; i < n; i += c.nt) local = Max64(local, s.pages[i]);
-  const int64_t max_pages = BlockMax(c, local, s.cell);
-  const int top = static_cast<int>(
-      Max64(1, Min64(S - n + 1, max_pages)));
-  const int entries = n * top;
-  for (int e = c.tid; e < entries; e += c.nt) {
-    const int i = e / top;
-    s.best[e] = PathA(p, s.pages[i], it.page_ns(i), it.rows(i), e % top + 1);
-  }
-  Sync();
-  // Prefix minimum along each item's row (ping-pong Hillis-Steele).
-  int64_t* src = s.best;
-  int64_t* dst = s.best2;
-  for (int off = 1; off < top; off <<= 1) {
-    for (int e = c.tid; e < entries; e += c.nt) {
-      dst[e] = e % top >= off ? Min64(src[e], src[e - off]) : src[e];
-    }
-    Sync();
-    int64_t* t = src;
-    src = dst;
-    dst = t;
-  }
-  const int64_t* best = src;
-  int64_t lo = kLowest, hi = kLowest;
-  for (int i = c.tid; i < n; i += c.nt) {
-    lo = Max64(lo, best[i * top + top - 1]);
-    hi = Max64(hi, best[i * top]);
-  }
-  lo = BlockMax(c, lo, s.cell);
-  hi = BlockMax(c, hi, s.cell + 1);
-  // Smallest T >= lo with at most S - n entries above it.
-  auto above = [&](int64_t t) {
-    int64_t count = 0;
-    for (int e = c.tid; e < entries; e += c.nt) count += best[e] > t;
-    return BlockSum(c, count, s.cell + 2);
+  const int top = static_cast<int>(Max64(1, Min64(S - n + 1, it.max_pages)));
+  // best[i * top + k]: the shortest path of item i in at most k + 1 pieces
+  // (prefix minimum of PathA over the piece counts), one warp per item on
+  // the device. lo: the largest of the items' shortest paths.
+  auto path = [&](int i, int k) {
+    return PathA(p, s.pages[i], it.page_ns(i), it.rows(i), k + 1);
   };
-  if (above(lo) > S - n) {
-    ++lo;
-    while (lo < hi) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      if (above(mid) <= S - n) hi = mid; else lo = mid + 1;
+  int64_t lo = kLowest;
+#if defined(__CUDA_ARCH__)
+  const int row_lane = c.tid & 31;
+  for (int i = c.tid >> 5; i < n; i += c.nt >> 5) {
+    int64_t carry = kNever;
+    for (int base = 0; base < top; base += 32) {
+      const int k = base + row_lane;
+      int64_t v = Min64(k < top ? path(i, k) : kNever, carry);
+      for (int off = 1; off < 32; off <<= 1) {
+        const int64_t y = __shfl_up_sync(~0u, v, off);
+        if (row_lane >= off) v = Min64(v, y);
+      }
+      if (k < top) s.best[i * top + k] = v;
+      carry = __shfl_sync(~0u, v, 31);
     }
+    lo = Max64(lo, carry);
   }
-  const int64_t end = lo;
-  int64_t makespan = kLowest, cut = 0;
-  for (int i = c.tid; i < n; i += c.nt) {
-    // Rows do not increase: count the leading entries above T.
+#else
+  for (int i = 0; i < n; ++i) {
+    int64_t run = kNever;
+    for (int k = 0; k < top; ++k) {
+      s.best[i * top + k] = run = Min64(run, path(i, k));
+    }
+    lo = Max64(lo, run);
+  }
+#endif
+  lo = BlockMax(c, lo, s.red);
+  const int64_t* best = s.best;
+  // Leading entries of item i's row (which does not increase) above t.
+  auto leading = [&](int i, int64_t t) {
     int a = 0, b = top;
     while (a < b) {
       const int mid = (a + b) / 2;
-      if (best[i * top + mid] > end) a = mid + 1; else b = mid;
+      if (best[i * top + mid] > t) a = mid + 1; else b = mid;
     }
-    const int64_t k = a + 1;
-    s.k_a[i] = s.start_a[i] = k;
-    s.slot_a[i] = k > 1 ? k : 0;
-    s.ctr_a[i] = k > 1;
-    cut += k > 1;
-    makespan = Max64(makespan, best[i * top + a]);
-  }
+    return a;
+  };
+  // T: the smallest t >= lo with at most S - n entries above it. Every
+  // entry is at most the longest item's single piece (it.max_cost), so
+  // that bound passes. Groups of g threads share the items so that a lane
+  // makes at most about 8 probes per candidate.
+  int log_top = 1;
+  while ((1 << log_top) <= top) ++log_top;
+  const int g = GroupFor(n, log_top, 8);
+  const int64_t end = Search(c, g, lo, it.max_cost,
+                             [&](int64_t t, int lane, int width) {
+    int64_t count = 0;
+    for (int i = lane; i < n; i += width) count += leading(i, t);
+    return GroupReduce(count, 0, width).sum <= S - n;
+  });
+  // Item i in leading(i, T) + 1 pieces; its pieces, slots and counter.
+  for (int i = c.tid; i < n; i += c.nt) s.k_a[i] = leading(i, end) + 1;
+  ScanN<3>(c, {s.start_a, s.slot_a, s.ctr_a}, {n, n, n}, s.tmp,
+           [&](int f, int i) -> int64_t {
+             const int64_t k = leading(i, end) + 1;
+             return f == 0 ? k : (f == 1 ? (k > 1 ? k : 0) : k > 1);
+           });
+  // Each item's path is the first entry of its row at most T, and some
+  // row holds T itself (T is lo, the largest row minimum, or else an
+  // entry: the count above it drops there), so the makespan is T.
   Measure m;
-  m.makespan = BlockMax(c, makespan, s.cell);
-  m.longest = BlockSum(c, cut, s.cell) > 0 ? 2 : 1;
-  Scan(c, s.start_a, n, s.tmp);
-  Scan(c, s.slot_a, n, s.tmp);
-  Scan(c, s.ctr_a, n, s.tmp);
+  m.makespan = end;
+  m.longest = s.ctr_a[n - 1] > 0 ? 2 : 1;
   m.slots = s.slot_a[n - 1];
   m.counters = s.ctr_a[n - 1];
   return m;
@@ -112,7 +115,8 @@ TMLA_HD inline void EmitA(const Ctx& c, const Items& it, const Scratch& s) {
     const bool cut = k > 1;
     const int64_t slot0 = s.slot_a[i] - (cut ? k : 0);
     const int64_t ctr0 = s.ctr_a[i] - cut;
-    const int64_t page0 = j * pages / k, page1 = (j + 1) * pages / k;
+    const int64_t page0 = Div64(j * pages, k);
+    const int64_t page1 = Div64((j + 1) * pages, k);
     Piece(it, s, i, page0, page1, cut ? slot0 + j : isa::kFinalOutput,
           cut ? ctr0 : isa::kNoCounter,
           p.partial_fixed_ns + (page1 - page0) * it.page_ns(i))
@@ -133,72 +137,76 @@ TMLA_HD inline void EmitA(const Ctx& c, const Items& it, const Scratch& s) {
 // the SM of piece k - 1 - j (never the first piece's SM), after that SM's
 // PARTIALs. A piece other than an item's first is the first on its SM and
 // an item's pieces lie on increasing SMs, so an SM holds at most one REDUCE.
-TMLA_HD inline Measure MeasureB(const Ctx& c, const Items& it,
-                                const Scratch& s) {
+TMLA_HD inline Measure MeasureB(Ctx& c, const Items& it, const Scratch& s) {
   const PlannerParams& p = it.p;
   const int n = it.n, S = p.num_sms;
   const int64_t fu = Max64(1, p.partial_fixed_ns);
   auto pu = [&](int i) { return Max64(1, it.page_ns(i)); };
-  int64_t local = 0;
-  for (int i = c.tid; i < n; i += c.nt) local += fu + s.pages[i] * pu(i);
-  const int64_t floor =
-      CeilDiv(BlockSum(c, local, s.cell), int64_t{kAlpha} * n);
+  const int64_t floor = CeilDiv(it.work, int64_t{kAlpha} * n);
   auto weight = [&](int i) { return Max64(fu + s.pages[i] * pu(i), floor); };
-  for (int i = c.tid; i < n; i += c.nt) s.wend[i] = weight(i);
-  Sync();
-  Scan(c, s.wend, n, s.tmp);
+  int64_t* const wend[1] = {s.wend};
+  ScanN<1>(c, wend, {n}, s.tmp, [&](int, int i) { return weight(i); });
   const int64_t quota = CeilDiv(s.wend[n - 1], S);
-  for (int i = c.tid; i < n; i += c.nt) {
+  auto sm0 = [&](int i) {
     const int64_t w = weight(i);
-    s.sm0[i] = (s.wend[i] - w + Min64(fu, w - 1)) / quota;
+    return Div64(s.wend[i] - w + Min64(fu, w - 1), quota);
+  };
+  for (int i = c.tid; i < n; i += c.nt) {
+    s.sm0[i] = sm0(i);
     s.k_b[i] = 1;
   }
-  // Run boundaries: the item each one falls in and the page it cuts at.
-  for (int t = c.tid; t < S - 1; t += c.nt) {
+  // Run boundary t: the item it falls in, the page it cuts at, the SM of
+  // the piece it starts and the SM that piece counts as on (eff).
+  struct Boundary {
+    int ic;
+    bool inside;
+    int64_t cut, smb, eff;
+  };
+  auto boundary = [&](int t) {
+    Boundary b;
     const int64_t bound = (t + 1) * quota;
     const int inside = UpperBound(s.wend, n, bound);
-    const int ic = inside < n ? inside : n - 1;
-    const int64_t begin = s.wend[ic] - weight(ic);
+    b.ic = inside < n ? inside : n - 1;
+    b.inside = inside < n;
+    const int64_t begin = s.wend[b.ic] - weight(b.ic);
     const int64_t offset = bound - begin - fu;
-    const int64_t page = offset > 0 ? CeilDiv(offset, pu(ic)) : 0;
-    const int64_t smb =
-        (begin + fu + Min64(page, Max64(s.pages[ic] - 1, 0)) * pu(ic)) /
-        quota;
-    s.b_ic[t] = ic;
-    s.b_cut[t] = page;
-    s.b_smb[t] = smb;
-    s.b_valid[t] = inside < n;
-  }
-  Sync();
+    b.cut = offset > 0 ? CeilDiv(offset, pu(b.ic)) : 0;
+    b.smb = Div64(
+        begin + fu + Min64(b.cut, Max64(s.pages[b.ic] - 1, 0)) * pu(b.ic),
+        quota);
+    b.eff = b.cut > 0 ? b.smb : sm0(b.ic);
+    return b;
+  };
+  // A boundary cuts if it falls inside an item, strictly between its
+  // first and last page, and starts a piece on another SM than the
+  // item's previous boundary (or its first piece).
   for (int t = c.tid; t < S - 1; t += c.nt) {
-    const int64_t ic = s.b_ic[t];
-    s.b_eff[t] = s.b_cut[t] > 0 ? s.b_smb[t] : s.sm0[ic];
-  }
-  Sync();
-  for (int t = c.tid; t < S - 1; t += c.nt) {
-    const int64_t ic = s.b_ic[t];
-    const bool same = t > 0 && s.b_ic[t - 1] == ic;
-    const int64_t prev = same ? s.b_eff[t - 1] : s.sm0[ic];
-    s.b_valid[t] = s.b_valid[t] && s.b_cut[t] > 0 &&
-                   s.b_cut[t] < s.pages[ic] && s.b_smb[t] != prev;
+    const Boundary b = boundary(t);
+    int64_t prev = sm0(b.ic);
+    if (t > 0) {
+      const Boundary a = boundary(t - 1);
+      if (a.ic == b.ic) prev = a.eff;
+    }
+    s.b_ic[t] = b.ic;
+    s.b_cut[t] = b.cut;
+    s.b_smb[t] = b.smb;
+    s.b_valid[t] = b.inside && b.cut > 0 && b.cut < s.pages[b.ic] &&
+                   b.smb != prev;
   }
   Sync();
   for (int t = c.tid; t < S - 1; t += c.nt) {
     if (s.b_valid[t]) AtomicAdd(&s.k_b[s.b_ic[t]], 1);
   }
   Sync();
-  for (int i = c.tid; i < n; i += c.nt) {
-    const int64_t k = s.k_b[i];
-    s.start_b[i] = k;
-    s.slot_b[i] = k > 1 ? k : 0;
-    s.ctr_b[i] = k > 1;
-  }
-  for (int t = c.tid; t < S - 1; t += c.nt) s.b_eff[t] = s.b_valid[t];
-  Sync();
-  Scan(c, s.start_b, n, s.tmp);
-  Scan(c, s.slot_b, n, s.tmp);
-  Scan(c, s.ctr_b, n, s.tmp);
-  if (S > 1) Scan(c, s.b_eff, S - 1, s.tmp);
+  // Pieces, slots and counters per item; cuts before each boundary.
+  ScanN<4>(c, {s.start_b, s.slot_b, s.ctr_b, s.b_eff}, {n, n, n, S - 1},
+           s.tmp, [&](int k, int i) -> int64_t {
+             if (k == 3) return s.b_valid[i];
+             const int64_t pieces = s.k_b[i];
+             if (k == 0) return pieces;
+             if (k == 1) return pieces > 1 ? pieces : 0;
+             return pieces > 1;
+           });
   // Pieces in (item, page) order, which is also SM order.
   const int pieces = static_cast<int>(s.start_b[n - 1]);
   for (int i = c.tid; i < n; i += c.nt) {
@@ -215,17 +223,18 @@ TMLA_HD inline Measure MeasureB(const Ctx& c, const Items& it,
     s.p_sm[q] = s.b_smb[t];
   }
   Sync();
-  for (int q = c.tid; q < pieces; q += c.nt) {
-    const int i = static_cast<int>(s.p_item[q]);
-    const bool last = q == s.start_b[i] - 1;
-    const int64_t end = last ? s.pages[i] : s.p_page[q + 1];
-    s.p_end[q] = p.partial_fixed_ns + (end - s.p_page[q]) * it.page_ns(i);
-  }
   for (int sm = c.tid; sm <= S; sm += c.nt) {
     s.first_b[sm] = LowerBound(s.p_sm, pieces, sm);
   }
-  Sync();
-  Scan(c, s.p_end, pieces, s.tmp);
+  // p_end: each piece's end on its SM's clock (after the scan, less the
+  // ends of the SMs before).
+  int64_t* const p_end[1] = {s.p_end};
+  ScanN<1>(c, p_end, {pieces}, s.tmp, [&](int, int q) {
+    const int i = static_cast<int>(s.p_item[q]);
+    const bool last = q == s.start_b[i] - 1;
+    const int64_t end = last ? s.pages[i] : s.p_page[q + 1];
+    return p.partial_fixed_ns + (end - s.p_page[q]) * it.page_ns(i);
+  });
   auto before = [&](int64_t q) { return q > 0 ? s.p_end[q - 1] : 0; };
   for (int sm = c.tid; sm < S; sm += c.nt) {
     s.load[sm] = before(s.first_b[sm + 1]) - before(s.first_b[sm]);
@@ -257,9 +266,10 @@ TMLA_HD inline Measure MeasureB(const Ctx& c, const Items& it,
     makespan = Max64(makespan, end);
     longest = Max64(longest, s.first_b[sm + 1] - q + run);
   }
+  const Reduced r = BlockReduce<true>(c, makespan, longest, s.red);
   Measure m;
-  m.makespan = BlockMax(c, makespan, s.cell);
-  m.longest = BlockMax(c, longest, s.cell);
+  m.makespan = r.sum;
+  m.longest = r.max;
   m.slots = s.slot_b[n - 1];
   m.counters = s.ctr_b[n - 1];
   return m;
@@ -301,8 +311,7 @@ TMLA_HD inline void EmitB(const Ctx& c, const Items& it, const Scratch& s) {
 // fill the SMs up to the lowest common level L at which their room
 // sum(max(0, L - load)) holds them: item j goes to the SM whose share of
 // that room contains the middle of the item.
-TMLA_HD inline Measure MeasureC(const Ctx& c, const Items& it,
-                                const Scratch& s) {
+TMLA_HD inline Measure MeasureC(Ctx& c, const Items& it, const Scratch& s) {
   const PlannerParams& p = it.p;
   const int n = it.n, S = p.num_sms;
   constexpr uint64_t kIndexMask = 0xffffffffu;
@@ -312,21 +321,24 @@ TMLA_HD inline Measure MeasureC(const Ctx& c, const Items& it,
   }
   for (int sm = c.tid; sm < S; sm += c.nt) s.load[sm] = s.c_cnt[sm] = 0;
   Sync();
-  Sort(c, s.keys, n, NextPow2(n));
+  Sort(c, s.keys, reinterpret_cast<uint64_t*>(s.c_sm), n, NextPow2(n));
   const int head = static_cast<int>(Min64(n, int64_t{kLptRounds} * S));
   const int rounds = static_cast<int>(CeilDiv(head, S));
   for (int r = 0; r < rounds; ++r) {
-    for (int sm = c.tid; sm < S; sm += c.nt) {
-      const int64_t mine = s.load[sm];
-      int64_t rank = 0;
-      for (int t = 0; t < S; ++t) {
-        rank += s.load[t] < mine || (s.load[t] == mine && t < sm);
+    // In the first round every load is 0: SM sm has rank sm.
+    if (r > 0) {
+      for (int sm = c.tid; sm < S; sm += c.nt) {
+        const int64_t mine = s.load[sm];
+        int64_t rank = 0;
+        for (int t = 0; t < S; ++t) {
+          rank += s.load[t] < mine || (s.load[t] == mine && t < sm);
+        }
+        s.rank[sm] = rank;
       }
-      s.rank[sm] = rank;
+      Sync();
     }
-    Sync();
     for (int sm = c.tid; sm < S; sm += c.nt) {
-      const int64_t at = int64_t{r} * S + s.rank[sm];
+      const int64_t at = int64_t{r} * S + (r > 0 ? s.rank[sm] : sm);
       if (at >= head) continue;
       const int item = static_cast<int>(s.keys[at] & kIndexMask);
       s.c_sm[item] = sm;
@@ -346,19 +358,20 @@ TMLA_HD inline Measure MeasureC(const Ctx& c, const Items& it,
       most = Max64(most, s.load[sm]);
       least = Max64(least, -s.load[sm]);
     }
-    most = BlockMax(c, most, s.cell);
-    least = -BlockMax(c, least, s.cell + 1);
+    const Reduced r = BlockReduce<true>(c, most, least, s.red);
+    most = r.sum;
+    least = -r.max;
     Scan(c, s.t_pre, rest, s.tmp);
     const int64_t total = s.t_pre[rest - 1];
-    int64_t lo = least, hi = most + total;
-    while (lo < hi) {
-      const int64_t mid = lo + (hi - lo) / 2;
+    // The level: the smallest L whose room holds the rest.
+    const int64_t lo = Search(c, GroupFor(S, 1, 16), least, most + total,
+                              [&](int64_t level, int lane, int width) {
       int64_t room = 0;
-      for (int sm = c.tid; sm < S; sm += c.nt) {
-        room += Max64(0, mid - s.load[sm]);
+      for (int sm = lane; sm < S; sm += width) {
+        room += Max64(0, level - s.load[sm]);
       }
-      if (BlockSum(c, room, s.cell + 2) >= total) hi = mid; else lo = mid + 1;
-    }
+      return GroupReduce(room, 0, width).sum >= total;
+    });
     for (int sm = c.tid; sm < S; sm += c.nt) {
       s.room[sm] = Max64(0, lo - s.load[sm]);
     }
@@ -389,9 +402,10 @@ TMLA_HD inline Measure MeasureC(const Ctx& c, const Items& it,
     makespan = Max64(makespan, s.load[sm]);
     longest = Max64(longest, s.c_cnt[sm]);
   }
+  const Reduced r = BlockReduce<true>(c, makespan, longest, s.red);
   Measure m;
-  m.makespan = BlockMax(c, makespan, s.cell);
-  m.longest = BlockMax(c, longest, s.cell);
+  m.makespan = r.sum;
+  m.longest = r.max;
   return m;
 }
 
@@ -409,26 +423,51 @@ TMLA_HD inline void EmitC(const Ctx& c, const Items& it, const Scratch& s) {
 
 // The whole planner: clamp the lengths, price the items, measure the
 // layouts, write the best one that fits the capacity and the info words.
-TMLA_HD inline void Plan(const Ctx& c, const PlannerParams& p, char* base) {
+TMLA_HD inline void Plan(Ctx& c, const PlannerParams& p, char* base,
+                         Carry* carry) {
   const int n = p.batch * p.h_kv * p.num_tiles;
   Scratch s;
   Carve(base, SizesOf(n, p.num_sms), p.batch, &s);
-  const Items it{p, n};
-  for (int b = c.tid; b < p.batch; b += c.nt) {
+  s.tmp = carry->tmp;
+  s.red = carry->red;
+  auto clamp = [&](int b) -> int64_t {
     const int32_t len = p.lengths[b];
-    s.len[b] = len < 0 ? 0 : (len > p.max_seqlen ? p.max_seqlen : len);
+    return len < 0 ? 0 : (len > p.max_seqlen ? p.max_seqlen : len);
+  };
+  for (int b = c.tid; b < p.batch; b += c.nt) {
+    s.len[b] = clamp(b);
     p.seqlens[b] = static_cast<int32_t>(s.len[b]);
   }
-  Sync();
+  const Items shape{p, n, 0, 0, 0};
+  // Items' pages and costs; layout B's work: sum(max(1, fixed) + pages *
+  // max(1, page_ns)).
+  int64_t max_pages = 0, work = 0;
   for (int i = c.tid; i < n; i += c.nt) {
-    s.pages[i] = CeilDiv(s.len[it.seq(i)], p.page_size);
-    s.cost[i] = p.partial_fixed_ns + s.pages[i] * it.page_ns(i);
+    s.pages[i] = CeilDiv(clamp(shape.seq(i)), p.page_size);
+    s.cost[i] = p.partial_fixed_ns + s.pages[i] * shape.page_ns(i);
+    max_pages = Max64(max_pages, s.pages[i]);
+    work += Max64(1, p.partial_fixed_ns) +
+            s.pages[i] * Max64(1, shape.page_ns(i));
   }
-  Sync();
+  const Reduced r = BlockReduce(c, work, max_pages, s.red);
+  // The longest sequence has an item of each tile kind, so the costliest
+  // item is one of its items.
+  const int64_t page_ns_most =
+      p.num_tiles > 1 ? Max64(p.page_ns_full, p.page_ns_last)
+                      : p.page_ns_last;
+  const Items it{p, n, r.max, p.partial_fixed_ns + r.max * page_ns_most,
+                 r.sum};
   Measure m[3];
   if (n <= p.num_sms) m[0] = MeasureA(c, it, s);
   m[1] = MeasureB(c, it, s);
-  m[2] = MeasureC(c, it, s);
+  // With n <= S layout C puts each item alone on an SM: its measure needs
+  // no assignment, which is made only if C is written.
+  if (n <= p.num_sms) {
+    m[2].makespan = it.max_cost;
+    m[2].longest = 1;
+  } else {
+    m[2] = MeasureC(c, it, s);
+  }
   int pick = -1;
   for (int l = 0; l < 3; ++l) {
     if (m[l].makespan != kNever && m[l].longest <= p.capacity &&
@@ -436,10 +475,13 @@ TMLA_HD inline void Plan(const Ctx& c, const PlannerParams& p, char* base) {
       pick = l;
     }
   }
-  Sync();
+  // Every measure ends with a barrier after its last write.
   if (pick == 0) EmitA(c, it, s);
   if (pick == 1) EmitB(c, it, s);
-  if (pick == 2) EmitC(c, it, s);
+  if (pick == 2) {
+    if (n <= p.num_sms) MeasureC(c, it, s);
+    EmitC(c, it, s);
+  }
   if (pick < 0) {
     // No layout fits: empty lists, and planned lengths no call has, so the
     // decode kernel writes NaN for every sequence rather than garbage.
@@ -447,7 +489,7 @@ TMLA_HD inline void Plan(const Ctx& c, const PlannerParams& p, char* base) {
     for (int b = c.tid; b < p.batch; b += c.nt) p.seqlens[b] = -1;
   }
   if (c.tid == 0) {
-    const Measure& best = m[pick < 0 ? 1 : pick];
+    const Measure best = pick == 0 ? m[0] : (pick == 2 ? m[2] : m[1]);
     p.info[kInfoLayout] = pick;
     p.info[kInfoLongest] = static_cast<int32_t>(best.longest);
     p.info[kInfoSlots] = static_cast<int32_t>(best.slots);

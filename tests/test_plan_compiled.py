@@ -167,6 +167,14 @@ def test_lengths_are_clamped_and_capacity_is_static():
   vm.simulate(plans[0])
 
 
+def test_int32_lengths_reach_the_planner_with_no_op_before_it():
+  """The planner clamps the lengths itself: planning is one kernel."""
+  plan = lambda lens: plan_on_device(lens, s_q=4, h_q=16, max_seqlen=8192,
+                                     num_sms=NUM_SMS).instructions
+  jaxpr = jax.make_jaxpr(plan)(jnp.zeros(4, jnp.int32))
+  assert [e.primitive.name for e in jaxpr.eqns] == ["ffi_call"]
+
+
 def test_constants_mirror_the_python_planners():
   constants = _ffi.planner_constants()
   assert constants["alpha"] == balanced.ALPHA

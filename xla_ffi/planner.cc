@@ -146,7 +146,9 @@ ffi::Error PlanCpu(int32_t h_kv, int32_t num_tiles, int32_t last_tile_rows,
       partial_fixed_ns, reduce_fixed_ns, page_ns_full, page_ns_last,
       input_ns, lengths, instructions, seqlens, info, scratch, &p, &bytes);
   if (error.failure()) return error;
-  plan::Plan(plan::Ctx{0, 1}, p, static_cast<char*>(p.scratch));
+  plan::Ctx one_thread{0, 1};
+  plan::Carry carry;
+  plan::Plan(one_thread, p, static_cast<char*>(p.scratch), &carry);
   return ffi::Error::Success();
 }
 

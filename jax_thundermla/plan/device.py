@@ -202,15 +202,15 @@ def plan_on_device(cache_seqlens: Any, *, s_q: int, h_q: int, h_kv: int = 1,
         f" the on-device planner, got {items} *"
         f" {1 + max_pages}; use plan_decode on the host")
   bound = min(int(max_seqlen), _validation.INT32_MAX)
-  if jnp.iinfo(lengths.dtype).max > _validation.INT32_MAX:
-    # Clamp in the wider type: a cast first would wrap 2**32 + 5 to 5.
-    clamped = jnp.clip(lengths, 0, bound).astype(jnp.int32)
-  else:
-    clamped = jnp.clip(lengths.astype(jnp.int32), 0, bound)
+  wide = jnp.iinfo(lengths.dtype).max > _validation.INT32_MAX
   if scheduler == "compiled":
+    # The planner clamps to [0, bound] itself: int32 lengths go to it as they
+    # are (no kernel before it); wider ones are clamped first, since a cast
+    # would wrap 2**32 + 5 to 5.
     caps = device_ffi.capacities(batch, s_q, h_q, h_kv, num_sms)
     instructions, clamped, _ = device_ffi.plan_arrays(
-        clamped, s_q=s_q, h_q=h_q, h_kv=h_kv, page_size=page_size,
+        jnp.clip(lengths, 0, bound).astype(jnp.int32) if wide else lengths,
+        s_q=s_q, h_q=h_q, h_kv=h_kv, page_size=page_size,
         max_seqlen=bound, head_dim_v=head_dim_v, num_sms=num_sms, cost=cost)
     return DecodePlan(
         instructions=instructions, seqlens=clamped, s_q=s_q, h_q=h_q,
@@ -218,6 +218,11 @@ def plan_on_device(cache_seqlens: Any, *, s_q: int, h_q: int, h_kv: int = 1,
         num_sms=num_sms, max_instructions=caps[0], num_slots=caps[1],
         num_counters=caps[2], scheduler="compiled",
         predicted_makespan_ns=math.nan)
+  if wide:
+    # Clamp in the wider type: a cast first would wrap 2**32 + 5 to 5.
+    clamped = jnp.clip(lengths, 0, bound).astype(jnp.int32)
+  else:
+    clamped = jnp.clip(lengths.astype(jnp.int32), 0, bound)
   st = balanced.statics(
       batch=batch, s_q=s_q, h_q=h_q, h_kv=h_kv, page_size=page_size,
       head_dim_v=head_dim_v, num_sms=num_sms, max_pages=max_pages, cost=cost)
