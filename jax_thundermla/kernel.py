@@ -17,8 +17,12 @@ HEAD_DIM_V = isa.HEAD_DIM_V
 HEAD_DIM_QK = isa.HEAD_DIM_V + isa.ROPE_DIM
 
 
-def unsupported_reason(*, head_dim_v: int, d_qk: int) -> str | None:
-  """Why the kernel cannot run these shapes, or None when it can."""
+def unsupported_reason(*, head_dim_v: int, d_qk: int,
+                       fp8_cache: bool = False) -> str | None:
+  """Why the kernel cannot run these shapes or this cache, or None."""
+  if fp8_cache:
+    return ("the CUDA kernel does not take an FP8 (uint8) kv_cache yet;"
+            " pass backend='reference' (backend=None picks it)")
   if head_dim_v != HEAD_DIM_V or d_qk != HEAD_DIM_QK:
     return (f"the CUDA kernel supports head_dim_v={HEAD_DIM_V} (d_qk="
             f"{HEAD_DIM_QK}) only, got head_dim_v={head_dim_v}")
