@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 
 import jax
@@ -113,3 +114,21 @@ def test_fp8_decode_agrees_with_bf16_decode():
       new_tokens=16, seed=0)
   assert 0 < e["logit_rel"] < 0.06
   assert e["argmax_agree"] >= 0.75
+
+
+def test_readme_fp8_section_runs():
+  """The README's FP8 snippet runs as written (in this process, CPU)."""
+  with open(os.path.join(_HERE, "..", "README.md"), encoding="utf-8") as f:
+    text = f.read()
+  start = text.index("## FP8 KV cache")
+  end = text.find("\n## ", start + 1)
+  (block,) = re.findall(r"```python\n(.*?)```", text[start:end], flags=re.S)
+  scope = {}
+  exec(block, scope)  # pylint: disable=exec-used
+  assert scope["kv_fp8"].shape == (16, 64, 1, 656)
+  entries = np.asarray(scope["entries"], np.float32)
+  back = np.asarray(scope["back"], np.float32)
+  assert (np.abs(back - entries) <= np.abs(entries) * 2.0 ** -4 + 1e-3).all()
+  assert np.isfinite(np.asarray(scope["out"], np.float32)).all()
+  assert scope["caches"][0].dtype == jnp.uint8
+  assert np.isfinite(np.asarray(scope["logits"])).all()
