@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_thundermla import _ffi
+from jax_thundermla import fp8_cache
 from jax_thundermla import isa
 from jax_thundermla.plan import DecodePlan
 from jax_thundermla.plan import plan_on_device
@@ -59,6 +60,10 @@ def mla_decode_cuda(q: jax.Array, kv_cache: jax.Array,
     ``[num_sms, max_instructions, isa.TIMING_WORDS]`` records (decode them
     with ``jax_thundermla.profiling.decode_timings``).
   """
+  reason = unsupported_reason(head_dim_v=head_dim_v, d_qk=q.shape[-1],
+                              fp8_cache=fp8_cache.is_fp8_cache(kv_cache))
+  if reason is not None:
+    raise ValueError(reason)
   if _ffi.extension_available():
     # Lowering needs only the target's name: a machine without the
     # extension (or without a GPU) still exports the kernel's lowering.
