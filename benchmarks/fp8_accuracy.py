@@ -27,8 +27,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from absl import app
-from absl import flags
+import argparse
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,22 +39,6 @@ from jax_thundermla import reference
 from jax_thundermla.workloads import WORKLOADS
 from jax_thundermla.workloads import Workload
 from jax_thundermla.workloads import device_inputs
-
-_WORKLOADS = flags.DEFINE_list("workloads", list(WORKLOADS),
-                               "Workloads to measure.")
-_FULL = flags.DEFINE_bool("full", False,
-                          "Real workload sizes (needs a GPU's memory).")
-_LENGTH_SCALE = flags.DEFINE_float(
-    "length_scale", 1 / 16, "Without --full: sequence lengths times this.")
-_MAX_BATCH = flags.DEFINE_integer(
-    "max_batch", 8, "Without --full: the first this-many sequences.")
-_NEW_TOKENS = flags.DEFINE_integer(
-    "new_tokens", 64, "DeepSeek stack: greedy tokens per sequence.")
-_BATCH = flags.DEFINE_integer("batch", 4, "DeepSeek stack: sequences.")
-_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 16,
-                                   "DeepSeek stack: prompt tokens.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of data and weights.")
-
 
 def scaled(w: Workload, length_scale: float, max_batch: int) -> Workload:
   """The workload with lengths scaled and the batch cut (at least s_q)."""
@@ -175,34 +159,52 @@ def deepseek_errors(config: deepseek.DeepSeekConfig, *, batch: int,
       free_first_diff=int(first.min()))
 
 
-def main(argv):
-  del argv
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                      help="comma-separated workloads to measure")
+  parser.add_argument("--full", action="store_true",
+                      help="real workload sizes (needs a GPU's memory)")
+  parser.add_argument("--length_scale", type=float, default=1 / 16,
+                      help="without --full: sequence lengths times this")
+  parser.add_argument("--max_batch", type=int, default=8,
+                      help="without --full: the first this-many sequences")
+  parser.add_argument("--new_tokens", type=int, default=64,
+                      help="DeepSeek stack: greedy tokens per sequence")
+  parser.add_argument("--batch", type=int, default=4,
+                      help="DeepSeek stack: sequences")
+  parser.add_argument("--prompt_len", type=int, default=16,
+                      help="DeepSeek stack: prompt tokens")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="seed of data and weights")
+  return parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> None:
   device = jax.devices()[0]
   print(f"device: {device.device_kind} ({device.platform}), reference"
-        f" backend, seed {_SEED.value}")
+        f" backend, seed {args.seed}")
   print("W1-W6: out/lse over the FP8 cache vs over the bf16 cache"
-        + ("" if _FULL.value else
-           f" (lengths x {_LENGTH_SCALE.value:g}, batch <="
-           f" {_MAX_BATCH.value})"))
+        + ("" if args.full else
+           f" (lengths x {args.length_scale:g}, batch <= {args.max_batch})"))
   print(f"{'':4} {'batch':>5} {'tokens':>8} {'rel':>9} {'max_abs':>9}"
         f" {'mean_abs':>9} {'lse_max':>9} {'bf16_rel':>9}")
-  for name in _WORKLOADS.value:
+  for name in args.workloads.split(","):
     w = WORKLOADS[name]
-    if not _FULL.value:
-      w = scaled(w, _LENGTH_SCALE.value, _MAX_BATCH.value)
-    e = workload_errors(w, _SEED.value)
+    if not args.full:
+      w = scaled(w, args.length_scale, args.max_batch)
+    e = workload_errors(w, args.seed)
     print(f"{name:4} {w.batch:5d} {sum(w.seqlens):8d} {e['rel']:9.2e}"
           f" {e['max_abs']:9.2e} {e['mean_abs']:9.2e}"
           f" {e['lse_max_abs']:9.2e} {e['bf16_rel']:9.2e}", flush=True)
   config = tiny_deepseek()
   start = time.perf_counter()
-  e = deepseek_errors(config, batch=_BATCH.value,
-                      prompt_len=_PROMPT_LEN.value,
-                      new_tokens=_NEW_TOKENS.value, seed=_SEED.value)
+  e = deepseek_errors(config, batch=args.batch, prompt_len=args.prompt_len,
+                      new_tokens=args.new_tokens, seed=args.seed)
   print(f"DeepSeek stack ({config.num_layers} layers, hidden"
         f" {config.hidden_size}, {config.num_heads} heads, vocab"
-        f" {config.vocab_size}; {_BATCH.value} sequences, prompt"
-        f" {_PROMPT_LEN.value}, {_NEW_TOKENS.value} greedy tokens,"
+        f" {config.vocab_size}; {args.batch} sequences, prompt"
+        f" {args.prompt_len}, {args.new_tokens} greedy tokens,"
         f" {time.perf_counter() - start:.0f} s):")
   print(f"  teacher-forced logits: rel {e['logit_rel']:.2e}, max abs"
         f" {e['logit_max_abs']:.2e}, argmax agreement"
@@ -212,4 +214,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main(parse_args())

@@ -16,7 +16,7 @@ BACKENDS = ("cuda", "reference")
 def _kernel_unsupported(shapes: _validation.DecodeShapes) -> str | None:
   from jax_thundermla import kernel  # pylint: disable=g-import-not-at-top
   return kernel.unsupported_reason(head_dim_v=shapes.d_v, d_qk=shapes.d_qk,
-                                  fp8_cache=shapes.fp8_cache)
+                                  fp8=shapes.fp8_cache)
 
 
 def _resolve_backend(backend: str | None,
