@@ -57,6 +57,19 @@ constexpr int32_t kRopeDim = 64;
 constexpr int32_t kPageSizeMultiple = 16;
 constexpr int32_t kMaxPageSize = 256;
 
+// FP8 KV cache entry (FlashMLA's layout, so caches are interchangeable): per
+// token and KV head, kFp8EntryBytes bytes holding the kHeadDimV latent values
+// as float8_e4m3fn at byte 0, then kFp8NumScales little-endian float32 scales
+// at byte kFp8ScalesOffset, scale i for latent values [i * kFp8ScaleGroup,
+// (i + 1) * kFp8ScaleGroup) (value = fp8 * scale), then the kRopeDim rope
+// values as bfloat16 at byte kFp8RopeOffset. The cache is uint8
+// [num_pages, page_size, h_kv, kFp8EntryBytes].
+constexpr int32_t kFp8EntryBytes = 656;
+constexpr int32_t kFp8ScaleGroup = 128;
+constexpr int32_t kFp8NumScales = 4;
+constexpr int32_t kFp8ScalesOffset = 512;
+constexpr int32_t kFp8RopeOffset = 528;
+
 // Opcodes.
 constexpr int32_t kOpStop = 0;
 constexpr int32_t kOpPartial = 1;

@@ -19,6 +19,7 @@ step, the steady rate is printed per attention backend (``--backends``).
   python examples/deepseek_decode.py --tp=2                # heads over 2 GPUs
   python examples/deepseek_decode.py --dp=2 --tp=4         # 8 devices
   python examples/deepseek_decode.py --host_plan           # one plan per step
+  python examples/deepseek_decode.py --config=small --kv_cache_dtype=fp8
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import jax_thundermla as tmla
 from jax_thundermla import deepseek
+from jax_thundermla.deepseek.config import KV_CACHE_DTYPES
 
 # DeepSeek-V2-Lite (27 layers: 1 dense, 26 MoE with 64 routed experts).
 V2_LITE = deepseek.DeepSeekConfig(
@@ -72,6 +75,10 @@ _BACKENDS = flags.DEFINE_list(
     "backends", ["default"],
     "mla_decode backends to time one after the other: default (the kernel"
     " on a GPU), cuda, reference.")
+_KV_CACHE_DTYPE = flags.DEFINE_enum(
+    "kv_cache_dtype", "auto", KV_CACHE_DTYPES,
+    "auto: caches in the model's dtype; fp8: FlashMLA's FP8 layout (656"
+    " bytes a token; the reference attention until the kernel takes it).")
 _DP = flags.DEFINE_integer("dp", 1, "Data-parallel ways (splits the batch).")
 _EP = flags.DEFINE_integer("ep", 1, "Expert-parallel ways (splits experts"
                            " and the batch).")
@@ -165,6 +172,8 @@ def decode(config: deepseek.DeepSeekConfig, weights: deepseek.ModelWeights,
     caches = tuple(jax.random.normal(
         k, (num_pages, page_size, 1, config.latent_dim), config.jnp_dtype)
                    for k in keys)
+    if config.fp8_cache:
+      caches = tuple(tmla.quantize_kv(c) for c in caches)
   else:
     caches = deepseek.init_caches(config, num_pages, page_size)
   if mesh is not None:
@@ -231,7 +240,8 @@ def main(argv):
   del argv
   name = _CONFIG.value or ("v3" if jax.default_backend() == "gpu"
                            else "small")
-  config = make_config(name, _NUM_LAYERS.value)
+  config = dataclasses.replace(make_config(name, _NUM_LAYERS.value),
+                               kv_cache_dtype=_KV_CACHE_DTYPE.value)
   dp, ep, tp = _DP.value, _EP.value, _TP.value
   context = _CONTEXT.value
   prompt_lens = ([context] * _BATCH.value if context
@@ -248,7 +258,7 @@ def main(argv):
         f" ep={ep}, tp={tp}; {name}: {config.num_layers} layers, hidden"
         f" {config.hidden_size}, {config.num_heads} heads, latent"
         f" {config.latent_dim}, {config.n_routed_experts} routed experts,"
-        f" {config.dtype}", flush=True)
+        f" {config.dtype}, kv cache {config.kv_cache_dtype}", flush=True)
   t0 = time.perf_counter()
   weights = deepseek.init_weights(jax.random.key(_SEED.value), config)
   if mesh is not None:

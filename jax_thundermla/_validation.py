@@ -8,9 +8,11 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from jax_thundermla import fp8_cache
 from jax_thundermla import isa
 
 ROPE_DIM = isa.ROPE_DIM
+FP8_ENTRY_BYTES = isa.FP8_ENTRY_BYTES
 MAX_PAGE_SIZE = isa.MAX_PAGE_SIZE
 PAGE_SIZE_MULTIPLE = isa.PAGE_SIZE_MULTIPLE
 DTYPES = (jnp.bfloat16, jnp.float16)
@@ -37,6 +39,7 @@ class DecodeShapes:
   page_size: int
   max_pages: int
   dtype: np.dtype
+  fp8_cache: bool = False
 
   @property
   def group(self) -> int:
@@ -91,6 +94,21 @@ def _check_softmax_scale(softmax_scale) -> None:
         f" {MAX_SOFTMAX_SCALE:.3g}] (a normal float32), got {value!r} as a float")
 
 
+def _check_fp8_cache(d_kv: int, d_qk: int) -> None:
+  """An FP8 (uint8) cache: FlashMLA's entries, for d_qk = 576 only."""
+  if d_kv != FP8_ENTRY_BYTES:
+    raise ValueError(
+        f"kv_cache of dtype uint8 is an FP8 cache and must be [num_pages,"
+        f" page_size, h_kv, {FP8_ENTRY_BYTES}] ({FP8_ENTRY_BYTES}-byte"
+        f" entries from jax_thundermla.quantize_kv), got last dim {d_kv}")
+  if d_qk != fp8_cache.ENTRY_DIM:
+    raise ValueError(
+        f"an FP8 kv_cache holds entries of {fp8_cache.LATENT_DIM} latent +"
+        f" {ROPE_DIM} rope values: q's last dim (d_qk) must be"
+        f" {fp8_cache.ENTRY_DIM} (head_dim_v {fp8_cache.LATENT_DIM}), got"
+        f" d_qk {d_qk}")
+
+
 def validate(q, kv_cache, block_table, cache_seqlens, *, head_dim_v,
              softmax_scale, causal) -> DecodeShapes:
   """Checks every argument of mla_decode; returns the dimensions.
@@ -108,10 +126,15 @@ def validate(q, kv_cache, block_table, cache_seqlens, *, head_dim_v,
   if q.dtype not in DTYPES:
     raise TypeError(
         f"q must be bfloat16 or float16, got {_dtype_name(q.dtype)}")
-  if kv_cache.dtype != q.dtype:
+  fp8 = fp8_cache.is_fp8_cache(kv_cache)
+  if not fp8 and kv_cache.dtype != q.dtype:
+    got = _dtype_name(kv_cache.dtype)
+    hint = (" (an array of float8 values has no scales: pass the FP8 cache"
+            " itself)" if got.startswith("float8") else "")
     raise TypeError(
-        f"kv_cache must have q's dtype {_dtype_name(q.dtype)}, got"
-        f" {_dtype_name(kv_cache.dtype)}")
+        f"kv_cache must have q's dtype {_dtype_name(q.dtype)}, or be uint8"
+        f" [num_pages, page_size, h_kv, {FP8_ENTRY_BYTES}] (an FP8 cache"
+        f" from jax_thundermla.quantize_kv), got {got}{hint}")
   for name, x in (("block_table", block_table),
                   ("cache_seqlens", cache_seqlens)):
     if x.dtype != INDEX_DTYPE:
@@ -126,9 +149,14 @@ def validate(q, kv_cache, block_table, cache_seqlens, *, head_dim_v,
     raise ValueError(
         f"q's last dim (d_qk) must be head_dim_v + {ROPE_DIM} ="
         f" {head_dim_v + ROPE_DIM}, got {d_qk}")
-  if d_kv != d_qk:
+  if fp8:
+    _check_fp8_cache(d_kv, d_qk)
+  elif d_kv != d_qk:
+    hint = (f" (a {FP8_ENTRY_BYTES}-wide cache is the FP8 format: uint8)"
+            if d_kv == FP8_ENTRY_BYTES else "")
     raise ValueError(
-        f"kv_cache's last dim must equal q's d_qk = {d_qk}, got {d_kv}")
+        f"kv_cache's last dim must equal q's d_qk = {d_qk}, got {d_kv}"
+        f"{hint}")
   for name, value in (("batch (q.shape[0])", b), ("s_q (q.shape[1])", s_q),
                       ("h_q (q.shape[2])", h_q),
                       ("num_pages (kv_cache.shape[0])", num_pages),
@@ -167,4 +195,4 @@ def validate(q, kv_cache, block_table, cache_seqlens, *, head_dim_v,
   return DecodeShapes(batch=b, s_q=s_q, h_q=h_q, h_kv=h_kv, d_qk=d_qk,
                       d_v=head_dim_v, num_pages=num_pages,
                       page_size=page_size, max_pages=max_pages,
-                      dtype=np.dtype(q.dtype))
+                      dtype=np.dtype(q.dtype), fp8_cache=fp8)

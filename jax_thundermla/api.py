@@ -15,7 +15,8 @@ BACKENDS = ("cuda", "reference")
 
 def _kernel_unsupported(shapes: _validation.DecodeShapes) -> str | None:
   from jax_thundermla import kernel  # pylint: disable=g-import-not-at-top
-  return kernel.unsupported_reason(head_dim_v=shapes.d_v, d_qk=shapes.d_qk)
+  return kernel.unsupported_reason(head_dim_v=shapes.d_v, d_qk=shapes.d_qk,
+                                  fp8=shapes.fp8_cache)
 
 
 def _resolve_backend(backend: str | None,
@@ -33,8 +34,11 @@ def _resolve_backend(backend: str | None,
     raise ValueError(
         f"backend must be None or one of {BACKENDS}, got {backend!r}")
   if backend == "cuda":
-    _ffi.require_kernel()
     reason = _kernel_unsupported(shapes)
+    if shapes.fp8_cache:
+      # No build of the kernel takes it: said before asking for a GPU.
+      raise ValueError(f"backend='cuda': {reason}")
+    _ffi.require_kernel()
     if reason is not None:
       raise ValueError(f"backend='cuda': {reason}")
     return "kernel"
@@ -81,7 +85,13 @@ def mla_decode(
     kv_cache: [num_pages, page_size, h_kv, d_qk], q's dtype. Keys are whole
       rows; values are their first ``head_dim_v`` columns. ``page_size`` is
       a multiple of 16 up to 256; ``h_q % h_kv == 0`` and query head j uses
-      KV head ``j // (h_q // h_kv)``.
+      KV head ``j // (h_q // h_kv)``. Or an FP8 cache: uint8
+      [num_pages, page_size, h_kv, 656] (FlashMLA's layout, from
+      ``quantize_kv``; d_qk 576 only), read as ``dequantize_kv`` reads it
+      (in float32) and then attended with the same math as a bf16 cache: a
+      NaN or infinite scale makes its entry a NaN key (NaN rows for the
+      query rows that see it). The CUDA kernel does not take it yet:
+      ``backend=None`` runs the reference, ``backend="cuda"`` raises.
     block_table: int32 [b, max_pages]: the page ids of each sequence, in
       order. Any id may appear in any row (shared prefixes, permuted pools).
     cache_seqlens: int32 [b]: tokens in the cache per sequence, the s_q new
@@ -130,9 +140,10 @@ def mla_decode(
   Raises:
     TypeError: an argument has the wrong dtype or type.
     ValueError: wrong rank, mismatched or unsupported dimensions (also a
-      table of more than 2**31 - 1 tokens or a cache of more pages), a
-      softmax_scale out of range, unknown backend, or a plan built for other
-      shapes, page size or head_dim_v.
+      table of more than 2**31 - 1 tokens or a cache of more pages, or an
+      FP8 cache not 656 wide or with d_qk other than 576), a softmax_scale
+      out of range, unknown backend (or ``"cuda"`` with an FP8 cache), or
+      a plan built for other shapes, page size or head_dim_v.
     RuntimeError: ``backend="cuda"`` where the kernel cannot run.
   """
   shapes = _validation.validate(

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_thundermla import _ffi
+from jax_thundermla import fp8_cache
 from jax_thundermla import isa
 from jax_thundermla.plan import DecodePlan
 from jax_thundermla.plan import plan_on_device
@@ -17,8 +18,13 @@ HEAD_DIM_V = isa.HEAD_DIM_V
 HEAD_DIM_QK = isa.HEAD_DIM_V + isa.ROPE_DIM
 
 
-def unsupported_reason(*, head_dim_v: int, d_qk: int) -> str | None:
-  """Why the kernel cannot run these shapes, or None when it can."""
+def unsupported_reason(*, head_dim_v: int, d_qk: int,
+                       fp8: bool = False) -> str | None:
+  """Why the kernel cannot run these shapes or this cache (``fp8``: an FP8
+  cache), or None."""
+  if fp8:
+    return ("the CUDA kernel does not take an FP8 (uint8) kv_cache yet;"
+            " pass backend='reference' (backend=None picks it)")
   if head_dim_v != HEAD_DIM_V or d_qk != HEAD_DIM_QK:
     return (f"the CUDA kernel supports head_dim_v={HEAD_DIM_V} (d_qk="
             f"{HEAD_DIM_QK}) only, got head_dim_v={head_dim_v}")
@@ -54,7 +60,14 @@ def mla_decode_cuda(q: jax.Array, kv_cache: jax.Array,
     the one the plan was built for; with ``timing``, a third element: int32
     ``[num_sms, max_instructions, isa.TIMING_WORDS]`` records (decode them
     with ``jax_thundermla.profiling.decode_timings``).
+
+  Raises:
+    ValueError: an FP8 cache, or head dims the kernel does not take.
   """
+  reason = unsupported_reason(head_dim_v=head_dim_v, d_qk=q.shape[-1],
+                              fp8=fp8_cache.is_fp8_cache(kv_cache))
+  if reason is not None:
+    raise ValueError(reason)
   if _ffi.extension_available():
     # Lowering needs only the target's name: a machine without the
     # extension (or without a GPU) still exports the kernel's lowering.

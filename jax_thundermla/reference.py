@@ -15,6 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jax_thundermla import fp8_cache
+
 # Upper bound on elements of one gathered KV chunk (f32), all sequences.
 _CHUNK_ELEMENTS = 1 << 22
 # The batch the chunk is sized for when the batch is symbolic (jax.export):
@@ -28,6 +30,14 @@ def _chunk_pages(batch, page_size: int, h_kv: int, d_qk: int,
     batch = _SYMBOLIC_BATCH_CHUNK
   per_page = batch * page_size * h_kv * d_qk
   return max(1, min(max_pages, _CHUNK_ELEMENTS // per_page))
+
+
+def _entries_f32(entries: jax.Array) -> jax.Array:
+  """Cache entries [..., d_qk] as float32: upcast, or read from FP8 bytes
+  (uint8 [..., 656], as ``dequantize_kv`` reads them)."""
+  if fp8_cache.is_fp8_cache(entries):
+    return fp8_cache.dequantize_entries(entries, jnp.float32)
+  return entries.astype(jnp.float32)
 
 
 def invalid_sequences(block_table: jax.Array, cache_seqlens: jax.Array,
@@ -76,6 +86,8 @@ def mla_decode_reference(
   Args:
     q: [b, s_q, h_q, d_qk] queries.
     kv_cache: [num_pages, page_size, h_kv, d_qk]; V is ``[..., :head_dim_v]``.
+      Or an FP8 cache, uint8 [num_pages, page_size, h_kv, 656] (d_qk 576),
+      read one chunk at a time as ``dequantize_kv(..., jnp.float32)``.
     block_table: int32 [b, max_pages] page ids of each sequence, in order.
     cache_seqlens: int32 [b] tokens per sequence, the s_q new ones included.
     head_dim_v: value head dim.
@@ -120,14 +132,15 @@ def mla_decode_reference(
     m, l, acc = carry
     c, pages = xs  # pages: [b, cp]
     safe = jnp.clip(pages, 0, num_pages - 1)
-    # One chunk is gathered in the cache's dtype and upcast here, so no f32
-    # copy of the whole cache (which XLA would hoist out of the loop) is made.
-    kv = kv_cache[safe].reshape(b, tokens, h_kv, d_qk)
+    # One chunk is gathered in the cache's dtype and upcast (or read from
+    # FP8 bytes) here, so no f32 copy of the whole cache (which XLA would
+    # hoist out of the loop) is made.
+    kv = _entries_f32(kv_cache[safe]).reshape(b, tokens, h_kv, d_qk)
     # Positions relative to the chunk's first token (no int32 overflow).
     start = c * tokens
     idx = jnp.arange(tokens)  # [T]
     valid = idx[None, :] < (lens - start)[:, None]  # [b, T]
-    kv = jnp.where(valid[:, :, None, None], kv.astype(jnp.float32), 0.0)
+    kv = jnp.where(valid[:, :, None, None], kv, 0.0)
     seen = valid[:, None, :] & (idx[None, None, :]
                                 <= (last - start)[:, :, None])  # [b, s_q, T]
     s = jnp.einsum("bthgd,bnhd->bhgtn", qg, kv, precision=highest) * scale
@@ -177,7 +190,7 @@ def _sees_nonfinite_tail_value(kv_cache: jax.Array, block_table: jax.Array,
   query tokens ``t >= k`` only.
 
   Args:
-    kv_cache: [num_pages, page_size, h_kv, d_qk].
+    kv_cache: [num_pages, page_size, h_kv, d_qk], or FP8 (uint8, 656).
     block_table: int32 [b, max_pages].
     lens: int32 [b] lengths clipped to ``[0, max_pages * page_size]``.
     s_q: query tokens per sequence (>= 2).
@@ -194,7 +207,8 @@ def _sees_nonfinite_tail_value(kv_cache: jax.Array, block_table: jax.Array,
   page = jnp.take_along_axis(
       block_table, jnp.minimum(pos // page_size, max_pages - 1), axis=1)
   page = jnp.clip(page, 0, num_pages - 1)
-  values = kv_cache[page, pos % page_size, :, :head_dim_v]  # [b, k, h, d_v]
+  values = _entries_f32(
+      kv_cache[page, pos % page_size])[..., :head_dim_v]  # [b, k, h, d_v]
   bad = exists[:, :, None, None] & ~jnp.isfinite(values)
   # Token t sees tail keys 1..t: token 0 none, token t >= 1 those up to t.
   upto = jnp.cumsum(bad.astype(jnp.int32), axis=1) > 0

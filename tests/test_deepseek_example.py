@@ -57,3 +57,15 @@ def test_prompt_prefill_path_and_v2_lite_shape():
                  report=lines.append)
   assert lines[0].startswith("prefill: 14 prompt tokens")
   assert len([line for line in lines if "step" in line]) == 2
+
+
+def test_filled_context_decode_with_fp8_caches():
+  example = _example()
+  config = dataclasses.replace(
+      example.make_config("small", 1), hidden_size=128, intermediate_size=64,
+      vocab_size=64, num_heads=4, kv_cache_dtype="fp8")
+  weights = deepseek.init_weights(jax.random.key(2), config)
+  lines = []
+  rate = example.decode(config, weights, prompt_lens=[0] * 2, context=20,
+                        new_tokens=2, page_size=16, report=lines.append)
+  assert "context now 22" in lines[-1] and rate > 0

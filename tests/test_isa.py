@@ -61,6 +61,20 @@ def test_no_python_constant_is_missing_from_the_header():
   assert not extra, f"in isa.py but not in csrc/isa.h: {extra}"
 
 
+def test_fp8_entry_layout_is_contiguous():
+  """The FP8 cache entry is latent fp8 bytes, then float32 scales, then
+  bfloat16 rope, back to back, with one scale per group of latent values."""
+  header = _header_constants()
+  for name in ("FP8_ENTRY_BYTES", "FP8_SCALE_GROUP", "FP8_NUM_SCALES",
+               "FP8_SCALES_OFFSET", "FP8_ROPE_OFFSET"):
+    assert name in header
+  assert isa.FP8_NUM_SCALES * isa.FP8_SCALE_GROUP == isa.HEAD_DIM_V
+  assert isa.FP8_SCALES_OFFSET == isa.HEAD_DIM_V * 1  # one byte a value
+  assert isa.FP8_ROPE_OFFSET == isa.FP8_SCALES_OFFSET + 4 * isa.FP8_NUM_SCALES
+  assert isa.FP8_ENTRY_BYTES == isa.FP8_ROPE_OFFSET + 2 * isa.ROPE_DIM
+  assert isa.FP8_ENTRY_BYTES == 656  # FlashMLA's bytes per token
+
+
 def test_each_opcode_has_distinct_words():
   """Within PARTIAL and within REDUCE no two fields share a word, and every
   header field is named by exactly one of the named views."""

@@ -5,6 +5,11 @@ DeepSeek-V3), shared by all heads. A layer's cache is an array
 ``[num_pages, page_size, 1, latent_dim]``: ``mla_decode``'s ``kv_cache`` with
 ``h_kv = 1``. Every layer has its own array; all layers share one block table
 (a sequence's page ids are the same in every layer).
+
+An FP8 cache (``dtype=FP8``) holds each 576-wide entry quantized in
+FlashMLA's 656-byte layout (``jax_thundermla.quantize_kv``): a uint8 array
+``[num_pages, page_size, 1, 656]``, half the bytes; ``append_latent``
+quantizes the new entries as it writes them.
 """
 
 from __future__ import annotations
@@ -14,6 +19,11 @@ from typing import Hashable, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jax_thundermla import fp8_cache
+
+# init_cache's dtype for an FP8 cache (DeepSeekConfig's kv_cache_dtype).
+FP8 = "fp8"
 
 
 class OutOfPagesError(RuntimeError):
@@ -218,14 +228,35 @@ def init_cache(num_pages: int, page_size: int, latent_dim: int,
     num_pages: pages.
     page_size: tokens per page (a multiple of 16 up to 256).
     latent_dim: entry width, ``kv_lora_rank + 64``.
-    dtype: bfloat16 or float16.
-    fill: initial value of every slot; slots a sequence does not hold are
-      never read, whatever they contain.
+    dtype: bfloat16 or float16, or ``FP8`` (``"fp8"``): FlashMLA's FP8
+      layout, uint8 (``latent_dim`` must then be 576).
+    fill: initial value of every slot (quantized for an FP8 cache); slots a
+      sequence does not hold are never read, whatever they contain.
 
   Returns:
-    [num_pages, page_size, 1, latent_dim].
+    [num_pages, page_size, 1, latent_dim], or uint8
+    [num_pages, page_size, 1, 656] for ``FP8``.
+
+  Raises:
+    ValueError: ``FP8`` with a ``latent_dim`` other than 576.
   """
+  if isinstance(dtype, str) and dtype == FP8:
+    if latent_dim != fp8_cache.ENTRY_DIM:
+      raise ValueError(
+          f"an FP8 cache holds {fp8_cache.ENTRY_DIM}-wide entries (512"
+          f" latent + 64 rope), got latent_dim {latent_dim}")
+    entry = fp8_cache.quantize_kv(
+        jnp.full((latent_dim,), fill, jnp.float32))
+    return jnp.broadcast_to(entry, (num_pages, page_size, 1, entry.size))
   return jnp.full((num_pages, page_size, 1, latent_dim), fill, dtype)
+
+
+def entry_dim(cache: jax.Array) -> int:
+  """Width of the entries a cache holds: 576 for an FP8 cache (656 bytes),
+  its last dim otherwise."""
+  if fp8_cache.is_fp8_cache(cache):
+    return fp8_cache.ENTRY_DIM
+  return cache.shape[-1]
 
 
 def _scatter_rows(cache: jax.Array, rows: jax.Array, page: jax.Array,
@@ -262,10 +293,16 @@ def _check_append(cache, entries, block_table, cache_seqlens):
     raise ValueError(
         f"cache must be [num_pages, page_size, 1, latent_dim], got shape"
         f" {cache.shape}")
-  if entries.ndim != 3 or entries.shape[2] != cache.shape[3]:
+  if fp8_cache.is_fp8_cache(cache) and cache.shape[3] != (
+      fp8_cache.ENTRY_BYTES):
     raise ValueError(
-        f"entries must be [b, s_q, {cache.shape[3]}] (the cache's"
-        f" latent_dim), got shape {entries.shape}")
+        f"a uint8 cache is an FP8 cache and must be [num_pages, page_size,"
+        f" 1, {fp8_cache.ENTRY_BYTES}], got shape {cache.shape}")
+  width = entry_dim(cache)
+  if entries.ndim != 3 or entries.shape[2] != width:
+    raise ValueError(
+        f"entries must be [b, s_q, {width}] (the cache's latent_dim), got"
+        f" shape {entries.shape}")
   for name, x, rank in (("block_table", block_table, 2),
                         ("cache_seqlens", cache_seqlens, 1)):
     if not jnp.issubdtype(x.dtype, jnp.integer):
@@ -295,9 +332,11 @@ def append_latent(cache: jax.Array, entries: jax.Array,
   pages shared between sequences (common prefixes) are read-only.
 
   Args:
-    cache: [num_pages, page_size, 1, latent_dim].
+    cache: [num_pages, page_size, 1, latent_dim], or an FP8 cache (uint8
+      [num_pages, page_size, 1, 656]).
     entries: [b, s_q, latent_dim] ``[c_kv | k_pe]`` of the new tokens; cast
-      to the cache's dtype.
+      to the cache's dtype, or quantized (``quantize_kv``) for an FP8
+      cache (latent_dim 576).
     block_table: int32 [b, max_pages].
     cache_seqlens: int32 [b] lengths including the new tokens.
 
@@ -310,7 +349,7 @@ def append_latent(cache: jax.Array, entries: jax.Array,
   """
   cache, entries, block_table, cache_seqlens = _check_append(
       cache, entries, block_table, cache_seqlens)
-  num_pages, page_size, _, latent_dim = cache.shape
+  num_pages, page_size, _, row_width = cache.shape
   b, s_q, _ = entries.shape
   max_pages = block_table.shape[1]
   pos = cache_seqlens[:, None] - s_q + jnp.arange(s_q, dtype=jnp.int32)
@@ -321,7 +360,10 @@ def append_latent(cache: jax.Array, entries: jax.Array,
   # Dropped rows go to page num_pages (a negative id would wrap around).
   page = jnp.where(ok, page, num_pages).reshape(b * s_q)
   slot = (pos % page_size).reshape(b * s_q)
-  rows = entries.reshape(b * s_q, latent_dim).astype(cache.dtype)
+  rows = entries.reshape(b * s_q, entries.shape[2])
+  if fp8_cache.is_fp8_cache(cache):
+    rows = fp8_cache.quantize_kv(rows)
+  rows = rows.reshape(b * s_q, row_width).astype(cache.dtype)
   return jax.lax.platform_dependent(
       cache, rows, page, slot, cpu=_write_rows_in_loop, default=_scatter_rows)
 

@@ -11,13 +11,18 @@ import math
 
 import jax.numpy as jnp
 
+from jax_thundermla import fp8_cache
 from jax_thundermla.deepseek import hf_config as hf
+from jax_thundermla.deepseek.cache import FP8
 
 # mla_decode's keys are [latent | rope] with a rope part of exactly 64.
 ROPE_HEAD_DIM = 64
 # bfloat16/float16 run mla_decode (the CUDA kernel on a GPU); float32 runs
 # the pure-JAX attention with float32 matmuls (parity checks).
 DTYPES = ("bfloat16", "float16", "float32")
+# The KV cache's storage: "auto" in the model's dtype, FP8 in FlashMLA's
+# quantized layout (uint8, 656 bytes a token; kv_lora_rank 512 only).
+KV_CACHE_DTYPES = ("auto", FP8)
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 # Norm epsilon of the query and key-value latents (q_a_layernorm and
@@ -107,6 +112,13 @@ class DeepSeekConfig:
     dtype: activation, weight and cache dtype: ``"bfloat16"``,
       ``"float16"`` or ``"float32"`` (pure-JAX attention, float32 matmuls at
       full precision: for parity checks).
+    kv_cache_dtype: ``"auto"`` (the cache in ``dtype``) or ``"fp8"``: the
+      latent cache in FlashMLA's FP8 layout (uint8 ``[num_pages, page_size,
+      1, 656]``: e4m3 latent values with one float32 power-of-two scale per
+      128, bf16 rope; ``jax_thundermla.quantize_kv``), half the bytes of
+      bf16. New entries are quantized as they are appended and attention
+      reads them dequantized (on the reference backend for now: the CUDA
+      kernel does not take FP8 caches yet). Needs ``kv_lora_rank == 512``.
   """
 
   vocab_size: int = 129280
@@ -143,6 +155,7 @@ class DeepSeekConfig:
   norm_topk_prob: bool = True
   routed_scaling_factor: float = 2.5
   dtype: str = "bfloat16"
+  kv_cache_dtype: str = "auto"
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size",
@@ -199,6 +212,14 @@ class DeepSeekConfig:
             f"{name} must be a bool, got {getattr(self, name)!r}")
     if self.dtype not in DTYPES:
       raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+    if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+      raise ValueError(
+          f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got"
+          f" {self.kv_cache_dtype!r}")
+    if self.fp8_cache and self.kv_lora_rank != fp8_cache.LATENT_DIM:
+      raise ValueError(
+          f"kv_cache_dtype {FP8!r} (FlashMLA's layout) needs kv_lora_rank"
+          f" == {fp8_cache.LATENT_DIM}, got {self.kv_lora_rank}")
     if self.scoring_func not in SCORING_FUNCS:
       raise ValueError(
           f"scoring_func must be one of {SCORING_FUNCS}, got"
@@ -256,6 +277,22 @@ class DeepSeekConfig:
     return jnp.dtype(self.dtype)
 
   @property
+  def fp8_cache(self) -> bool:
+    """Whether the caches are FP8 (``kv_cache_dtype == "fp8"``)."""
+    return self.kv_cache_dtype == FP8
+
+  @property
+  def cache_dtype(self) -> jnp.dtype:
+    """The cache arrays' dtype: uint8 for FP8, else ``dtype``'s."""
+    return jnp.dtype(fp8_cache.CACHE_DTYPE if self.fp8_cache
+                     else self.jnp_dtype)
+
+  @property
+  def cache_width(self) -> int:
+    """The cache arrays' last dim: 656 bytes for FP8, else latent_dim."""
+    return fp8_cache.ENTRY_BYTES if self.fp8_cache else self.latent_dim
+
+  @property
   def rope_mscale(self) -> float:
     """Magnitude applied to RoPE's cos and sin (1.0 for DeepSeek-V3).
 
@@ -284,8 +321,9 @@ class DeepSeekConfig:
 
   @classmethod
   def from_hf(cls, hf_config, *, num_layers: int | None = None,
-              dtype: str = "bfloat16") -> "DeepSeekConfig":
+              dtype: str = "bfloat16",
+              kv_cache_dtype: str = "auto") -> "DeepSeekConfig":
     """Reads a Hugging Face DeepSeek-V2/V3 ``config.json``; see
     ``jax_thundermla.deepseek.hf_config.config_fields``."""
-    return cls(dtype=dtype,
+    return cls(dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                **hf.config_fields(hf_config, num_layers=num_layers))

@@ -238,7 +238,9 @@ def mla_attention(
   Args:
     weights: the layer's weights (local heads under tensor parallelism).
     x: [b, s_q, hidden] the new tokens' normed hidden states.
-    cache: [num_pages, page_size, 1, latent_dim] this layer's cache.
+    cache: [num_pages, page_size, 1, latent_dim] this layer's cache, or
+      its FP8 form (uint8 [num_pages, page_size, 1, 656]): the new entries
+      are quantized into it and attention reads it dequantized.
     block_table: int32 [b, max_pages] page ids of each sequence.
     cache_seqlens: int32 [b] tokens per sequence, the s_q new ones
       included; the new tokens sit at positions ``len - s_q .. len - 1``.

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_thundermla.deepseek.cache import init_cache
+from jax_thundermla.deepseek.cache import FP8, init_cache
 from jax_thundermla.deepseek.config import DeepSeekConfig
 from jax_thundermla.deepseek.layer import (ATTENTION_BACKENDS,
                                            AttentionWeights,
@@ -151,7 +151,7 @@ def init_weights(key: jax.Array, config: DeepSeekConfig) -> ModelWeights:
 
 def init_caches(config: DeepSeekConfig, num_pages: int, page_size: int,
                 *, fill: float = 0.0) -> tuple[jax.Array, ...]:
-  """One cache per layer, each [num_pages, page_size, 1, latent_dim].
+  """One cache per layer, each [num_pages, page_size, 1, cache_width].
 
   Args:
     config: the model config.
@@ -160,10 +160,13 @@ def init_caches(config: DeepSeekConfig, num_pages: int, page_size: int,
     fill: initial value of every slot.
 
   Returns:
-    A tuple of ``config.num_layers`` caches in ``config.dtype``.
+    A tuple of ``config.num_layers`` caches: [..., latent_dim] in
+    ``config.dtype``, or with ``kv_cache_dtype="fp8"`` uint8 [..., 656]
+    FP8 caches.
   """
-  return tuple(init_cache(num_pages, page_size, config.latent_dim,
-                          config.jnp_dtype, fill=fill)
+  dtype = FP8 if config.fp8_cache else config.jnp_dtype
+  return tuple(init_cache(num_pages, page_size, config.latent_dim, dtype,
+                          fill=fill)
                for _ in range(config.num_layers))
 
 
@@ -188,7 +191,9 @@ def decode_step(
 
   Args:
     weights: the model (local shards inside ``jax.shard_map``).
-    caches: one [num_pages, page_size, 1, latent_dim] cache per layer.
+    caches: one [num_pages, page_size, 1, latent_dim] cache per layer
+      (uint8 [num_pages, page_size, 1, 656] with ``kv_cache_dtype="fp8"``;
+      see ``init_caches``).
     tokens: integer [b, s_q] the new tokens. A sequence with a token
       outside ``[0, vocab_size)`` gets NaN logits (and NaN cache entries
       for its new positions, so later steps stay NaN), never a clamped
@@ -209,10 +214,10 @@ def decode_step(
 
   Raises:
     TypeError: non-integer tokens, or a cache of another dtype than the
-      config's.
+      config's (``config.cache_dtype``).
     ValueError: the number of caches is not the number of layers, a cache
-      is not [num_pages, page_size, 1, latent_dim], tokens are not
-      [b, s_q], or an unknown backend.
+      is not [num_pages, page_size, 1, config.cache_width], tokens are not
+      [b, s_q], or an unknown backend (or ``"cuda"`` with FP8 caches).
   """
   _check_inputs(weights, caches, tokens, config, backend)
   eps = config.rms_norm_eps
@@ -261,16 +266,18 @@ def _check_inputs(weights: ModelWeights, caches, tokens, config, backend
         f" {np.dtype(tokens.dtype).name}")
   if tokens.ndim != 2:
     raise ValueError(f"tokens must be [b, s_q], got shape {tokens.shape}")
+  what = ("FP8 entries, kv_cache_dtype 'fp8'" if config.fp8_cache else
+          "latent_dim = kv_lora_rank + 64")
   for i, cache in enumerate(caches):
     shape = tuple(cache.shape)
-    if len(shape) != 4 or shape[2] != 1 or shape[3] != config.latent_dim:
+    if len(shape) != 4 or shape[2] != 1 or shape[3] != config.cache_width:
       raise ValueError(
           f"caches[{i}] must be [num_pages, page_size, 1,"
-          f" {config.latent_dim}] (latent_dim = kv_lora_rank + 64), got"
-          f" {shape}")
-    if cache.dtype != config.jnp_dtype:
+          f" {config.cache_width}] ({what}), got {shape}")
+    if cache.dtype != config.cache_dtype:
       raise TypeError(
-          f"caches[{i}] must be {config.dtype} (the config's dtype), got"
+          f"caches[{i}] must be {config.cache_dtype.name} (the config's"
+          f" {'kv_cache_dtype' if config.fp8_cache else 'dtype'}), got"
           f" {np.dtype(cache.dtype).name}")
 
 
