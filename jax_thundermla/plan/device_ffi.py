@@ -56,14 +56,15 @@ def available() -> bool:
   return _ffi.planner_available()
 
 
-# Words of the planner's scratch (csrc/planner.cuh ``Carve``) per item, per
-# SM and fixed, besides two terms not affine in the items: the sort keys,
-# padded to a power of two (< 2 * items words), and layout A's two tables of
-# ``items * max(0, num_sms + 1 - items)`` words. A test checks the bound
-# against the extension's exact count.
+# Words of the planner's scratch (csrc/planner.cuh ``Carve``) per item (the
+# lengths counted as one word per item), per SM and fixed, besides two terms
+# not affine in the items: the sort keys, padded to a power of two
+# (< 2 * items words), and layout A's table of ``items * max(0, num_sms + 1
+# - items)`` words. A test checks the bound against the extension's exact
+# count.
 _SCRATCH_WORDS_PER_ITEM = 22
 _SCRATCH_WORDS_PER_SM = 15
-_SCRATCH_FIXED_WORDS = 1 + 1024 // 32 + 8
+_SCRATCH_FIXED_WORDS = 1
 
 
 def max_sms() -> int:
@@ -133,7 +134,7 @@ def scratch_bytes_bound(items, num_sms: int):
     At most ``8 * items`` bytes above the exact count (the sort keys are
     counted as ``2 * items`` words), in the type of ``items``.
   """
-  table = 2 * items * jax.core.max_dim(0, num_sms + 1 - items)
+  table = items * jax.core.max_dim(0, num_sms + 1 - items)
   return 8 * ((_SCRATCH_WORDS_PER_ITEM + 2) * items + table
               + _SCRATCH_WORDS_PER_SM * num_sms + _SCRATCH_FIXED_WORDS)
 
