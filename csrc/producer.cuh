@@ -65,9 +65,9 @@ __device__ __forceinline__ void LoadBlock(const MlaDecodeParams& p,
     uint8_t* dst = dst_stage + c * chunk * config::kSwizzleBytes;
 #pragma unroll
     for (int j = 0; j < config::kNumColBlocks; ++j) {
-      ptx::TmaLoad3dHint(dst + j * config::kKvColBlockBytes, kv_map,
-                         j * config::kColBlock, in.kv_head, rows.row[c],
-                         &smem.full[stage], policy);
+      ptx::TmaLoad3d(dst + j * config::kKvColBlockBytes, kv_map,
+                     j * config::kColBlock, in.kv_head, rows.row[c],
+                     &smem.full[stage], policy);
     }
   }
 }

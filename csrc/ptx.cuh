@@ -59,23 +59,11 @@ __device__ __forceinline__ void MbarWaitWarp(uint64_t* bar, uint32_t parity) {
 
 // ---- TMA -----------------------------------------------------------------
 
-// 3-D tiled bulk copy global -> shared, completing on `bar`.
+// 3-D tiled bulk copy global -> shared, completing on `bar`, with an L2
+// eviction policy (PolicyEvictFirst / PolicyEvictNormal below).
 __device__ __forceinline__ void TmaLoad3d(void* dst, const CUtensorMap* map,
                                           int32_t c0, int32_t c1, int32_t c2,
-                                          uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_"
-      "tx::bytes [%0], [%1, {%2, %3, %4}], [%5];" ::"r"(SmemAddr(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2),
-      "r"(SmemAddr(bar))
-      : "memory");
-}
-
-// The same with an L2 eviction policy (from the Policy* functions below).
-__device__ __forceinline__ void TmaLoad3dHint(void* dst, const CUtensorMap* map,
-                                              int32_t c0, int32_t c1,
-                                              int32_t c2, uint64_t* bar,
-                                              uint64_t policy) {
+                                          uint64_t* bar, uint64_t policy) {
   asm volatile(
       "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_"
       "tx::bytes.L2::cache_hint [%0], [%1, {%2, %3, %4}], [%5], %6;" ::"r"(
@@ -85,7 +73,7 @@ __device__ __forceinline__ void TmaLoad3dHint(void* dst, const CUtensorMap* map,
       : "memory");
 }
 
-// L2 eviction policies for the *Hint copies.
+// L2 eviction policies for TmaLoad3d.
 __device__ __forceinline__ uint64_t PolicyEvictFirst() {
   uint64_t policy;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;"
