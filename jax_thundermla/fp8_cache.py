@@ -25,6 +25,7 @@ round up to infinity).
 from __future__ import annotations
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
@@ -58,18 +59,113 @@ def is_fp8_cache(kv_cache) -> bool:
   return getattr(kv_cache, "dtype", None) == CACHE_DTYPE
 
 
+# float32's bit fields: sign, 8 exponent bits (bias 127), 23 mantissa bits.
+_F32_MANTISSA_BITS = 23
+_F32_BIAS = 127
+_F32_MAGNITUDE = 0x7FFFFFFF
+_F32_INF = 0x7F800000  # magnitudes above it are NaN
+# float8_e4m3fn: sign, 4 exponent bits (bias 7), 3 mantissa bits; its
+# subnormals are multiples of 2**-9, 0x7F is NaN, and 448 = 1.75 * 2**8.
+_E4M3_MANTISSA_BITS = 3
+_E4M3_BIAS = 7
+_E4M3_SUBNORMAL_EXPONENT = -9
+_E4M3_NAN = 0x7F
+_FP8_MAX_EXPONENT = 8
+_FP8_MAX_MANTISSA = 0x600000  # 448's float32 mantissa field (0.75 * 2**23)
+
+
+def _float32_bits(x: jax.Array) -> jax.Array:
+  """uint32: the bits of ``x``'s values as float32 (x: bfloat16, float16 or
+  float32), widened by moving bit fields, so exactly and with no float
+  conversion that a compiler could merge with an earlier rounding (XLA
+  drops float convert chains such as float32 -> bfloat16 -> float32)."""
+  if x.dtype == jnp.float32:
+    return lax.bitcast_convert_type(x, jnp.uint32)
+  h = lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+  if x.dtype == jnp.bfloat16:
+    return h << 16
+  # float16: sign, 5 exponent bits (bias 15), 10 mantissa bits.
+  exponent, mantissa = (h >> 10) & 0x1F, h & 0x3FF
+  normal = (((exponent + (_F32_BIAS - 15)) << _F32_MANTISSA_BITS)
+            | (mantissa << 13))
+  inf_or_nan = _F32_INF | (mantissa << 13)
+  # A subnormal is mantissa * 2**-24: the float32 of an integer below 2**10
+  # (exact), its exponent lowered by 24.
+  subnormal = lax.bitcast_convert_type(mantissa.astype(jnp.float32),
+                                       jnp.uint32)
+  subnormal = jnp.where(mantissa == 0, 0,
+                        subnormal - (24 << _F32_MANTISSA_BITS))
+  magnitude = jnp.where(exponent == 0, subnormal,
+                        jnp.where(exponent == 0x1F, inf_or_nan, normal))
+  return ((h & 0x8000) << 16) | magnitude
+
+
+def _round_to_bfloat16(bits: jax.Array) -> jax.Array:
+  """uint16 bfloat16 bits of float32 values (uint32 ``bits``), rounded to
+  nearest, ties to even (overflowing to infinity); a NaN stays a NaN of
+  the same sign."""
+  rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+  is_nan = (bits & _F32_MAGNITUDE) > _F32_INF
+  return jnp.where(is_nan, (bits >> 16) | 0x40, rounded).astype(jnp.uint16)
+
+
+def _shift_right_to_nearest_even(m: jax.Array, shift: jax.Array) -> jax.Array:
+  """``m / 2**shift`` rounded to nearest, ties to even (int32, m >= 0,
+  1 <= shift <= 30)."""
+  q = m >> shift
+  rest = m & ((1 << shift) - 1)
+  half = 1 << (shift - 1)
+  return q + ((rest > half) | ((rest == half) & ((q & 1) == 1)))
+
+
 def _scale_exponents(amax: jax.Array) -> jax.Array:
   """int32: the smallest k >= MIN_SCALE_EXPONENT with amax <= 448 * 2**k.
 
-  Exact (no logarithm): with ``amax = m * 2**e``, ``m`` in [0.5, 1), and
-  ``448 = 0.875 * 2**9``, ``amax <= 448 * 2**k`` iff ``k >= e - 9`` when
-  ``m <= 0.875``, else ``k >= e - 8``. Raising amax to ``448 *
-  2**MIN_SCALE_EXPONENT`` first gives the floor (and keeps zero and
-  subnormals out of frexp).
+  ``amax``: int32 bits of finite non-negative float32 values. With
+  ``amax = (1 + f) * 2**(e - 127)`` (``e``, ``f``: its exponent and
+  mantissa fields) and ``448 = 1.75 * 2**8``, ``amax <= 448 * 2**k`` iff
+  ``k >= e - 135`` when ``f <= 0.75``, else ``k >= e - 134``; zero and
+  subnormals get the floor.
   """
-  floor = FP8_MAX * 2.0 ** MIN_SCALE_EXPONENT
-  m, e = jnp.frexp(jnp.maximum(amax, jnp.float32(floor)))
-  return e - 9 + (m > FP8_MAX / 512).astype(e.dtype)
+  exponent = amax >> _F32_MANTISSA_BITS
+  above = ((amax & 0x7FFFFF) > _FP8_MAX_MANTISSA).astype(jnp.int32)
+  k = exponent - (_F32_BIAS + _FP8_MAX_EXPONENT) + above
+  return jnp.maximum(k, MIN_SCALE_EXPONENT)
+
+
+def _e4m3_codes(magnitude: jax.Array, k: jax.Array) -> jax.Array:
+  """int32 float8_e4m3fn codes (sign bit clear) of ``magnitude * 2**-k``,
+  rounded to nearest, ties to even.
+
+  Args:
+    magnitude: int32 bits of finite non-negative float32 values, each at
+      most ``448 * 2**k``.
+    k: int32 scale exponents, broadcastable to ``magnitude``.
+
+  Returns:
+    int32 codes in ``[0, 0x7E]``.
+  """
+  exponent = magnitude >> _F32_MANTISSA_BITS
+  # At least 2**-6 once scaled: a normal e4m3 value. Scaling subtracts k
+  # from the exponent field; dropping 20 mantissa bits rounds it to 3, a
+  # carry moving into the exponent as it should; the two formats' exponent
+  # fields differ by their biases.
+  min_normal = _F32_BIAS + _E4M3_SUBNORMAL_EXPONENT + _E4M3_MANTISSA_BITS
+  drop = _F32_MANTISSA_BITS - _E4M3_MANTISSA_BITS
+  scaled = magnitude - (k << _F32_MANTISSA_BITS)
+  normal = (_shift_right_to_nearest_even(scaled, drop)
+            - ((_F32_BIAS - _E4M3_BIAS) << _E4M3_MANTISSA_BITS))
+  # Below 2**-6: a multiple of 2**-9, i.e. the 24-bit significand (no
+  # implicit bit for float32 subnormals) shifted right; 8 such units are
+  # the smallest normal value, whose code is 8 too. A shift of 25 already
+  # rounds every significand to 0.
+  significand = ((magnitude & 0x7FFFFF)
+                 | jnp.where(exponent > 0, 1 << _F32_MANTISSA_BITS, 0))
+  shift = (_F32_BIAS + _F32_MANTISSA_BITS + _E4M3_SUBNORMAL_EXPONENT + k
+           - jnp.maximum(exponent, 1))
+  subnormal = _shift_right_to_nearest_even(significand,
+                                           jnp.clip(shift, 1, 25))
+  return jnp.where(exponent - k >= min_normal, normal, subnormal)
 
 
 def quantize_kv(entries: jax.Array) -> jax.Array:
@@ -80,7 +176,11 @@ def quantize_kv(entries: jax.Array) -> jax.Array:
   (and at least ``2**-13``, as FlashMLA's quantizer; an all-zero group gets
   that); the values divided by it are rounded to float8_e4m3fn (to
   nearest, ties to even). The rope values are stored as bfloat16 (exact
-  for bfloat16 input, rounded for float16 and float32).
+  for bfloat16 input, rounded to nearest even for float16 and float32).
+
+  All of it is integer arithmetic on the values' bits (no floating-point
+  operation at all), so the bytes are the same on every backend, eagerly
+  or inside any ``jax.jit``, fused with whatever surrounds them.
 
   Non-finite input never becomes a finite value: a NaN or infinite latent
   value is stored as e4m3 NaN (it reads back as NaN; e4m3fn has no
@@ -116,19 +216,21 @@ def quantize_kv(entries: jax.Array) -> jax.Array:
 @jax.jit
 def _quantize(entries: jax.Array) -> jax.Array:
   lead = entries.shape[:-1]
-  latent = entries[..., :LATENT_DIM].astype(jnp.float32).reshape(
-      *lead, NUM_SCALES, SCALE_GROUP)
-  finite = jnp.isfinite(latent)
-  amax = jnp.max(jnp.where(finite, jnp.abs(latent), 0.0), axis=-1)
-  scale = jnp.ldexp(jnp.float32(1.0), _scale_exponents(amax))
-  # Dividing by a power of two is exact; the cast is the one rounding.
-  values = jnp.where(finite, latent / scale[..., None], jnp.nan)
-  values = values.astype(VALUE_DTYPE).reshape(*lead, LATENT_DIM)
-  rope = entries[..., LATENT_DIM:].astype(ROPE_STORAGE_DTYPE)
-  as_bytes = lambda x: jax.lax.bitcast_convert_type(x, CACHE_DTYPE).reshape(
+  bits = _float32_bits(entries)
+  latent = bits[..., :LATENT_DIM].reshape(*lead, NUM_SCALES, SCALE_GROUP)
+  magnitude = (latent & _F32_MAGNITUDE).astype(jnp.int32)
+  finite = magnitude < _F32_INF
+  magnitude = jnp.where(finite, magnitude, 0)
+  # Non-negative floats order as their bits do.
+  k = _scale_exponents(jnp.max(magnitude, axis=-1))
+  sign = ((latent >> 24) & 0x80).astype(jnp.int32)
+  values = jnp.where(finite, _e4m3_codes(magnitude, k[..., None]) | sign,
+                     _E4M3_NAN).astype(CACHE_DTYPE).reshape(*lead, LATENT_DIM)
+  scales = ((k + _F32_BIAS) << _F32_MANTISSA_BITS).astype(jnp.uint32)
+  rope = _round_to_bfloat16(bits[..., LATENT_DIM:])
+  as_bytes = lambda x: lax.bitcast_convert_type(x, CACHE_DTYPE).reshape(
       *lead, -1)
-  return jnp.concatenate(
-      [as_bytes(values), as_bytes(scale), as_bytes(rope)], axis=-1)
+  return jnp.concatenate([values, as_bytes(scales), as_bytes(rope)], axis=-1)
 
 
 def split_fp8(kv_cache: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -174,6 +276,12 @@ def dequantize_kv(kv_cache: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
   rounds below its normal range, as any cast to float16 does. A group whose
   scale is NaN or infinite reads back as NaN (all 128 values); an e4m3 NaN
   reads back as NaN.
+
+  Each step is one correctly rounded operation (a widening conversion, a
+  product, a cast), exact for the caches ``quantize_kv`` writes (but for
+  float16's overflow), so the values do not depend on how a compiler fuses
+  or reorders them: eager, jitted or fused with ``quantize_kv`` they agree
+  bit for bit.
 
   Args:
     kv_cache: uint8 [..., 656] FP8 cache entries (e.g. a whole cache
