@@ -41,6 +41,19 @@ def parts(cache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
           np.ascontiguousarray(cache[..., 528:]).view(BF16))
 
 
+def assert_same_values(actual, desired) -> None:
+  """NaN exactly where ``desired`` has NaN, the same bits elsewhere (signed
+  zeros included); compared as float32, never by NaN bits, which differ
+  between backends and between fused and unfused code."""
+  actual = np.asarray(actual, np.float32)
+  desired = np.asarray(desired, np.float32)
+  assert actual.shape == desired.shape, (actual.shape, desired.shape)
+  nan = np.isnan(desired)
+  np.testing.assert_array_equal(np.isnan(actual), nan)
+  np.testing.assert_array_equal(actual[~nan].view(np.uint32),
+                                desired[~nan].view(np.uint32))
+
+
 def random_entries(rng, shape, dtype=BF16) -> np.ndarray:
   """Normal values, each 128-group and the rope at its own magnitude
   (2**-20 .. 2**20), a few groups all zero."""
@@ -160,7 +173,7 @@ def test_non_finite_inputs_read_back_as_nan_and_spare_their_group():
   latent_bad = ~np.isfinite(x[:, :512])
   assert np.isnan(back[:, :512][latent_bad]).all()
   assert np.isfinite(back[:, :512][~latent_bad]).all()
-  np.testing.assert_array_equal(back[:, 512:], x[:, 512:].astype(BF16))
+  assert_same_values(back[:, 512:], x[:, 512:].astype(BF16))
   # The other values of a group are quantized as if the bad one were 0.
   clean = np.where(latent_bad, 0.0, x[:, :512])
   want = np.asarray(tmla.dequantize_kv(tmla.quantize_kv(jnp.asarray(
@@ -185,13 +198,153 @@ def test_non_finite_scales_read_back_as_nan_groups(bad_scale):
 def test_jit_and_leading_shapes():
   x = jnp.asarray(random_entries(np.random.default_rng(6), (2, 3, 1, 1)))
   jitted = jax.jit(lambda e: tmla.dequantize_kv(tmla.quantize_kv(e)))
-  np.testing.assert_array_equal(
-      np.asarray(jitted(x)),
-      np.asarray(tmla.dequantize_kv(tmla.quantize_kv(x))))
+  assert_same_values(jitted(x), tmla.dequantize_kv(tmla.quantize_kv(x)))
   one = tmla.quantize_kv(x[0, 0, 0, 0])
   assert one.shape == (656,)
   np.testing.assert_array_equal(np.asarray(one),
                                 np.asarray(tmla.quantize_kv(x))[0, 0, 0, 0])
+
+
+def hard_entries(dtype) -> np.ndarray:
+  """[8, 576] entries at the edges of the rounding: in group 0, 448 * 2**k
+  (so the scale is 2**k) and every tie between e4m3 neighbours times
+  2**k, with random signs; in group 1, multiples of the dtype's smallest
+  subnormal; in group 2, NaN and infinities among normal values; group 3
+  and the rope random."""
+  rng = np.random.default_rng(7)
+  x = random_entries(rng, (8,), np.float64)
+  x = np.clip(x, -6e4, 6e4)  # float16's range
+  e4m3 = np.arange(256, dtype=np.uint8).view(E4M3).astype(np.float64)
+  steps = np.unique(e4m3[np.isfinite(e4m3) & (e4m3 >= 0)])  # 0 .. 448
+  ties = (steps[1:] + steps[:-1]) / 2
+  for i, k in enumerate([-13, -8, -3, 0, 1, 2, 5, 7]):  # float16 holds all
+    signs = rng.choice([-1.0, 1.0], ties.size)
+    x[i, :128] = np.concatenate([[448.0], ties * signs, [0.0]]) * 2.0 ** k
+  tiny = float(ml_dtypes.finfo(dtype).smallest_subnormal)
+  x[:, 128:256] = rng.integers(-300, 301, (8, 128)) * tiny
+  x[:, 260], x[::2, 300], x[1::2, 301] = np.nan, np.inf, -np.inf
+  return x.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [BF16, np.float16, np.float32])
+def test_ties_subnormals_and_non_finite_values(dtype):
+  """Ties go to the even e4m3 value, subnormal input is read exactly (and
+  rounds to e4m3 subnormals or signed zeros), as numpy's float32 ->
+  float8_e4m3fn cast does; non-finite values become NaN."""
+  x = hard_entries(dtype)
+  values, scales, rope = parts(tmla.quantize_kv(jnp.asarray(x)))
+  latent = x[:, :512].astype(np.float64).reshape(8, 4, 128)
+  finite = np.isfinite(latent)
+  amax = np.where(finite, np.abs(latent), 0.0).max(-1)
+  with np.errstate(divide="ignore"):
+    exponents = np.maximum(np.ceil(np.log2(amax / 448.0)), -13)
+  np.testing.assert_array_equal(scales, 2.0 ** exponents)
+  assert (scales[:, 0] == 2.0 ** np.array([-13, -8, -3, 0, 1, 2, 5, 7])).all()
+  want = (np.where(finite, latent, 0.0) / scales[..., None]).astype(
+      np.float32).astype(E4M3).reshape(8, 512)
+  finite = finite.reshape(8, 512)
+  np.testing.assert_array_equal(np.isnan(values.astype(np.float32)),
+                                ~finite)
+  np.testing.assert_array_equal(values.view(np.uint8)[finite],
+                                want.view(np.uint8)[finite])
+  assert_same_values(rope, x[:, 512:].astype(BF16))
+
+
+def float_equations(fn, *args) -> list[tuple[str, tuple, tuple]]:
+  """(primitive, input dtypes, output dtypes) of each equation of ``fn``'s
+  jaxpr, nested jaxprs included, that takes or makes a floating-point
+  value."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      inner = [p for v in eqn.params.values()
+               for p in (v if isinstance(v, (tuple, list)) else (v,))
+               if isinstance(p, (jax.extend.core.ClosedJaxpr,
+                                 jax.extend.core.Jaxpr))]
+      for p in inner:
+        walk(getattr(p, "jaxpr", p))
+      ins = tuple(np.dtype(v.aval.dtype) for v in eqn.invars)
+      outs = tuple(np.dtype(v.aval.dtype) for v in eqn.outvars)
+      if not inner and any(jnp.issubdtype(d, jnp.floating)
+                           for d in ins + outs):
+        found.append((eqn.primitive.name, ins, outs))
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_quantize_does_no_float_arithmetic(dtype):
+  """quantize_kv reads its input's bits and works on integers only.
+  Compilers fuse, reorder, contract and (XLA's excess-precision rule,
+  e.g. its GPU compiler dropping float32 -> e4m3 -> float32 convert
+  chains) skip float roundings, so float math could give other bytes
+  fused than unfused; integer math they compute as written."""
+  eqns = float_equations(tmla.quantize_kv, jnp.zeros((2, 576), dtype))
+  assert eqns
+  for name, ins, outs in eqns:
+    # The input's bits, and (float16 subnormals) the exact float32 of an
+    # integer below 2**10.
+    assert (name == "bitcast_convert_type"
+            or (name == "convert_element_type"
+                and not jnp.issubdtype(ins[0], jnp.floating))), (
+                    name, ins, outs)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_dequantize_rounds_once(dtype):
+  """dequantize_kv: exact widenings, one product (exact for power-of-two
+  scales), one cast to ``dtype``; nothing whose result a compiler's
+  rewrites (reciprocals, contractions, dropped convert chains) could
+  change."""
+  exact = {(np.dtype(E4M3), np.dtype(np.float32)),
+           (np.dtype(BF16), np.dtype(np.float32)),
+           (np.dtype(np.float32), np.dtype(np.float32))}
+  moves = {"bitcast_convert_type", "broadcast_in_dim", "concatenate",
+           "reshape", "slice", "squeeze", "select_n", "is_finite"}
+  eqns = float_equations(lambda c: tmla.dequantize_kv(c, dtype),
+                         jnp.zeros((2, 656), jnp.uint8))
+  assert [name for name, _, _ in eqns].count("mul") == 1
+  for name, ins, outs in eqns:
+    if name == "convert_element_type":
+      assert (ins[0], outs[0]) in exact or outs[0] == np.dtype(dtype), (
+          ins, outs)
+    else:
+      assert name in moves | {"mul"}, (name, ins, outs)
+
+
+@pytest.mark.parametrize("dtype", [BF16, np.float16, np.float32])
+def test_fused_and_unfused_agree(dtype):
+  """The same bytes and values op by op (jax.disable_jit: nothing fused),
+  jitted, fused with a cast before and a read after, or kept apart by an
+  optimization barrier."""
+  x = hard_entries(dtype)
+  with jax.disable_jit():
+    unfused = np.asarray(tmla.quantize_kv(jnp.asarray(x)))
+    read = {out: np.asarray(tmla.dequantize_kv(jnp.asarray(unfused), out))
+            for out in (jnp.bfloat16, jnp.float16, jnp.float32)}
+  for quantize in (tmla.quantize_kv, jax.jit(tmla.quantize_kv)):
+    np.testing.assert_array_equal(np.asarray(quantize(jnp.asarray(x))),
+                                  unfused)
+  # A cast to the input dtype inside the same jit: its rounding stays.
+  source = np.random.default_rng(8).standard_normal((8, 576)).astype(
+      np.float32)
+  with jax.disable_jit():
+    want = np.asarray(tmla.quantize_kv(jnp.asarray(source).astype(dtype)))
+  np.testing.assert_array_equal(
+      np.asarray(jax.jit(lambda s: tmla.quantize_kv(s.astype(dtype)))(
+          jnp.asarray(source))), want)
+  for out, want in read.items():
+    fused = jax.jit(lambda e, out=out: tmla.dequantize_kv(
+        tmla.quantize_kv(e), out))
+    apart = jax.jit(lambda e, out=out: tmla.dequantize_kv(
+        jax.lax.optimization_barrier(tmla.quantize_kv(e)), out))
+    for fn in (fused, apart):
+      got = fn(jnp.asarray(x))
+      assert got.dtype == out
+      assert_same_values(got, want)
+    assert_same_values(tmla.dequantize_kv(jnp.asarray(unfused), out), want)
 
 
 @pytest.mark.parametrize("call,error,words", [
