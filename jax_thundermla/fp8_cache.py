@@ -178,9 +178,10 @@ def quantize_kv(entries: jax.Array) -> jax.Array:
   nearest, ties to even). The rope values are stored as bfloat16 (exact
   for bfloat16 input, rounded to nearest even for float16 and float32).
 
-  All of it is integer arithmetic on the values' bits (no floating-point
-  operation at all), so the bytes are the same on every backend, eagerly
-  or inside any ``jax.jit``, fused with whatever surrounds them.
+  All of it is integer arithmetic on the values' bits, with no
+  floating-point rounding anywhere, so the bytes are the same on every
+  backend, eagerly or inside any ``jax.jit``, fused with whatever
+  surrounds them.
 
   Non-finite input never becomes a finite value: a NaN or infinite latent
   value is stored as e4m3 NaN (it reads back as NaN; e4m3fn has no
