@@ -34,19 +34,10 @@ def _chunk_pages(batch, page_size: int, h_kv: int, d_qk: int,
 
 def _entries_f32(entries: jax.Array) -> jax.Array:
   """Cache entries [..., d_qk] as float32: upcast, or read from FP8 bytes
-  (uint8 [..., 656], as ``dequantize_kv`` reads them).
-
-  The result passes an optimization barrier, which keeps the read out of
-  the fusions that use it: everything after it is the same program for
-  every cache format, so an FP8 cache gives bit for bit what a bf16 cache
-  of its dequantized values gives (XLA would otherwise fuse each read into
-  the products its own way, and may pick other GEMM algorithms for them).
-  """
+  (uint8 [..., 656], as ``dequantize_kv`` reads them)."""
   if fp8_cache.is_fp8_cache(entries):
-    f32 = fp8_cache.dequantize_entries(entries, jnp.float32)
-  else:
-    f32 = entries.astype(jnp.float32)
-  return jax.lax.optimization_barrier(f32)
+    return fp8_cache.dequantize_entries(entries, jnp.float32)
+  return entries.astype(jnp.float32)
 
 
 def invalid_sequences(block_table: jax.Array, cache_seqlens: jax.Array,

@@ -88,18 +88,26 @@ def test_matches_float64_oracle_on_the_dequantized_cache(s_q, h_kv, causal,
 
 @pytest.mark.parametrize("q_dtype", [jnp.bfloat16, jnp.float16])
 def test_equals_the_bf16_path_on_the_dequantized_cache(q_dtype):
-  """Same math: bit for bit what a cache of q's dtype holding the
-  dequantized values gives (they are exact in it here). Exact by
-  construction: both read a chunk into the same float32 values behind an
-  optimization barrier, and the rest is one program."""
+  """Same math on the same values: what a cache of q's dtype holding the
+  dequantized values gives (they are exact in it here), within one rounding
+  of the output. The two are different programs, and XLA may sum their
+  float32 products in another order (another GEMM algorithm on a GPU: an
+  H100 gave 1-ulp differences in 0.2 % of the bf16 outputs), so only the
+  final rounding may differ."""
   q, cache, table, lens = fp8_inputs(2, s_q=2, q_dtype=q_dtype)
+  eps = float(jnp.finfo(q_dtype).eps)
   for fn in (decode, jax.jit(decode)):
     out, lse = fn(q, cache, table, lens)
     want_out, want_lse = fn(q, tmla.dequantize_kv(cache, q_dtype),
                             table, lens)
-    np.testing.assert_array_equal(np.asarray(out, np.float32),
-                                  np.asarray(want_out, np.float32))
-    np.testing.assert_array_equal(np.asarray(lse), np.asarray(want_lse))
+    out = np.asarray(out, np.float32)
+    want_out = np.asarray(want_out, np.float32)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(want_out))
+    # One unit in the last place of the output dtype is at most
+    # eps * |value|.
+    np.testing.assert_allclose(out, want_out, rtol=eps, atol=0)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_non_finite_scales_give_nan_rows_of_the_sequences_that_see_them():
