@@ -122,6 +122,16 @@ TMLA_HD inline void AtomicAdd(int64_t* at, int64_t v) {
 #endif
 }
 
+// *at = max(*at, v) for v >= 0 (and *at >= 0).
+TMLA_HD inline void AtomicMax(int64_t* at, int64_t v) {
+#if defined(__CUDA_ARCH__)
+  atomicMax(reinterpret_cast<unsigned long long*>(at),
+            static_cast<unsigned long long>(v));
+#else
+  *at = Max64(*at, v);
+#endif
+}
+
 // Inclusive prefix sums of `count` arrays at once, two barriers for all:
 // a[k][i] becomes init(k, 0) + ... + init(k, i) for i < n[k]; tmp holds
 // 32 * count words. init may read what other threads wrote before the

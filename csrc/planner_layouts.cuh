@@ -154,6 +154,7 @@ TMLA_HD inline Measure MeasureB(Ctx& c, const Items& it, const Scratch& s) {
   for (int i = c.tid; i < n; i += c.nt) {
     s.sm0[i] = sm0(i);
     s.k_b[i] = 1;
+    s.ready_b[i] = 0;
   }
   // Run boundary t: the item it falls in, the page it cuts at, the SM of
   // the piece it starts and the SM that piece counts as on (eff).
@@ -239,12 +240,13 @@ TMLA_HD inline Measure MeasureB(Ctx& c, const Items& it, const Scratch& s) {
   for (int sm = c.tid; sm < S; sm += c.nt) {
     s.load[sm] = before(s.first_b[sm + 1]) - before(s.first_b[sm]);
   }
-  for (int i = c.tid; i < n; i += c.nt) {
-    int64_t ready = 0;
-    for (int64_t q = s.start_b[i] - s.k_b[i]; q < s.start_b[i]; ++q) {
-      ready = Max64(ready, s.p_end[q] - before(s.first_b[s.p_sm[q]]));
-    }
-    s.ready_b[i] = ready;
+  // Each item's ready time: the latest end of its pieces, each on its SM's
+  // clock (a piece ends at or after its SM's start, so the maximum starts
+  // from 0). The device takes it over the pieces at once, not item by item:
+  // one item may have a piece on every SM.
+  for (int q = c.tid; q < pieces; q += c.nt) {
+    AtomicMax(&s.ready_b[s.p_item[q]],
+              s.p_end[q] - before(s.first_b[s.p_sm[q]]));
   }
   Sync();
   int64_t makespan = 0, longest = 0;
