@@ -68,6 +68,8 @@ constexpr int kSmemAlign = kSwizzleAtomBytes;
 constexpr int kSmemBytes = kSmemUsed + kSmemAlign;
 constexpr int kMaxSmemPerBlock = 232448;  // 227 KB opt-in limit of sm_90
 static_assert(kSmemBytes <= kMaxSmemPerBlock, "shared memory plan too big");
+static_assert(kSmemNext % 16 == 0,
+              "cp.async stages the next instruction's words in 16-byte pieces");
 static_assert(kSmemKv % kSwizzleAtomBytes == 0 &&
                   kSmemP % kSwizzleAtomBytes == 0 &&
                   kStageBytes % kSwizzleAtomBytes == 0,
