@@ -42,6 +42,10 @@ class Config:
     causal: bottom-right causal masking.
     cuda_impl: one of CUDA_IMPLS, what the ``cuda`` lowering runs.
     plan: the static fields of a host plan, or None (plan on the device).
+    hoisted: the plan is the device plan of this call's own lengths, built
+      outside the loop body that makes the call (``api.mla_decode``); the
+      reference ignores it, and a rule that batches or splits the call
+      drops it and plans on the device as with ``plan=None``.
   """
 
   head_dim_v: int
@@ -49,11 +53,18 @@ class Config:
   causal: bool
   cuda_impl: str
   plan: tuple | None
+  hoisted: bool = False
 
   def __post_init__(self):
     if self.cuda_impl not in CUDA_IMPLS:
       raise ValueError(
           f"cuda_impl must be one of {CUDA_IMPLS}, got {self.cuda_impl!r}")
+    if self.hoisted and self.plan is None:
+      raise ValueError("a hoisted plan needs the plan's static fields")
+
+  def unplanned(self) -> Config:
+    """This configuration planning on the device (a hoisted plan dropped)."""
+    return dataclasses.replace(self, plan=None, hoisted=False)
 
 
 def _abstract_eval(q, kv_cache, block_table, cache_seqlens, *plan_leaves,
@@ -69,7 +80,7 @@ def _reference_impl(q, kv_cache, block_table, cache_seqlens, *plan_leaves,
   out, lse = reference.mla_decode_reference(
       q, kv_cache, block_table, cache_seqlens, head_dim_v=config.head_dim_v,
       softmax_scale=config.softmax_scale, causal=config.causal)
-  if plan_leaves:
+  if plan_leaves and not config.hoisted:
     # A sequence whose length is not the one the host plan was built for
     # gets NaN (the kernel does this itself).
     stale = plan_leaves[1] != cache_seqlens
@@ -197,13 +208,18 @@ def operation(config: Config):
                  plan_leaves):
     args = (q, kv_cache, block_table, cache_seqlens, plan_leaves)
     kvb = in_batched[1]
+    op = batched
+    if config.hoisted:
+      # The hoisted plan is that of the unmapped lengths: plan per problem.
+      op = operation(config.unplanned())
+      args, in_batched = (*args[:4], ()), (*in_batched[:4], ())
     # A host plan describes one problem: loop. So does a folded cache whose
     # page ids would not fit in int32.
     too_many_pages = n * kv_cache.shape[1] > _validation.INT32_MAX
-    if plan_leaves or (kvb and too_many_pages):
-      out = _loop(batched, in_batched, args)
+    if args[4] or (kvb and too_many_pages):
+      out = _loop(op, in_batched, args)
     else:
-      out = _fold(batched, n, in_batched[:4], *args[:4])
+      out = _fold(op, n, in_batched[:4], *args[:4])
     return out, (True, True)
 
   @jax.custom_jvp

@@ -16,7 +16,9 @@ over its pages is gathered (page ids name pages of the whole cache), a
 dimension sharded unevenly is gathered. A host DecodePlan describes the whole
 batch and all heads on one device: under batch or head sharding the rule
 raises; plan on the device (``plan=None``, each shard plans its own part) or
-call mla_decode inside ``jax.shard_map`` with a plan per shard.
+call mla_decode inside ``jax.shard_map`` with a plan per shard. The plan that
+``plan=None`` builds outside a loop body (``api``) is dropped there, and each
+shard plans its own part.
 """
 
 from __future__ import annotations
@@ -100,14 +102,19 @@ def partition(bind, config, mesh, arg_shapes, result_shape):
   """custom_partitioning's ``partition``: shardings and the local function.
 
   Raises:
-    ValueError: a host plan with the batch or the heads split.
+    ValueError: a host plan with the batch or the heads split (a hoisted
+      device plan is dropped instead).
   """
   del result_shape
   q, kv_cache, _, _, plan_leaves = arg_shapes
   batch_axes, head_axes, split_kv = local_axes(
       mesh, q.sharding, batch=q.shape[0], h_q=q.shape[2],
       h_kv=kv_cache.shape[2])
-  if plan_leaves and (batch_axes or head_axes):
+  split = bool(batch_axes or head_axes)
+  if plan_leaves and split and config.hoisted:
+    # A hoisted device plan covers the whole call: each shard plans its own.
+    config = config.unplanned()
+  elif plan_leaves and split:
     raise ValueError(
         "mla_decode: a host DecodePlan covers the whole batch and all heads,"
         f" but the call is split over mesh axes {batch_axes + head_axes};"
@@ -122,6 +129,8 @@ def partition(bind, config, mesh, arg_shapes, result_shape):
   results = (named(b, None, h, None), named(b, h, None))
 
   def lower_fn(q, kv_cache, block_table, cache_seqlens, plan_leaves):
+    if config.plan is None:
+      plan_leaves = ()
     return bind(config, q, kv_cache, block_table, cache_seqlens, plan_leaves)
 
   return mesh, lower_fn, results, args

@@ -56,6 +56,53 @@ def _check_plan(plan, shapes: _validation.DecodeShapes) -> None:
                         head_dim_v=shapes.d_v)
 
 
+def _enclosing_trace(x):
+  """The trace outside the current loop body that made ``x``, or None.
+
+  A value that a ``lax.scan`` (``while_loop``, ``cond``, nested ``jit``) body
+  closes over is a tracer of the trace around the body. Work that depends on
+  it alone can be staged there, once, rather than in the body, where XLA's
+  GPU pipeline leaves it (it runs no loop-invariant code motion). This reads
+  JAX's trace context (``jax._src.core``); None where that is not available,
+  where ``x`` belongs to the current trace, or where either trace is not a
+  staging (jit/scan) trace.
+  """
+  try:
+    from jax._src import core  # pylint: disable=g-import-not-at-top
+    from jax._src.interpreters import partial_eval as pe  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  staging = getattr(pe, "DynamicJaxprTrace", None)
+  current = getattr(getattr(core, "trace_ctx", None), "trace", None)
+  trace = getattr(x, "_trace", None)
+  if (staging is None or not hasattr(core, "set_current_trace")
+      or trace is None or trace is current
+      or not isinstance(trace, staging) or not isinstance(current, staging)):
+    return None
+  is_valid = getattr(trace, "is_valid", None)
+  return trace if is_valid is None or is_valid() else None
+
+
+def _hoisted_plan(cache_seqlens, shapes: _validation.DecodeShapes):
+  """The device plan of ``plan=None``, built outside the loop body.
+
+  Under ``lax.scan`` over layers with the lengths closed over, every layer
+  would plan again: planning in the trace that made the lengths builds one
+  plan for all of them. None when the lengths belong to the current trace
+  (XLA merges the identical planning of separate calls itself).
+  """
+  trace = _enclosing_trace(cache_seqlens)
+  if trace is None:
+    return None
+  from jax._src import core  # pylint: disable=g-import-not-at-top
+  from jax_thundermla import kernel  # pylint: disable=g-import-not-at-top
+  with core.set_current_trace(trace):
+    return kernel.default_plan(
+        cache_seqlens, s_q=shapes.s_q, h_q=shapes.h_q, h_kv=shapes.h_kv,
+        page_size=shapes.page_size, max_pages=shapes.max_pages,
+        head_dim_v=shapes.d_v)
+
+
 def mla_decode(
     q: jax.Array,
     kv_cache: jax.Array,
@@ -107,7 +154,9 @@ def mla_decode(
     plan: a ``DecodePlan`` from ``plan_decode`` (host) or
       ``plan_on_device`` (inside jit) for these lengths, reused by every
       layer of a step, or None to plan on the device inside the same jit
-      for this call alone (one small planning kernel per call). A plan used
+      (one small planning kernel; XLA merges those of calls with the same
+      lengths, and a ``lax.scan`` body that closes over ``cache_seqlens``
+      plans once, outside the loop, not once per layer). A plan used
       with lengths other than those
       it was built for gives NaN in the outputs of every sequence whose
       length differs, never a silently wrong result.
@@ -164,10 +213,14 @@ def mla_decode(
     return _mla_decode_timed(q, kv_cache, block_table, cache_seqlens, plan,
                              head_dim_v=int(head_dim_v), softmax_scale=scale,
                              causal=bool(causal))
+  hoisted = False
+  if plan is None and cuda_impl == "kernel" and _ffi.gpu_available():
+    plan = _hoisted_plan(cache_seqlens, shapes)
+    hoisted = plan is not None
   config = _op.Config(
       head_dim_v=int(head_dim_v), softmax_scale=scale, causal=bool(causal),
       cuda_impl=cuda_impl,
-      plan=None if plan is None else _op.plan_meta(plan))
+      plan=None if plan is None else _op.plan_meta(plan), hoisted=hoisted)
   return _mla_decode_jit(q, kv_cache, block_table, cache_seqlens,
                          _op.plan_leaves(plan), config=config)
 

@@ -31,6 +31,15 @@ def unsupported_reason(*, head_dim_v: int, d_qk: int,
   return None
 
 
+def default_plan(cache_seqlens: jax.Array, *, s_q: int, h_q: int, h_kv: int,
+                 page_size: int, max_pages: int,
+                 head_dim_v: int) -> DecodePlan:
+  """The device plan that the kernel runs when mla_decode gets none."""
+  return plan_on_device(cache_seqlens, s_q=s_q, h_q=h_q, h_kv=h_kv,
+                        page_size=page_size, max_seqlen=max_pages * page_size,
+                        head_dim_v=head_dim_v)
+
+
 def mla_decode_cuda(q: jax.Array, kv_cache: jax.Array,
                     block_table: jax.Array, cache_seqlens: jax.Array,
                     plan: DecodePlan | None, *, head_dim_v: int,
@@ -76,10 +85,9 @@ def mla_decode_cuda(q: jax.Array, kv_cache: jax.Array,
   _, page_size, h_kv, _ = kv_cache.shape
   max_pages = block_table.shape[1]
   if plan is None:
-    plan = plan_on_device(cache_seqlens, s_q=s_q, h_q=h_q, h_kv=h_kv,
-                          page_size=page_size,
-                          max_seqlen=max_pages * page_size,
-                          head_dim_v=head_dim_v)
+    plan = default_plan(cache_seqlens, s_q=s_q, h_q=h_q, h_kv=h_kv,
+                        page_size=page_size, max_pages=max_pages,
+                        head_dim_v=head_dim_v)
   results = [jax.ShapeDtypeStruct((b, s_q, h_q, head_dim_v), q.dtype),
              jax.ShapeDtypeStruct((b, h_q, s_q), jnp.float32),
              jax.ShapeDtypeStruct((plan.workspace_words(head_dim_v),),

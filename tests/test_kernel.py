@@ -289,6 +289,34 @@ def test_scan_over_layers_with_one_plan():
 
 
 @quick
+def test_scan_over_layers_plans_once_outside_the_loop():
+  # plan=None, lengths closed over by the scan body: one planning call,
+  # staged before the loop, and every layer right.
+  w = Workload("t", (3000, 64, 1, 700), s_q=2, h_q=16, page_size=64,
+               causal=True)
+  q, kv, table, lens = _inputs(w, 6)
+  caches = jnp.stack([kv, kv * 0.5, -kv])
+
+  @jax.jit
+  def layers(q, caches, table, lens):
+    def body(carry, cache):
+      out, lse = tmla.mla_decode(q, cache, table, lens, causal=True,
+                                 softmax_scale=w.softmax_scale)
+      return carry, (out, lse)
+    return jax.lax.scan(body, 0, caches)[1]
+
+  text = layers.lower(q, caches, table, lens).as_text()
+  assert text.count("tmla_plan") == 1, text.count("tmla_plan")
+  assert text.index("tmla_plan") < text.index("stablehlo.while")
+  outs, lses = layers(q, caches, table, lens)
+  for i in range(3):
+    want = tmla.mla_decode(q, caches[i], table, lens, causal=True,
+                           softmax_scale=w.softmax_scale, backend="reference")
+    assert_decode_close(outs[i], lses[i], np.asarray(want[0], np.float64),
+                        np.asarray(want[1], np.float64))
+
+
+@quick
 @pytest.mark.parametrize("scheduler", [None, "makespan"])
 @pytest.mark.parametrize("poison", ["nan_key", "nan_rope"])
 def test_keys_hidden_by_causality_never_affect_a_row(scheduler, poison):

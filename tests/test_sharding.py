@@ -110,6 +110,37 @@ def check_host_plan_under_batch_sharding_raises(mesh) -> None:
   assert not np.isnan(np.asarray(out[0], np.float32)).any()
 
 
+def check_scan_with_a_hoisted_plan(mesh) -> None:
+  """plan=None in a scan body that closes over the lengths, traced as on a
+  GPU (the plan is made once, outside the loop): with the batch and heads
+  split the rule drops that plan and each shard plans its own part."""
+  from jax_thundermla import _ffi  # pylint: disable=g-import-not-at-top
+  saved = _ffi.gpu_available, _ffi.kernel_available
+  _ffi.gpu_available = _ffi.kernel_available = lambda: True
+  try:
+    q, kv, table, lens = inputs(seed=4)
+    caches = jnp.stack([kv, -kv])
+
+    @jax.jit
+    def step(q, caches, table, lens):
+      layer = lambda c, kv: (c, decode(q, kv, table, lens))
+      return jax.lax.scan(layer, 0, caches)[1]
+
+    want_out, want_lse = (np.asarray(x, np.float64)
+                          for x in step(q, caches, table, lens))
+    put = lambda x, *s: jax.device_put(x, NamedSharding(mesh, P(*s)))
+    sharded = (put(q, "data", None, "tp"), caches, put(table, "data"),
+               put(lens, "data"))
+    out, lse = step(*sharded)
+    for i in range(2):
+      assert_decode_close(out[i], lse[i], want_out[i], want_lse[i],
+                          rtol=1e-3, lse_atol=1e-5)
+    hlo = step.lower(*sharded).compile().as_text()
+    assert not _COLLECTIVE.search(hlo), _COLLECTIVE.findall(hlo)
+  finally:
+    _ffi.gpu_available, _ffi.kernel_available = saved
+
+
 def check_cuda_lowering_is_partitioned(mesh) -> None:
   args = [jax.device_put(x, NamedSharding(mesh, s)) for x, s in zip(
       inputs(), (P("data", None, "tp"), P(), P("data"), P("data")))]
@@ -160,6 +191,7 @@ def check_all(devices=None, backend=None) -> None:
     check_local(heads, P(None, None, "tp"), h_kv=2, local=False)
     check_vmap_over_a_sharded_axis(mesh)
     check_host_plan_under_batch_sharding_raises(mesh)
+    check_scan_with_a_hoisted_plan(mesh)
     check_cuda_lowering_is_partitioned(mesh)
 
 
