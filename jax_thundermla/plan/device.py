@@ -134,7 +134,8 @@ def plan_on_device(cache_seqlens: Any, *, s_q: int, h_q: int, h_kv: int = 1,
   Plan once per decode step and pass the plan to every layer: each call
   plans again. Inside ``jax.lax.scan`` over layers, build the plan before
   the scan and close over it (or pass it in the carry), so that it is not
-  rebuilt once per layer::
+  rebuilt once per layer (``mla_decode(..., plan=None)`` does this itself
+  when the scan body closes over the lengths)::
 
     @jax.jit
     def step(q, caches, table, lens):
