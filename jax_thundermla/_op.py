@@ -123,6 +123,69 @@ mlir.register_lowering(
     platform="cuda")
 
 
+# The device plan of plan=None built outside a loop body (api.mla_decode):
+# its cuda lowering runs the planner; other platforms' lowerings (a program
+# exported for several) give zeros, since only the kernel reads the plan.
+# ``request`` is (s_q, h_q, h_kv, page_size, max_pages, head_dim_v) and
+# ``out_shapes`` the plan's leaf shapes.
+def _default_plan(lengths, request: tuple):
+  from jax_thundermla import kernel  # pylint: disable=g-import-not-at-top
+  s_q, h_q, h_kv, page_size, max_pages, head_dim_v = request
+  return kernel.default_plan(lengths, s_q=s_q, h_q=h_q, h_kv=h_kv,
+                             page_size=page_size, max_pages=max_pages,
+                             head_dim_v=head_dim_v)
+
+
+def _planned(lengths, *, request, out_shapes):
+  del out_shapes
+  return jax.tree.leaves(_default_plan(lengths, request))
+
+
+def _unplanned(lengths, *, request, out_shapes):
+  del lengths, request
+  return [jnp.zeros(shape, jnp.int32) for shape in out_shapes]
+
+
+def _hoisted_plan_batch(args, dims, *, request, out_shapes):
+  # Every mla_decode call that vmap batches drops a hoisted plan (its
+  # batching rule plans per problem), so no per-element plan is made.
+  del request
+  (lengths,), (dim,) = args, dims
+  n = lengths.shape[dim]
+  return ([jnp.zeros((n, *shape), jnp.int32) for shape in out_shapes],
+          [0] * len(out_shapes))
+
+
+hoisted_plan_p = Primitive("mla_decode_hoisted_plan")
+hoisted_plan_p.multiple_results = True
+hoisted_plan_p.def_abstract_eval(
+    lambda lengths, *, request, out_shapes: [
+        jax.core.ShapedArray(shape, jnp.int32) for shape in out_shapes])
+hoisted_plan_p.def_impl(
+    lambda lengths, *, request, out_shapes: jax.jit(functools.partial(
+        hoisted_plan_p.bind, request=request, out_shapes=out_shapes))(
+            lengths))
+jax.interpreters.batching.primitive_batchers[hoisted_plan_p] = (
+    _hoisted_plan_batch)
+mlir.register_lowering(
+    hoisted_plan_p, mlir.lower_fun(_unplanned, multiple_results=True))
+mlir.register_lowering(
+    hoisted_plan_p, mlir.lower_fun(_planned, multiple_results=True),
+    platform="cuda")
+
+
+def hoisted_plan(cache_seqlens, request: tuple):
+  """The DecodePlan that the kernel runs for ``request`` (see above), as a
+  primitive lowered per platform."""
+  like = jax.eval_shape(functools.partial(_default_plan, request=request),
+                        cache_seqlens)
+  flat, tree = jax.tree.flatten(like)
+  leaves = hoisted_plan_p.bind(
+      cache_seqlens, request=request,
+      out_shapes=tuple(tuple(x.shape) for x in flat))
+  return jax.tree.unflatten(tree, leaves)
+
+
 def bind(config: Config, q, kv_cache, block_table, cache_seqlens,
          plan_leaves) -> tuple[jax.Array, jax.Array]:
   """Binds the primitive on (local) arrays; no transformation rules."""

@@ -167,3 +167,31 @@ def test_vmap_inside_the_body_plans_per_problem(jit_inside):
       assert_decode_close(outs[0][i, j], outs[1][i, j],
                           np.asarray(o, np.float64),
                           np.asarray(l, np.float64))
+
+
+def test_only_the_cuda_lowering_plans():
+  # The hoisted planner is lowered for cuda only: a program lowered (or
+  # exported) for the CPU has no planner call to resolve.
+  args = _inputs(4)
+  traced = jax.jit(_closed_over).trace(*args)
+  cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
+  cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
+  assert "tmla_plan" not in cpu
+  assert cuda.count("tmla_plan") == 1
+  assert cuda.index("tmla_plan") < cuda.index("stablehlo.while")
+  exported = jax.export.export(
+      jax.jit(_closed_over), platforms=("cpu", "cuda"),
+      disabled_checks=tmla.export_safety_checks())(*args)
+  _check_equal(exported.call(*args), _reference(*args))
+
+
+def test_vmap_of_a_jitted_step_with_a_hoisted_plan():
+  # jit traces first (the plan is hoisted in its trace), then vmap batches
+  # the lengths: the hoisted plan is batched to nothing and each problem
+  # plans for itself.
+  q, caches, table, lens = _inputs(5)
+  many = jnp.stack([lens, jnp.minimum(lens, 30)])
+  outs = jax.vmap(jax.jit(_closed_over), in_axes=(None, None, None, 0))(
+      q, caches, table, many)
+  for j in range(2):
+    _check_equal([x[j] for x in outs], _reference(q, caches, table, many[j]))
