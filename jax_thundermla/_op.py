@@ -110,17 +110,25 @@ def _cuda_impl(*args, config: Config):
   return impl(*args, config=config)
 
 
-mla_decode_p = Primitive("mla_decode")
-mla_decode_p.multiple_results = True
-mla_decode_p.def_abstract_eval(_abstract_eval)
-mla_decode_p.def_impl(
-    lambda *args, config: jax.jit(functools.partial(
-        mla_decode_p.bind, config=config))(*args))
-mlir.register_lowering(
-    mla_decode_p, mlir.lower_fun(_reference_impl, multiple_results=True))
-mlir.register_lowering(
-    mla_decode_p, mlir.lower_fun(_cuda_impl, multiple_results=True),
-    platform="cuda")
+def _primitive(name: str, abstract_eval, lowering, cuda_lowering
+               ) -> Primitive:
+  """A multiple-results primitive lowered by ``cuda_lowering`` on cuda and
+  ``lowering`` elsewhere (functions of JAX arrays), run eagerly by jit."""
+  prim = Primitive(name)
+  prim.multiple_results = True
+  prim.def_abstract_eval(abstract_eval)
+  prim.def_impl(lambda *args, **params: jax.jit(
+      functools.partial(prim.bind, **params))(*args))
+  mlir.register_lowering(
+      prim, mlir.lower_fun(lowering, multiple_results=True))
+  mlir.register_lowering(
+      prim, mlir.lower_fun(cuda_lowering, multiple_results=True),
+      platform="cuda")
+  return prim
+
+
+mla_decode_p = _primitive("mla_decode", _abstract_eval, _reference_impl,
+                          _cuda_impl)
 
 
 # The device plan of plan=None built outside a loop body (api.mla_decode):
@@ -156,22 +164,13 @@ def _hoisted_plan_batch(args, dims, *, request, out_shapes):
           [0] * len(out_shapes))
 
 
-hoisted_plan_p = Primitive("mla_decode_hoisted_plan")
-hoisted_plan_p.multiple_results = True
-hoisted_plan_p.def_abstract_eval(
+hoisted_plan_p = _primitive(
+    "mla_decode_hoisted_plan",
     lambda lengths, *, request, out_shapes: [
-        jax.core.ShapedArray(shape, jnp.int32) for shape in out_shapes])
-hoisted_plan_p.def_impl(
-    lambda lengths, *, request, out_shapes: jax.jit(functools.partial(
-        hoisted_plan_p.bind, request=request, out_shapes=out_shapes))(
-            lengths))
+        jax.core.ShapedArray(shape, jnp.int32) for shape in out_shapes],
+    _unplanned, _planned)
 jax.interpreters.batching.primitive_batchers[hoisted_plan_p] = (
     _hoisted_plan_batch)
-mlir.register_lowering(
-    hoisted_plan_p, mlir.lower_fun(_unplanned, multiple_results=True))
-mlir.register_lowering(
-    hoisted_plan_p, mlir.lower_fun(_planned, multiple_results=True),
-    platform="cuda")
 
 
 def hoisted_plan(cache_seqlens, request: tuple):
