@@ -134,14 +134,11 @@ mla_decode_p = _primitive("mla_decode", _abstract_eval, _reference_impl,
 # The device plan of plan=None built outside a loop body (api.mla_decode):
 # its cuda lowering runs the planner; other platforms' lowerings (a program
 # exported for several) give zeros, since only the kernel reads the plan.
-# ``request`` is (s_q, h_q, h_kv, page_size, max_pages, head_dim_v) and
-# ``out_shapes`` the plan's leaf shapes.
+# ``request`` holds ``kernel.default_plan``'s keyword arguments as sorted
+# (name, value) pairs and ``out_shapes`` the plan's leaf shapes.
 def _default_plan(lengths, request: tuple):
   from jax_thundermla import kernel  # pylint: disable=g-import-not-at-top
-  s_q, h_q, h_kv, page_size, max_pages, head_dim_v = request
-  return kernel.default_plan(lengths, s_q=s_q, h_q=h_q, h_kv=h_kv,
-                             page_size=page_size, max_pages=max_pages,
-                             head_dim_v=head_dim_v)
+  return kernel.default_plan(lengths, **dict(request))
 
 
 def _planned(lengths, *, request, out_shapes):
@@ -173,9 +170,10 @@ jax.interpreters.batching.primitive_batchers[hoisted_plan_p] = (
     _hoisted_plan_batch)
 
 
-def hoisted_plan(cache_seqlens, request: tuple):
-  """The DecodePlan that the kernel runs for ``request`` (see above), as a
-  primitive lowered per platform."""
+def hoisted_plan(cache_seqlens, **shapes):
+  """``kernel.default_plan(cache_seqlens, **shapes)`` as a primitive lowered
+  per platform (see above)."""
+  request = tuple(sorted(shapes.items()))
   like = jax.eval_shape(functools.partial(_default_plan, request=request),
                         cache_seqlens)
   flat, tree = jax.tree.flatten(like)

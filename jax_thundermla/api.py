@@ -96,9 +96,10 @@ def _hoisted_plan(cache_seqlens, shapes: _validation.DecodeShapes):
     return None
   from jax._src import core  # pylint: disable=g-import-not-at-top
   with core.set_current_trace(trace):
-    return _op.hoisted_plan(cache_seqlens, (
-        shapes.s_q, shapes.h_q, shapes.h_kv, shapes.page_size,
-        shapes.max_pages, shapes.d_v))
+    return _op.hoisted_plan(
+        cache_seqlens, s_q=shapes.s_q, h_q=shapes.h_q, h_kv=shapes.h_kv,
+        page_size=shapes.page_size, max_pages=shapes.max_pages,
+        head_dim_v=shapes.d_v)
 
 
 def mla_decode(
