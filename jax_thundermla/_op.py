@@ -110,15 +110,22 @@ def _cuda_impl(*args, config: Config):
   return impl(*args, config=config)
 
 
+@functools.cache
+def _jitted_bind(prim: Primitive, params: tuple):
+  """``prim.bind`` with these (name, value) params, jitted once."""
+  return jax.jit(functools.partial(prim.bind, **dict(params)))
+
+
 def _primitive(name: str, abstract_eval, lowering, cuda_lowering
                ) -> Primitive:
   """A multiple-results primitive lowered by ``cuda_lowering`` on cuda and
-  ``lowering`` elsewhere (functions of JAX arrays), run eagerly by jit."""
+  ``lowering`` elsewhere (functions of JAX arrays), run eagerly by jit (one
+  compiled function per set of params, not one per call)."""
   prim = Primitive(name)
   prim.multiple_results = True
   prim.def_abstract_eval(abstract_eval)
-  prim.def_impl(lambda *args, **params: jax.jit(
-      functools.partial(prim.bind, **params))(*args))
+  prim.def_impl(lambda *args, **params: _jitted_bind(
+      prim, tuple(sorted(params.items())))(*args))
   mlir.register_lowering(
       prim, mlir.lower_fun(lowering, multiple_results=True))
   mlir.register_lowering(
