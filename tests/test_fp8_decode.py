@@ -89,11 +89,12 @@ def test_matches_float64_oracle_on_the_dequantized_cache(s_q, h_kv, causal,
 @pytest.mark.parametrize("q_dtype", [jnp.bfloat16, jnp.float16])
 def test_equals_the_bf16_path_on_the_dequantized_cache(q_dtype):
   """Same math on the same values: what a cache of q's dtype holding the
-  dequantized values gives (they are exact in it here), within one rounding
-  of the output. The two are different programs, and XLA may sum their
-  float32 products in another order (another GEMM algorithm on a GPU: an
-  H100 gave 1-ulp differences in 0.2 % of the bf16 outputs), so only the
-  final rounding may differ."""
+  dequantized values gives (they are exact in it here). The two are
+  different programs, and XLA may sum their float32 products in another
+  order or by another GEMM algorithm: an H100 gave differences of up to
+  two units in the last place at outputs near 1, and of a 0.01 output
+  that cancels values near 30 by 8e-4. So each output may differ by one
+  rounding of itself plus one rounding of its row's largest output."""
   q, cache, table, lens = fp8_inputs(2, s_q=2, q_dtype=q_dtype)
   eps = float(jnp.finfo(q_dtype).eps)
   for fn in (decode, jax.jit(decode)):
@@ -103,9 +104,13 @@ def test_equals_the_bf16_path_on_the_dequantized_cache(q_dtype):
     out = np.asarray(out, np.float32)
     want_out = np.asarray(want_out, np.float32)
     np.testing.assert_array_equal(np.isnan(out), np.isnan(want_out))
-    # One unit in the last place of the output dtype is at most
-    # eps * |value|.
-    np.testing.assert_allclose(out, want_out, rtol=eps, atol=0)
+    finite = np.isfinite(want_out)
+    row_max = np.max(np.abs(np.where(finite, want_out, 0)), axis=-1,
+                     keepdims=True)
+    bound = eps * (np.abs(np.where(finite, want_out, 0)) + row_max)
+    err = np.abs(np.where(finite, out - want_out, 0))
+    assert (err <= bound).all(), float(np.max(err - bound))
+    np.testing.assert_array_equal(out[~finite], want_out[~finite])
     np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse),
                                rtol=1e-5, atol=1e-5)
 

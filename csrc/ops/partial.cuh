@@ -347,6 +347,9 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
   const int hidden_from = HiddenFrom(p, len, valid_hi);
   const int limit0 = RowLimit(p, in, f.r0, valid_hi, len);
   const int limit1 = RowLimit(p, in, f.r1, valid_hi, len);
+  // Keys every row of the tile sees: [range.lo, tile_limit). Row 0 holds
+  // the tile's first query token, whose causal limit is the smallest.
+  const int tile_limit = RowLimit(p, in, 0, valid_hi, len);
 
   if (!q_issued) IssueQ<T>(p, in, smem, thread_in_wg);
   IssueNext(p, smem, index, thread_in_wg);
@@ -399,15 +402,26 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
                         thread_in_wg);
     }
 
-    // Mask, scale to base 2, online softmax.
+    // Mask (only a block holding a key that some row does not see: the
+    // test is the same for the whole warpgroup), scale to base 2, online
+    // softmax.
     float mx0 = -INFINITY, mx1 = -INFINITY;
+    if (block_start < range.lo ||
+        block_start + config::kBlockTokens > tile_limit) {
+#pragma unroll
+      for (int i = 0; i < kScoreRegs; ++i) {
+        const int key = block_start + 8 * (i / 4) + f.col + (i % 2);
+        const bool upper = (i % 4) >= 2;
+        const bool ok = key >= range.lo && key < (upper ? limit1 : limit0);
+        s[i] = ok ? s[i] * p.scale_log2 : -INFINITY;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kScoreRegs; ++i) s[i] *= p.scale_log2;
+    }
 #pragma unroll
     for (int i = 0; i < kScoreRegs; ++i) {
-      const int key = block_start + 8 * (i / 4) + f.col + (i % 2);
-      const bool upper = (i % 4) >= 2;
-      const bool ok = key >= range.lo && key < (upper ? limit1 : limit0);
-      s[i] = ok ? s[i] * p.scale_log2 : -INFINITY;
-      if (upper) {
+      if ((i % 4) >= 2) {
         mx1 = fmaxf(mx1, s[i]);
       } else {
         mx0 = fmaxf(mx0, s[i]);

@@ -202,6 +202,10 @@ __device__ __forceinline__ void ReduceSplitInputs(const MlaDecodeParams& p,
     MergeBatch<kRowsAtOnce, kInputsAtOnce>(src, in.num_rows, in.num_src(), 0,
                                            i0, kInputStride, merge);
   }
+  // Consumer 0 is done with the query tile's buffer (its cp.async loads
+  // were waited for, its QK^T finished) before consumer 1 writes there: the
+  // order is otherwise carried only by mbarriers and the instruction list.
+  ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
   if (consumer == 1) {
 #pragma unroll
     for (int k = 0; k < kRowsAtOnce; ++k) {
