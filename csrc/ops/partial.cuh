@@ -173,6 +173,16 @@ __device__ __forceinline__ void ZeroNonFiniteV(uint8_t* stage, int block_start,
   }
 }
 
+// Rescales this thread's rows of O by their new-max factors; skipped by a
+// warp whose rows' maxima all stayed (factors exactly 1), which is most
+// blocks of a long range.
+__device__ __forceinline__ void RescaleRows(float (&o)[128], float alpha0,
+                                            float alpha1) {
+  if (__all_sync(0xffffffff, alpha0 == 1.f && alpha1 == 1.f)) return;
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] *= (i % 4) >= 2 ? alpha1 : alpha0;
+}
+
 // O[64 x 256 of this consumer] += P[64 x kBlockTokens] V[kBlockTokens x 256].
 template <typename T>
 __device__ __forceinline__ void AccumulatePv(float (&o)[128],
@@ -469,8 +479,7 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
     // Every lane's P before this consumer's own wgmma reads it.
     ptx::BarSync(config::kBarConsumer0, config::kWarpgroupThreads);
 
-#pragma unroll
-    for (int i = 0; i < 128; ++i) o[i] *= (i % 4) >= 2 ? alpha1 : alpha0;
+    RescaleRows(o, alpha0, alpha1);
     AccumulatePv<T>(o, smem, kv, 0);
     if (thread_in_wg == 0) ptx::MbarArrive(&smem.empty[stage]);
   }
@@ -562,8 +571,7 @@ __device__ __forceinline__ void PartialPvConsumer(const MlaDecodeParams& p,
     }
     const float alpha0 = smem.row_scale[f.r0];
     const float alpha1 = smem.row_scale[f.r1];
-#pragma unroll
-    for (int i = 0; i < 128; ++i) o[i] *= (i % 4) >= 2 ? alpha1 : alpha0;
+    RescaleRows(o, alpha0, alpha1);
     AccumulatePv<T>(o, smem, kv, 1);
     ptx::MbarArrive(smem.hand_empty);
     ++pipe.round;
