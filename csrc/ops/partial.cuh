@@ -209,6 +209,28 @@ __device__ __forceinline__ void AccumulatePv(float (&o)[128],
   ptx::WgmmaWaitAll();
 }
 
+// Consumer 0's O[64 x 256] += P V with P from its registers (pk, see the
+// softmax) and V columns [0, 256) of the stage.
+template <typename T>
+__device__ __forceinline__ void AccumulatePvFromRegisters(
+    float (&o)[128], const uint32_t (&pk)[kScoreRegs / 2],
+    const uint8_t* stage) {
+  const uint32_t v_addr = ptx::SmemAddr(stage);
+  ptx::WgmmaFence();
+#pragma unroll
+  for (int kk = 0; kk < config::kBlockTokens / 16; ++kk) {
+    const uint32_t a[4] = {pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2],
+                           pk[4 * kk + 3]};
+    wgmma::MmaM64N256K16RegATransB<T>(
+        o, a,
+        ptx::DescMnMajor(v_addr + kk * 16 * config::kSwizzleBytes,
+                         config::kKvColBlockBytes),
+        true);
+  }
+  ptx::WgmmaCommit();
+  ptx::WgmmaWaitAll();
+}
+
 // Writes this consumer's 64 x 256 slice of O (scaled per row) to the final
 // output (T) or to a partial slot (fp32).
 template <typename T>
@@ -459,6 +481,11 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
     l0 = l0 * alpha0 + sum0;
     l1 = l1 * alpha1 + sum1;
 
+    // P as T pairs: register i / 2 holds scores i and i + 1, which is the
+    // wgmma A-fragment layout of k-step i / 8 (registers 4 k .. 4 k + 3).
+    uint32_t pk[kScoreRegs / 2];
+#pragma unroll
+    for (int i = 0; i < kScoreRegs; i += 2) pk[i / 2] = Pack2<T>::Of(s[i], s[i + 1]);
     // Hand P and the rescale to consumer 1.
     ptx::MbarWaitWarp(smem.hand_empty, (pipe.round & 1) ^ 1);
 #pragma unroll
@@ -466,8 +493,7 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
       const int r = (i % 4) >= 2 ? f.r1 : f.r0;
       const int key = 8 * (i / 4) + f.col;
       *reinterpret_cast<uint32_t*>(smem.p + ptx::Swizzle128(r, key / 8) +
-                                   (key % 8) * 2) =
-          Pack2<T>::Of(s[i], s[i + 1]);
+                                   (key % 8) * 2) = pk[i / 2];
     }
     // The four lanes of a row store the same value: a lane-divergent branch
     // here would make ptxas serialize the wgmma below (warning C7520).
@@ -476,11 +502,14 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
     ptx::FenceProxyAsync();
     ptx::MbarArrive(smem.hand_full);
     ++pipe.round;
-    // Every lane's P before this consumer's own wgmma reads it.
-    ptx::BarSync(config::kBarConsumer0, config::kWarpgroupThreads);
+    // This consumer's P V takes P from registers; only the V cleaned above
+    // must be seen by every warp's wgmma first.
+    if (HoldsHiddenKeys(block_start, hidden_from, valid_hi)) {
+      ptx::BarSync(config::kBarConsumer0, config::kWarpgroupThreads);
+    }
 
     RescaleRows(o, alpha0, alpha1);
-    AccumulatePv<T>(o, smem, kv, 0);
+    AccumulatePvFromRegisters<T>(o, pk, kv);
     if (thread_in_wg == 0) ptx::MbarArrive(&smem.empty[stage]);
   }
 
