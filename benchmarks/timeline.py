@@ -2,8 +2,9 @@
 
 Writes ``<out>/<workload>_<scheduler>_gantt.png`` (measured, and the plan's
 predicted schedule beside it) and ``..._trace.json`` (Perfetto/Chrome, one
-track per SM), and prints the summary: makespan, per-op mean duration, idle
-fraction and tail, next to the cost model's prediction.
+track per SM), and prints the summary: makespan, per-op mean duration and
+its phases (waiting, working, writing), idle fraction, tail and the
+launch's fill, next to the cost model's prediction.
 
   python benchmarks/timeline.py --workload=W1 --scheduler=makespan --out=/tmp/tl
 """
@@ -47,7 +48,11 @@ def main(argv):
         f" measured makespan {summary.makespan_ns / 1e3:.1f} us, predicted"
         f" {plan.predicted_makespan_ns / 1e3:.1f} us")
   for name, mean in summary.mean_ns.items():
-    print(f"  {name}: {summary.count[name]} x {mean / 1e3:.2f} us mean")
+    wait, work, write = (x / 1e3 for x in summary.phase_ns[name])
+    print(f"  {name}: {summary.count[name]} x {mean / 1e3:.2f} us mean"
+          f" (waiting {wait:.2f}, working {work:.2f}, writing {write:.2f})")
+  print(f"  first instruction ready {summary.first_ready_ns / 1e3:.2f} us"
+        " after the launch's first start, mean over SMs")
   print(f"  idle fraction {summary.idle_fraction:.1%}, tail"
         f" {summary.tail_ns / 1e3:.1f} us")
   waits = [t.ready - t.start for t in timings]

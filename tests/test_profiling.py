@@ -70,6 +70,12 @@ def test_summary_exact():
   assert s.idle_fraction == pytest.approx(0.5)
   # SM 1 finishes at 1200, SM 0 at 2000.
   assert s.tail_ns == 800
+  # PARTIALs wait 100 and 100, work 800 and 800, write 100 and 100; the
+  # REDUCE waits 500, works 400, writes 100.
+  assert s.phase_ns == {"PARTIAL": (100.0, 800.0, 100.0),
+                        "REDUCE": (500.0, 400.0, 100.0)}
+  # SM 0's first instruction is ready at 100, SM 1's at 300.
+  assert s.first_ready_ns == pytest.approx(200.0)
 
 
 def test_chrome_trace_has_one_track_per_sm(tmp_path):

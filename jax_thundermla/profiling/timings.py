@@ -90,6 +90,12 @@ class TimingSummary:
     idle_fraction: share of num_sms x makespan during which an SM ran no
       instruction (SMs with no instruction count as idle throughout).
     tail_ns: from the first SM to finish its list to the last.
+    phase_ns: per op name, the mean of its three phases: waiting (start to
+      ready: dependencies and, for a PARTIAL, its first K/V block), working
+      (ready to computed) and writing (computed to end: results out and the
+      signal).
+    first_ready_ns: mean over SMs of the time from the launch's first
+      start to the SM's first instruction being ready (the launch's fill).
   """
 
   makespan_ns: int
@@ -97,11 +103,14 @@ class TimingSummary:
   count: dict[str, int]
   idle_fraction: float
   tail_ns: int
+  phase_ns: dict[str, tuple[float, float, float]]
+  first_ready_ns: float
 
 
 def summarize_timings(timings: Sequence[InstructionTiming], *,
                       num_sms: int) -> TimingSummary:
-  """Per-op mean durations, idle fraction and tail of one launch.
+  """Per-op mean durations and phases, idle fraction, tail and fill of one
+  launch.
 
   Args:
     timings: from ``decode_timings``.
@@ -118,17 +127,26 @@ def summarize_timings(timings: Sequence[InstructionTiming], *,
   if max(t.sm for t in timings) >= num_sms:
     raise ValueError(f"an SM index is >= num_sms={num_sms}")
   makespan = max(t.end for t in timings) - min(t.start for t in timings)
-  mean, count = {}, {}
+  mean, count, phases = {}, {}, {}
   for op, name in isa.OP_NAMES.items():
-    durations = [t.duration for t in timings if t.opcode == op]
-    if durations:
-      mean[name] = float(np.mean(durations))
-      count[name] = len(durations)
+    of_op = [t for t in timings if t.opcode == op]
+    if of_op:
+      mean[name] = float(np.mean([t.duration for t in of_op]))
+      count[name] = len(of_op)
+      phases[name] = tuple(float(np.mean(x)) for x in zip(
+          *((t.ready - t.start, t.computed - t.ready, t.end - t.computed)
+            for t in of_op)))
+  first = min(t.start for t in timings)
+  first_ready: dict[int, tuple[int, int]] = {}
+  for t in timings:
+    if t.sm not in first_ready or t.index < first_ready[t.sm][0]:
+      first_ready[t.sm] = (t.index, t.ready - first)
   busy = sum(t.duration for t in timings)
   finish: dict[int, int] = {}
   for t in timings:
     finish[t.sm] = max(finish.get(t.sm, 0), t.end)
   idle = 1.0 - busy / (num_sms * makespan) if makespan else 0.0
-  return TimingSummary(makespan_ns=makespan, mean_ns=mean, count=count,
-                       idle_fraction=idle,
-                       tail_ns=max(finish.values()) - min(finish.values()))
+  return TimingSummary(
+      makespan_ns=makespan, mean_ns=mean, count=count, idle_fraction=idle,
+      tail_ns=max(finish.values()) - min(finish.values()), phase_ns=phases,
+      first_ready_ns=float(np.mean([r for _, r in first_ready.values()])))
