@@ -4,7 +4,9 @@
 // runs the online softmax in registers (base 2, scale folded in), and hands
 // P (T, swizzled) and the per-row rescale to consumer 1 through shared
 // memory; each consumer then accumulates its 256 output columns with
-// O += P V (wgmma, V read transposed from the same stage as K).
+// O += P V (wgmma, V read transposed from the same stage as K; consumer 0
+// takes P from its registers, consumer 1 from shared memory). A warp whose
+// rows all kept their running maximum skips rescaling O.
 // The P hand-off is a ring of one buffer and two mbarriers: consumer 0 waits
 // hand_empty (consumer 1 is done with the previous P), writes, arrives on
 // hand_full; consumer 1 waits hand_full, reads, and arrives on hand_empty
