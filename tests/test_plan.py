@@ -132,6 +132,22 @@ def test_capacities_are_bucketed():
                                      isa.INSTRUCTION_WORDS)
 
 
+@pytest.mark.parametrize("name", ["W1", "W4"])
+def test_counters_only_where_instructions_wait(name):
+  w = WORKLOADS[name]
+  plan = plan_decode(np.asarray(w.seqlens), s_q=w.s_q, h_q=w.h_q,
+                     page_size=w.page_size, scheduler="makespan")
+  rows = plan.instructions.reshape(-1, isa.INSTRUCTION_WORDS)
+  f = isa.Fields(rows[rows[:, 0] != isa.OP_STOP])
+  used = int(np.maximum(f.wait_counter, f.signal_counter).max()) + 1
+  if used == 0:
+    assert plan.num_counters == 0
+  else:
+    assert plan.num_counters >= max(used, 8)
+  # W1 merges the pieces of its long sequence; W4's sequences are whole.
+  assert (used > 0) == (name == "W1")
+
+
 _CALL = dict(batch=3, s_q=2, h_q=16, h_kv=1, page_size=64, head_dim_v=512)
 
 

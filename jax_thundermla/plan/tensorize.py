@@ -8,7 +8,8 @@ import numpy as np
 
 from jax_thundermla import isa
 
-# Smallest capacity of a plan (instructions per SM, slots, counters).
+# Smallest capacity of a plan (instructions per SM, slots, and counters
+# where it uses any).
 MIN_CAPACITY = 8
 
 
@@ -53,8 +54,12 @@ class Capacities:
   num_counters: int
 
   def bucketed(self) -> Capacities:
+    """Bucketed capacities. A plan whose instructions neither wait nor
+    signal keeps no counters, so that its launch zeroes none (a memset
+    kernel less per call)."""
+    counters = bucket(self.num_counters) if self.num_counters else 0
     return Capacities(bucket(self.max_instructions), bucket(self.num_slots),
-                      bucket(self.num_counters))
+                      counters)
 
 
 def capacities_of(rows: np.ndarray, longest: int) -> Capacities:
