@@ -1,26 +1,44 @@
 #!/usr/bin/env bash
 # Times several versions of this repository on the same GPU in one call,
 # with the SM clock and power logged during each timed run.
-#   bash benchmarks/compare.sh DIR [DIR...] -- [benchmarks/run.py flags...]
+#   bash benchmarks/compare.sh [--check] [--timeline=W1,W3] DIR [DIR...] \
+#     -- [benchmarks/run.py flags...]
 # Each DIR is a copy of some version of the repository (for example
 # `git archive OLD | tar -x -C DIR`; `.` is this tree). Each is installed
 # apart (pip --target) and timed with its own benchmarks/run.py, in the
-# order given. Logs go to $OUT (or ./device_out).
+# order given. --check first runs each version's stand-alone kernel test
+# (csrc/tests/kernel_test.cu) and compute-sanitizer memcheck on it; a
+# version that fails them is not timed. --timeline prints each version's
+# timed-kernel summary (benchmarks/timeline.py) for the named workloads.
+# The logs go to one archive, $OUT/compare_logs.tar.gz (or under
+# ./device_out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+check=0
+timelines=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --check) check=1; shift ;;
+    --timeline=*) timelines="${1#--timeline=}"; shift ;;
+    *) break ;;
+  esac
+done
 dirs=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do
   dirs+=("$(cd "$1" && pwd)") || exit 2
   shift
 done
 [ $# -gt 0 ] && shift
+[ ${#dirs[@]} -gt 0 ] || { echo "no version to compare" >&2; exit 2; }
 out="${OUT:-device_out}"
 mkdir -p "$out"
+logs=$(mktemp -d)
+bins=$(mktemp -d)  # kernel test binaries, kept out of the archive
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 
 # Runs "$@" while sampling the SM clock and power; prints their range.
 with_clock() {
-  local log="$out/smi_$1.csv"
+  local log="$logs/smi_$1.csv"
   shift
   nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits \
     -lms 100 >"$log" 2>/dev/null &
@@ -36,23 +54,59 @@ with_clock() {
   return "$status"
 }
 
+# The kernel test of version $1 (index) passes, and memcheck finds nothing.
+kernel_checks() {
+  local i=$1 bin="$bins/kernel_test_$1"
+  [ -x "$bin" ] || { echo "kernel test did not build"; tail -n 20 \
+    "$logs/kernel_test_build_$i.log"; return 1; }
+  timeout 120 "$bin" >"$logs/kernel_test_$i.log" 2>&1
+  local status=$?
+  echo "kernel test: exit $status, $(tail -n 1 "$logs/kernel_test_$i.log")"
+  [ "$status" = 0 ] || { grep -v " ok$" "$logs/kernel_test_$i.log" | head; return 1; }
+  timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin" \
+    >"$logs/memcheck_$i.log" 2>&1
+  status=$?
+  echo "memcheck: exit $status, $(grep 'ERROR SUMMARY' "$logs/memcheck_$i.log" | tail -n 1)"
+  return "$status"
+}
+
 nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader
 # Every version builds at once (one compiler process each), then each is
-# timed alone.
+# checked and timed alone.
 sites=()
+builds=()
 for i in "${!dirs[@]}"; do
   sites+=("$(mktemp -d)")
-  python3 -m pip install --no-build-isolation --no-deps --target "${sites[$i]}" \
-    "${dirs[$i]}" >"$out/build_$i.log" 2>&1 &
+  timeout 600 python3 -m pip install --no-build-isolation --no-deps \
+    --target "${sites[$i]}" "${dirs[$i]}" >"$logs/build_$i.log" 2>&1 &
+  builds+=($!)
+  if [ "$check" = 1 ]; then
+    (cd "${dirs[$i]}" && timeout 600 nvcc -std=c++17 \
+      -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
+      -lineinfo -Icsrc csrc/tests/kernel_test.cu csrc/mla_decode.cu \
+      -o "$bins/kernel_test_$i") >"$logs/kernel_test_build_$i.log" 2>&1 &
+    builds+=($!)
+  fi
 done
-wait
+for pid in "${builds[@]}"; do wait "$pid"; done
 for i in "${!dirs[@]}"; do
   dir=${dirs[$i]}
   echo "== $i: $dir"
   if ! ls "${sites[$i]}"/jax_thundermla/_C*.so >/dev/null 2>&1; then
-    tail -n 30 "$out/build_$i.log"; continue
+    tail -n 30 "$logs/build_$i.log"; continue
+  fi
+  if [ "$check" = 1 ] && ! kernel_checks "$i"; then
+    echo "not timed: the kernel checks failed"; continue
   fi
   (cd "$dir" && with_clock "$i" env PYTHONPATH="${sites[$i]}" \
     python3 benchmarks/run.py "$@" 2>&1 | grep -v "Unable to initialize" \
-    | tee "$out/bench_$i.log")
+    | tee "$logs/bench_$i.log")
+  for w in ${timelines//,/ }; do
+    (cd "$dir" && env PYTHONPATH="${sites[$i]}" timeout 300 \
+      python3 benchmarks/timeline.py --workload="$w" \
+      --out="$logs/timeline_$i" 2>&1 | grep -v "Unable to initialize" \
+      | grep -v "font_manager")
+  done
 done
+tar -czf "$out/compare_logs.tar.gz" -C "$logs" .
+echo "logs: $out/compare_logs.tar.gz"
