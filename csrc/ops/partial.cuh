@@ -516,12 +516,14 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
   }
 
   marks.Computed();
-  // Every warp's QK^T is done with the query tile (each passed the last
-  // block's barrier): the next PARTIAL's tile loads under this epilogue.
+  // The next PARTIAL's query tile loads under this epilogue, once every
+  // warp is past the barrier below: each has waited for its last QK^T, so
+  // none reads the tile any more.
   const Instruction next =
       Instruction::Unpack(reinterpret_cast<const int4*>(smem.next), false);
   const bool prefetch = next.opcode == isa::kOpPartial && next.Valid(p);
-  // All have read the staged words before the next PARTIAL restages them.
+  // All have read the staged words before the next PARTIAL restages them,
+  // and are done with the query tile.
   ptx::BarSync(config::kBarConsumer0, config::kWarpgroupThreads);
   if (prefetch) IssueQ<T>(p, next, smem, thread_in_wg);
   // Epilogue: 1/l to consumer 1, then O and LSE out.
