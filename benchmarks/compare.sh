@@ -81,10 +81,8 @@ for i in "${!dirs[@]}"; do
     --target "${sites[$i]}" "${dirs[$i]}" >"$logs/build_$i.log" 2>&1 &
   builds+=($!)
   if [ "$check" = 1 ]; then
-    (cd "${dirs[$i]}" && timeout 600 nvcc -std=c++17 \
-      -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
-      -lineinfo -Icsrc csrc/tests/kernel_test.cu csrc/mla_decode.cu \
-      -o "$bins/kernel_test_$i") >"$logs/kernel_test_build_$i.log" 2>&1 &
+    timeout 600 bash benchmarks/kernel_test.sh "${dirs[$i]}" \
+      "$bins/kernel_test_$i" >"$logs/kernel_test_build_$i.log" 2>&1 &
     builds+=($!)
   fi
 done

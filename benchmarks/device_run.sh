@@ -64,9 +64,8 @@ PY
 fi
 if [ "$sanitize" = 1 ]; then
   # The stand-alone kernel test (no JAX) under each compute-sanitizer tool.
-  nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
-    --expt-relaxed-constexpr -lineinfo -Icsrc csrc/tests/kernel_test.cu \
-    csrc/mla_decode.cu -o /tmp/tmla_kernel_test >"$out/kernel_test_build.log" 2>&1 \
+  bash benchmarks/kernel_test.sh . /tmp/tmla_kernel_test \
+    >"$out/kernel_test_build.log" 2>&1 \
     || { tail -n 20 "$out/kernel_test_build.log"; exit 1; }
   /tmp/tmla_kernel_test | tail -n 1
   for tool in memcheck racecheck synccheck; do

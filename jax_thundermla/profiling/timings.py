@@ -126,7 +126,8 @@ def summarize_timings(timings: Sequence[InstructionTiming], *,
     raise ValueError("no instruction was timed")
   if max(t.sm for t in timings) >= num_sms:
     raise ValueError(f"an SM index is >= num_sms={num_sms}")
-  makespan = max(t.end for t in timings) - min(t.start for t in timings)
+  first = min(t.start for t in timings)
+  makespan = max(t.end for t in timings) - first
   mean, count, phases = {}, {}, {}
   for op, name in isa.OP_NAMES.items():
     of_op = [t for t in timings if t.opcode == op]
@@ -136,15 +137,14 @@ def summarize_timings(timings: Sequence[InstructionTiming], *,
       phases[name] = tuple(float(np.mean(x)) for x in zip(
           *((t.ready - t.start, t.computed - t.ready, t.end - t.computed)
             for t in of_op)))
-  first = min(t.start for t in timings)
-  first_ready: dict[int, tuple[int, int]] = {}
-  for t in timings:
-    if t.sm not in first_ready or t.index < first_ready[t.sm][0]:
-      first_ready[t.sm] = (t.index, t.ready - first)
   busy = sum(t.duration for t in timings)
   finish: dict[int, int] = {}
+  # Per SM: (index, ready) of its first instruction.
+  first_ready: dict[int, tuple[int, int]] = {}
   for t in timings:
     finish[t.sm] = max(finish.get(t.sm, 0), t.end)
+    if t.sm not in first_ready or t.index < first_ready[t.sm][0]:
+      first_ready[t.sm] = (t.index, t.ready - first)
   idle = 1.0 - busy / (num_sms * makespan) if makespan else 0.0
   return TimingSummary(
       makespan_ns=makespan, mean_ns=mean, count=count, idle_fraction=idle,

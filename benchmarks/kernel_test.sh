@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Builds the stand-alone kernel test (csrc/tests/kernel_test.cu, no JAX) of
+# the repository tree at DIR into BINARY:
+#   bash benchmarks/kernel_test.sh DIR BINARY
+# The one place that says how it is compiled; device_run.sh and compare.sh
+# call it.
+set -euo pipefail
+cd "$1"
+exec nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
+  --expt-relaxed-constexpr -lineinfo -Icsrc csrc/tests/kernel_test.cu \
+  csrc/mla_decode.cu -o "$2"
