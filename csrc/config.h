@@ -35,11 +35,19 @@ constexpr int kNumConsumers = 2;
 constexpr int kThreads = (1 + kNumConsumers) * kWarpgroupThreads;  // 384
 constexpr int kConsumerThreads = kNumConsumers * kWarpgroupThreads;
 constexpr int kColsPerConsumer = kHeadDimV / kNumConsumers;  // 256
+// Registers per thread after setmaxnreg. The CTA starts with what the
+// launch gave every thread (the 64K register file over kThreads, in units
+// of 8), and the consumers' increase can only take what the producer's
+// decrease handed back: asking for more blocks setmaxnreg.inc forever.
+constexpr int kRegisterFile = 65536;
+constexpr int kLaunchRegisters = kRegisterFile / kThreads / 8 * 8;  // 168
 constexpr int kProducerRegisters = 40;
 constexpr int kConsumerRegisters = 232;
-static_assert(kProducerRegisters * kWarpgroupThreads +
-                  kConsumerRegisters * kConsumerThreads <= 65536,
-              "register file overcommitted");
+static_assert(kProducerRegisters % 8 == 0 && kConsumerRegisters % 8 == 0,
+              "setmaxnreg counts registers in units of 8");
+static_assert((kLaunchRegisters - kProducerRegisters) * kWarpgroupThreads >=
+                  (kConsumerRegisters - kLaunchRegisters) * kConsumerThreads,
+              "the consumers' registers must come from the producer's");
 
 // Named barriers (0 is __syncthreads).
 constexpr int kBarConsumers = 1;  // both consumer warpgroups
