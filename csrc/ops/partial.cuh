@@ -233,6 +233,32 @@ __device__ __forceinline__ void AccumulatePvFromRegisters(
   ptx::WgmmaWaitAll();
 }
 
+// Transposes a 4 x 4 matrix of words held by the 4 lanes of a quad (lane
+// `quad` holds row quad in a): afterwards a[k] is lane k's a[quad]. Two
+// rounds of pairwise swaps, each of two shuffles.
+__device__ __forceinline__ void QuadTranspose(uint32_t (&a)[4], int quad) {
+  // Round 1: swap with lane quad ^ 1 the words k whose bit 0 is not quad's.
+  const bool odd = quad & 1;
+#pragma unroll
+  for (int t = 0; t < 2; ++t) {
+    uint32_t& lo = a[2 * t];
+    uint32_t& hi = a[2 * t + 1];
+    const uint32_t got = __shfl_xor_sync(0xffffffff, odd ? lo : hi, 1);
+    lo = odd ? got : lo;
+    hi = odd ? hi : got;
+  }
+  // Round 2: the same with lane quad ^ 2 and bit 1.
+  const bool upper = quad & 2;
+#pragma unroll
+  for (int t = 0; t < 2; ++t) {
+    uint32_t& lo = a[t];
+    uint32_t& hi = a[t + 2];
+    const uint32_t got = __shfl_xor_sync(0xffffffff, upper ? lo : hi, 2);
+    lo = upper ? got : lo;
+    hi = upper ? hi : got;
+  }
+}
+
 // Writes this consumer's 64 x 256 slice of O (scaled per row) to the final
 // output (T) or to a partial slot (fp32).
 template <typename T>
@@ -246,20 +272,34 @@ __device__ __forceinline__ void StoreO(const MlaDecodeParams& p,
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int r = half ? f.r1 : f.r0;
-    if (r >= in.num_rows) continue;
+    const bool live = r < in.num_rows;
     const float scale = half ? scale1 : scale0;
     if (in.dst_slot == isa::kFinalOutput) {
+      // Every lane shuffles; a quad shares its row, so lives or not as one.
+      const int r_live = live ? r : 0;
       const int64_t row =
-          (static_cast<int64_t>(in.batch) * p.s_q + map.Token(in, r)) *
-              p.h_q + map.Head(in, r);
-      uint32_t* dst = reinterpret_cast<uint32_t*>(
-          static_cast<T*>(p.out) + row * config::kHeadDimV + col0);
+          (static_cast<int64_t>(in.batch) * p.s_q + map.Token(in, r_live)) *
+              p.h_q + map.Head(in, r_live);
+      // Each group of 4 column chunks of 8 is transposed over the row's 4
+      // lanes, so that a lane stores one whole chunk (16 bytes) and the
+      // quad 64 contiguous bytes: 4-byte stores, 16 bytes per row per
+      // instruction, leave half of each sector to merge in L2.
+      const int quad = f.col / 2;  // lane % 4
+      uint4* dst = reinterpret_cast<uint4*>(
+          static_cast<T*>(p.out) + row * config::kHeadDimV +
+          consumer * config::kColsPerConsumer);
 #pragma unroll
-      for (int i = 0; i < 128; i += 4) {
-        dst[(i / 4) * 4] = Pack2<T>::Of(o[i + 2 * half] * scale,
-                                        o[i + 2 * half + 1] * scale);
+      for (int g = 0; g < 8; ++g) {
+        uint32_t a[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int i = (4 * g + k) * 4 + 2 * half;
+          a[k] = Pack2<T>::Of(o[i] * scale, o[i + 1] * scale);
+        }
+        QuadTranspose(a, quad);
+        if (live) dst[4 * g + quad] = make_uint4(a[0], a[1], a[2], a[3]);
       }
-    } else {
+    } else if (live) {
       float2* dst = reinterpret_cast<float2*>(
           p.partial_o +
           (static_cast<int64_t>(in.dst_slot) * config::kTileRows + r) *
