@@ -3,8 +3,9 @@
 Writes ``<out>/<workload>_<scheduler>_gantt.png`` (measured, and the plan's
 predicted schedule beside it) and ``..._trace.json`` (Perfetto/Chrome, one
 track per SM), and prints the summary: makespan, per-op mean duration and
-its phases (waiting, working, writing), idle fraction, tail and the
-launch's fill, next to the cost model's prediction.
+its phases (waiting, working, writing), the same per instruction shape
+(REDUCE rows x inputs, PARTIAL rows and destination), idle fraction, tail
+and the launch's fill, next to the cost model's prediction.
 
   python benchmarks/timeline.py --workload=W1 --scheduler=makespan --out=/tmp/tl
 """
@@ -30,6 +31,9 @@ _SCHEDULER = flags.DEFINE_enum("scheduler", "makespan",
                                ["balanced", "static", "makespan"],
                                "Host scheduler of the plan.")
 _OUT = flags.DEFINE_string("out", "timeline", "Output directory.")
+_SHAPES = flags.DEFINE_integer(
+    "shapes", 8, "Instruction shapes (op, rows, inputs or destination) to"
+    " list with their phases, the most frequent first.")
 
 
 def main(argv):
@@ -51,6 +55,13 @@ def main(argv):
     wait, work, write = (x / 1e3 for x in summary.phase_ns[name])
     print(f"  {name}: {summary.count[name]} x {mean / 1e3:.2f} us mean"
           f" (waiting {wait:.2f}, working {work:.2f}, writing {write:.2f})")
+  shapes = profiling.phases_by_shape(timings, plan.instructions)
+  for (name, rows, detail), (count, phases) in sorted(
+      shapes.items(), key=lambda kv: -kv[1][0])[:_SHAPES.value]:
+    what = f"{detail} inputs" if name == "REDUCE" else f"to {detail}"
+    wait, work, write = (x / 1e3 for x in phases)
+    print(f"    {count:4d} x {name} of {rows} rows, {what}: waiting"
+          f" {wait:.2f}, working {work:.2f}, writing {write:.2f}")
   print(f"  first instruction ready {summary.first_ready_ns / 1e3:.2f} us"
         " after the launch's first start, mean over SMs")
   print(f"  idle fraction {summary.idle_fraction:.1%}, tail"

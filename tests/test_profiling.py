@@ -168,3 +168,31 @@ def test_fit_cost_model_recovers_linear_costs():
         _records({(0, 0): rows[(0, 0)], (2, 0): rows[(2, 0)],
                   (3, 0): rows[(3, 0)]}, num_sms=4,
                  max_instructions=plan.max_instructions)))])
+
+
+def test_phases_by_shape_groups_reduces_by_inputs_and_partials_by_dst():
+  words = np.zeros((3, 4, isa.INSTRUCTION_WORDS), np.int32)
+  f = isa.Fields(words)
+  # SM 0: a PARTIAL into a slot, then a REDUCE of 4 rows x 3 inputs; SM 1:
+  # a PARTIAL to the final output; SM 2: another 4 x 3 REDUCE.
+  for (sm, i), op, rows, dst in [((0, 0), P, 64, 0), ((0, 1), R, 4, -1),
+                                 ((1, 0), P, 64, isa.FINAL_OUTPUT),
+                                 ((2, 0), R, 4, -1)]:
+    f.opcode[sm, i], f.num_rows[sm, i], f.dst_slot[sm, i] = op, rows, dst
+  f.num_src[0, 1] = f.num_src[2, 0] = 3
+  rows = dict(ROWS)
+  rows[(2, 0)] = (R, 0, 300, 1000, 1100)
+  shapes = profiling.phases_by_shape(profiling.decode_timings(_records(rows)),
+                                     words)
+  assert shapes == {
+      ("PARTIAL", 64, "slot"): (1, (100.0, 800.0, 100.0)),
+      ("PARTIAL", 64, "final"): (1, (100.0, 800.0, 100.0)),
+      # Waiting 500 and 300, working 400 and 700, writing 100 and 100.
+      ("REDUCE", 4, 3): (2, (400.0, 550.0, 100.0)),
+  }
+  f.opcode[2, 0] = P
+  with pytest.raises(ValueError, match="not the plan's op"):
+    profiling.phases_by_shape(profiling.decode_timings(_records(rows)), words)
+  with pytest.raises(ValueError, match="outside the plan"):
+    profiling.phases_by_shape(profiling.decode_timings(_records(rows)),
+                              words[:2])

@@ -7,8 +7,9 @@ per-instruction timings. One module per job:
   free of Python and launch overhead.
 - ``device_time``: ``summarize`` sums those activities by kernel name.
 - ``timings``: ``mla_decode(..., timing=True)`` returns the timed kernel's
-  records; ``decode_timings`` turns them into ``InstructionTiming`` rows and
-  ``summarize_timings`` computes per-op durations, idle fraction and tail.
+  records; ``decode_timings`` turns them into ``InstructionTiming`` rows,
+  ``summarize_timings`` computes per-op durations, idle fraction and tail,
+  and ``phases_by_shape`` splits the phases by instruction shape.
 - ``gantt``: a chart of the rows, one row per SM.
 - ``perfetto``: ``chrome_trace`` writes a Perfetto/Chrome trace, one track
   per SM.
@@ -23,6 +24,7 @@ from jax_thundermla.profiling.perfetto import chrome_trace
 from jax_thundermla.profiling.timings import InstructionTiming
 from jax_thundermla.profiling.timings import TimingSummary
 from jax_thundermla.profiling.timings import decode_timings
+from jax_thundermla.profiling.timings import phases_by_shape
 from jax_thundermla.profiling.timings import summarize_timings
 from jax_thundermla.profiling.trace import DeviceEvent
 from jax_thundermla.profiling.trace import device_events

@@ -10,6 +10,7 @@ import numpy as np
 from jax_thundermla import isa
 from jax_thundermla.plan.cost import CostModel
 from jax_thundermla.profiling.timings import InstructionTiming
+from jax_thundermla.profiling.timings import fields_of
 
 
 def fit_cost_model(samples: Sequence[tuple[Any, Sequence[InstructionTiming]]],
@@ -40,11 +41,7 @@ def fit_cost_model(samples: Sequence[tuple[Any, Sequence[InstructionTiming]]],
   for plan, timings in samples:
     words = np.asarray(plan.instructions)
     for t in timings:
-      if t.sm >= words.shape[0] or t.index >= words.shape[1]:
-        raise ValueError(f"timing ({t.sm}, {t.index}) is outside the plan")
-      w = isa.Fields(words[t.sm, t.index])
-      if w.opcode != t.opcode:
-        raise ValueError(f"timing ({t.sm}, {t.index}) is not the plan's op")
+      w = fields_of(words, t)
       if t.opcode == isa.OP_PARTIAL:
         lo, hi = int(w.kv_start), int(w.kv_end)
         pages = (-(-hi // plan.page_size) - lo // plan.page_size

@@ -150,3 +150,62 @@ def summarize_timings(timings: Sequence[InstructionTiming], *,
       makespan_ns=makespan, mean_ns=mean, count=count, idle_fraction=idle,
       tail_ns=max(finish.values()) - min(finish.values()), phase_ns=phases,
       first_ready_ns=float(np.mean([r for _, r in first_ready.values()])))
+
+
+def fields_of(words: np.ndarray, t: InstructionTiming) -> Any:
+  """The plan's fields of the instruction a timing records.
+
+  Args:
+    words: the instruction tensor ``[num_sms, max_instructions,
+      INSTRUCTION_WORDS]``.
+    t: a timing of a launch of that tensor.
+
+  Returns:
+    ``isa.Fields`` of the instruction.
+
+  Raises:
+    ValueError: the timing names a slot outside the tensor, or an
+      instruction of another opcode.
+  """
+  if t.sm >= words.shape[0] or t.index >= words.shape[1]:
+    raise ValueError(f"timing ({t.sm}, {t.index}) is outside the plan")
+  f = isa.Fields(words[t.sm, t.index])
+  if int(f.opcode) != t.opcode:
+    raise ValueError(f"timing ({t.sm}, {t.index}) is not the plan's op")
+  return f
+
+
+def phases_by_shape(timings: Sequence[InstructionTiming],
+                    instructions: Any) -> dict[tuple[str, int, Any], Any]:
+  """Mean phases per instruction shape: where a kind of instruction waits.
+
+  A REDUCE's shape is its rows and inputs (it reads rows x inputs partial
+  rows); a PARTIAL's, its rows and where it writes ("final" output or a
+  "slot"), which sets the bytes of its write-out.
+
+  Args:
+    timings: from ``decode_timings``.
+    instructions: the launch's instruction tensor ``[num_sms,
+      max_instructions, INSTRUCTION_WORDS]`` (``plan.instructions``).
+
+  Returns:
+    ``{(op name, rows, inputs or destination): (count, (waiting, working,
+    writing) mean ns)}``, as in ``TimingSummary.phase_ns``.
+
+  Raises:
+    ValueError: a timing names a slot outside the tensor or another op.
+  """
+  words = np.asarray(instructions)
+  groups: dict[tuple[str, int, Any], list[InstructionTiming]] = {}
+  for t in timings:
+    f = fields_of(words, t)
+    if t.opcode == isa.OP_REDUCE:
+      detail = int(f.num_src)
+    else:
+      detail = "final" if int(f.dst_slot) == isa.FINAL_OUTPUT else "slot"
+    key = (isa.OP_NAMES[t.opcode], int(f.num_rows), detail)
+    groups.setdefault(key, []).append(t)
+  return {key: (len(ts), tuple(float(np.mean(x)) for x in zip(
+              *((t.ready - t.start, t.computed - t.ready, t.end - t.computed)
+                for t in ts))))
+          for key, ts in groups.items()}
