@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
 # Times several versions of this repository on the same GPU in one call,
 # with the SM clock and power logged during each timed run.
-#   bash benchmarks/compare.sh [--check] [--timeline=W1,W3] DIR [DIR...] \
-#     -- [benchmarks/run.py flags...]
+#   bash benchmarks/compare.sh [--check|--sanitize] [--timeline=W1,W3] \
+#     DIR [DIR...] -- [benchmarks/run.py flags...]
 # Each DIR is a copy of some version of the repository (for example
 # `git archive OLD | tar -x -C DIR`; `.` is this tree). Each is installed
 # apart (pip --target) and timed with its own benchmarks/run.py, in the
 # order given. --check first runs each version's stand-alone kernel test
-# (csrc/tests/kernel_test.cu) and compute-sanitizer memcheck on it; a
-# version that fails them is not timed. --timeline prints each version's
+# (csrc/tests/kernel_test.cu) and compute-sanitizer memcheck on it;
+# --sanitize also racecheck and synccheck; a version that fails them is
+# not timed. --timeline prints each version's
 # timed-kernel summary (benchmarks/timeline.py) for the named workloads.
 # The logs go to one archive, $OUT/compare_logs.tar.gz (or under
 # ./device_out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 check=0
+tools="memcheck"
 timelines=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --check) check=1; shift ;;
+    --sanitize) check=1; tools="memcheck racecheck synccheck"; shift ;;
     --timeline=*) timelines="${1#--timeline=}"; shift ;;
     *) break ;;
   esac
@@ -54,7 +57,8 @@ with_clock() {
   return "$status"
 }
 
-# The kernel test of version $1 (index) passes, and memcheck finds nothing.
+# The kernel test of version $1 (index) passes, and each sanitizer tool of
+# $tools finds nothing.
 kernel_checks() {
   local i=$1 bin="$bins/kernel_test_$1"
   [ -x "$bin" ] || { echo "kernel test did not build"; tail -n 20 \
@@ -63,11 +67,15 @@ kernel_checks() {
   local status=$?
   echo "kernel test: exit $status, $(tail -n 1 "$logs/kernel_test_$i.log")"
   [ "$status" = 0 ] || { grep -v " ok$" "$logs/kernel_test_$i.log" | head; return 1; }
-  timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin" \
-    >"$logs/memcheck_$i.log" 2>&1
-  status=$?
-  echo "memcheck: exit $status, $(grep 'ERROR SUMMARY' "$logs/memcheck_$i.log" | tail -n 1)"
-  return "$status"
+  local tool
+  for tool in $tools; do
+    timeout 300 compute-sanitizer --tool "$tool" --error-exitcode 3 "$bin" \
+      >"$logs/${tool}_$i.log" 2>&1
+    status=$?
+    echo "$tool: exit $status, $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' \
+      "$logs/${tool}_$i.log" | tail -n 1)"
+    [ "$status" = 0 ] || return "$status"
+  done
 }
 
 nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader
