@@ -1,6 +1,7 @@
 // The warpgroup MMA shapes of the MLA decode kernel (sm_90a wgmma).
-// One asm statement per shape, operand source and element type; the
-// m64n256 shapes share their accumulator list (the macros below).
+// One asm statement per shape and operand source, written once for both
+// element types; the m64n256 shapes share their accumulator list (the
+// macros below).
 #pragma once
 
 #include <cstdint>
@@ -49,69 +50,76 @@
   "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), \
   "+f"(d[127])
 
+// One wgmma of each shape for an element type TYPE ("bf16" or "f16"),
+// over the arguments of the function it stands in (d, desc_a / a, desc_b,
+// accumulate).
+#define TMLA_WGMMA_M64N64K16_SS(TYPE)                                      \
+  asm volatile(                                                           \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                        \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "     \
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,"   \
+      "%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "        \
+      "%32, %33, p, 1, 1, 0, 0;\n}\n"                                     \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]),       \
+        "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]),       \
+        "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),  \
+        "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),  \
+        "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),  \
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),  \
+        "+f"(d[30]), "+f"(d[31])                                          \
+      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)))
+#define TMLA_WGMMA_M64N256K16_SS_TRANS_B(TYPE)                             \
+  asm volatile(                                                           \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                       \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." TYPE "." TYPE " "    \
+      TMLA_WGMMA_D128_REGISTERS ", "                                      \
+      "%128, %129, p, 1, 1, 0, 1;\n}\n"                                   \
+      : TMLA_WGMMA_D128_OPERANDS(d)                                       \
+      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)))
+#define TMLA_WGMMA_M64N256K16_RS_TRANS_B(TYPE)                             \
+  asm volatile(                                                           \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"                       \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." TYPE "." TYPE " "    \
+      TMLA_WGMMA_D128_REGISTERS ", "                                      \
+      "{%128, %129, %130, %131}, %132, p, 1, 1, 1;\n}\n"                  \
+      : TMLA_WGMMA_D128_OPERANDS(d)                                       \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b),          \
+        "r"(static_cast<int>(accumulate)))
+
 namespace tmla::wgmma {
+
+// The element types of the MMAs.
+template <typename T>
+constexpr bool kIsBf16 = std::is_same_v<T, __nv_bfloat16>;
+template <typename T>
+constexpr bool kIsHalfOrBf16 = kIsBf16<T> || std::is_same_v<T, __half>;
 
 // D[64 x 64] (+)= A[64 x 16] * B[16 x 64]; A and B from shared memory
 // (descriptors), D: 32 fp32 registers per thread. B is K-major.
 template <typename T>
 __device__ __forceinline__ void MmaM64N64K16(float (&d)[32], uint64_t desc_a,
-                                      uint64_t desc_b, bool accumulate) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,"
-        "%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
-        "%32, %33, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]),
-          "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]),
-          "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
-          "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
-          "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
-          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
-          "+f"(d[30]), "+f"(d[31])
-        : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)));
+                                             uint64_t desc_b,
+                                             bool accumulate) {
+  static_assert(kIsHalfOrBf16<T>, "bf16 or fp16 only");
+  if constexpr (kIsBf16<T>) {
+    TMLA_WGMMA_M64N64K16_SS("bf16");
   } else {
-    static_assert(std::is_same_v<T, __half>, "bf16 or fp16 only");
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,"
-        "%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
-        "%32, %33, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]),
-          "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]),
-          "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
-          "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
-          "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
-          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
-          "+f"(d[30]), "+f"(d[31])
-        : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)));
+    TMLA_WGMMA_M64N64K16_SS("f16");
   }
 }
 
 // D[64 x 256] (+)= A[64 x 16] * B[16 x 256]; A and B from shared memory
 // (descriptors), D: 128 fp32 registers per thread. B is MN-major (transposed).
 template <typename T>
-__device__ __forceinline__ void MmaM64N256K16TransB(float (&d)[128], uint64_t desc_a,
-                                      uint64_t desc_b, bool accumulate) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
-        TMLA_WGMMA_D128_REGISTERS ", "
-        "%128, %129, p, 1, 1, 0, 1;\n}\n"
-        : TMLA_WGMMA_D128_OPERANDS(d)
-        : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)));
+__device__ __forceinline__ void MmaM64N256K16TransB(float (&d)[128],
+                                                    uint64_t desc_a,
+                                                    uint64_t desc_b,
+                                                    bool accumulate) {
+  static_assert(kIsHalfOrBf16<T>, "bf16 or fp16 only");
+  if constexpr (kIsBf16<T>) {
+    TMLA_WGMMA_M64N256K16_SS_TRANS_B("bf16");
   } else {
-    static_assert(std::is_same_v<T, __half>, "bf16 or fp16 only");
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
-        TMLA_WGMMA_D128_REGISTERS ", "
-        "%128, %129, p, 1, 1, 0, 1;\n}\n"
-        : TMLA_WGMMA_D128_OPERANDS(d)
-        : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)));
+    TMLA_WGMMA_M64N256K16_SS_TRANS_B("f16");
   }
 }
 
@@ -122,29 +130,18 @@ template <typename T>
 __device__ __forceinline__ void MmaM64N256K16RegATransB(
     float (&d)[128], const uint32_t (&a)[4], uint64_t desc_b,
     bool accumulate) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
-        TMLA_WGMMA_D128_REGISTERS ", "
-        "{%128, %129, %130, %131}, %132, p, 1, 1, 1;\n}\n"
-        : TMLA_WGMMA_D128_OPERANDS(d)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b),
-          "r"(static_cast<int>(accumulate)));
+  static_assert(kIsHalfOrBf16<T>, "bf16 or fp16 only");
+  if constexpr (kIsBf16<T>) {
+    TMLA_WGMMA_M64N256K16_RS_TRANS_B("bf16");
   } else {
-    static_assert(std::is_same_v<T, __half>, "bf16 or fp16 only");
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
-        TMLA_WGMMA_D128_REGISTERS ", "
-        "{%128, %129, %130, %131}, %132, p, 1, 1, 1;\n}\n"
-        : TMLA_WGMMA_D128_OPERANDS(d)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b),
-          "r"(static_cast<int>(accumulate)));
+    TMLA_WGMMA_M64N256K16_RS_TRANS_B("f16");
   }
 }
 
 }  // namespace tmla::wgmma
 
+#undef TMLA_WGMMA_M64N64K16_SS
+#undef TMLA_WGMMA_M64N256K16_SS_TRANS_B
+#undef TMLA_WGMMA_M64N256K16_RS_TRANS_B
 #undef TMLA_WGMMA_D128_OPERANDS
 #undef TMLA_WGMMA_D128_REGISTERS
