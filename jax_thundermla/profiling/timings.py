@@ -107,6 +107,15 @@ class TimingSummary:
   first_ready_ns: float
 
 
+def _mean_phases(timings: Sequence[InstructionTiming]
+                 ) -> tuple[float, float, float]:
+  """Mean waiting (start to ready), working (ready to computed) and
+  writing (computed to end) of some timings."""
+  return tuple(float(np.mean(x)) for x in zip(
+      *((t.ready - t.start, t.computed - t.ready, t.end - t.computed)
+        for t in timings)))
+
+
 def summarize_timings(timings: Sequence[InstructionTiming], *,
                       num_sms: int) -> TimingSummary:
   """Per-op mean durations and phases, idle fraction, tail and fill of one
@@ -134,9 +143,7 @@ def summarize_timings(timings: Sequence[InstructionTiming], *,
     if of_op:
       mean[name] = float(np.mean([t.duration for t in of_op]))
       count[name] = len(of_op)
-      phases[name] = tuple(float(np.mean(x)) for x in zip(
-          *((t.ready - t.start, t.computed - t.ready, t.end - t.computed)
-            for t in of_op)))
+      phases[name] = _mean_phases(of_op)
   busy = sum(t.duration for t in timings)
   finish: dict[int, int] = {}
   # Per SM: (index, ready) of its first instruction.
@@ -205,7 +212,4 @@ def phases_by_shape(timings: Sequence[InstructionTiming],
       detail = "final" if int(f.dst_slot) == isa.FINAL_OUTPUT else "slot"
     key = (isa.OP_NAMES[t.opcode], int(f.num_rows), detail)
     groups.setdefault(key, []).append(t)
-  return {key: (len(ts), tuple(float(np.mean(x)) for x in zip(
-              *((t.ready - t.start, t.computed - t.ready, t.end - t.computed)
-                for t in ts))))
-          for key, ts in groups.items()}
+  return {key: (len(ts), _mean_phases(ts)) for key, ts in groups.items()}
