@@ -5,8 +5,11 @@
 // partials read right after six other SMs wrote and signalled them.
 // Stand-alone CUDA (no JAX):
 //
-//   nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a -O3 \
+//   nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a -O3 -Icsrc \
 //     -o /tmp/sm_traffic benchmarks/sm_traffic.cu -lcuda && /tmp/sm_traffic
+//
+// The mbarrier, fence and timer wrappers are the kernel's own (ptx.cuh,
+// timing.cuh).
 //
 // Times are %globaltimer spans inside the measured CTA (median of 4 runs
 // after a warm-up); the SM clock is printed beside them.
@@ -18,6 +21,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
+
+#include "ptx.cuh"
+#include "timing.cuh"
 
 #define CHECK(x)                                                      \
   do {                                                                \
@@ -36,41 +42,27 @@ constexpr int64_t kSlotFloats = 64 * kCols;  // one 128 KB partial slot
 constexpr int kSmemBytes = 200 * 1024;
 __device__ float g_sink;
 
+using tmla::ptx::SmemAddr;
+
 __device__ __forceinline__ uint64_t Now() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
+  return static_cast<uint64_t>(tmla::GlobalTimerNs());
 }
-__device__ __forceinline__ uint32_t Smem(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+// 1-D bulk copy global -> shared, completing on `bar` (the kernel has no
+// use for it).
 __device__ __forceinline__ void BulkLoad(void* dst, const void* src,
                                          uint32_t bytes, uint64_t* bar) {
   asm volatile(
       "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes "
-      "[%0], [%1], %2, [%3];" ::"r"(Smem(dst)),
-      "l"(src), "r"(bytes), "r"(Smem(bar))
+      "[%0], [%1], %2, [%3];" ::"r"(SmemAddr(dst)),
+      "l"(src), "r"(bytes), "r"(SmemAddr(bar))
       : "memory");
-}
-__device__ __forceinline__ void ExpectBytes(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(
-                   Smem(bar)),
-               "r"(bytes)
-               : "memory");
 }
 __device__ __forceinline__ void InitBar(uint64_t* bar) {
   if (threadIdx.x == 0) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(Smem(bar)));
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    tmla::ptx::MbarInit(bar, 1);
+    tmla::ptx::FenceMbarInit();
   }
   __syncthreads();
-}
-__device__ __forceinline__ void WaitBar(uint64_t* bar, uint32_t parity) {
-  asm volatile(
-      "{ .reg .pred p; W: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], "
-      "%1; @!p bra W; }" ::"r"(Smem(bar)),
-      "r"(parity)
-      : "memory");
 }
 
 enum Pattern {
@@ -123,13 +115,13 @@ __device__ void Run(int pattern, float* ws, int slot, int inputs, int rows,
       for (int i = t; i < kSlotFloats / 4; i += kThreads) {
         reinterpret_cast<float4*>(smem)[i] = make_float4(i, 1, 2, 3);
       }
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      tmla::ptx::FenceProxyAsync();
       __syncthreads();
       if (t < 64) {
         asm volatile(
             "cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(
                 dst + t * kCols),
-            "r"(Smem(smem + t * kCols * 4)), "r"(kCols * 4)
+            "r"(SmemAddr(smem + t * kCols * 4)), "r"(kCols * 4)
             : "memory");
         asm volatile("cp.async.bulk.commit_group;" ::: "memory");
         asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
@@ -165,14 +157,14 @@ __device__ void Run(int pattern, float* ws, int slot, int inputs, int rows,
     }
     case kLoadBulk: {
       const int n = rows * inputs;
-      if (t == 0) ExpectBytes(bar, n * kCols * 4);
+      if (t == 0) tmla::ptx::MbarArriveExpectTx(bar, n * kCols * 4);
       __syncthreads();
       for (int k = t; k < n; k += kThreads) {
         BulkLoad(smem + k * kCols * 4, dst + (k / rows) * kSlotFloats +
                                            (k % rows) * kCols,
                  kCols * 4, bar);
       }
-      WaitBar(bar, 0);
+      tmla::ptx::MbarWait(bar, 0);
       break;
     }
   }
@@ -242,7 +234,7 @@ __device__ void ReadPartials(int way, const float* ws, uint8_t* smem,
   const int n = kWriters * kReadRows;
   if (t == 0) {
     asm volatile("fence.proxy.async;" ::: "memory");
-    ExpectBytes(bar, n * kCols * 4);
+    tmla::ptx::MbarArriveExpectTx(bar, n * kCols * 4);
   }
   __syncthreads();
   const int first = way == 0 ? (t == 0 ? 0 : n) : t;
@@ -252,7 +244,7 @@ __device__ void ReadPartials(int way, const float* ws, uint8_t* smem,
              ws + (k / kReadRows) * kSlotFloats + (k % kReadRows) * kCols,
              kCols * 4, bar);
   }
-  WaitBar(bar, parity);
+  tmla::ptx::MbarWait(bar, parity);
   __syncthreads();
 }
 
@@ -275,12 +267,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
   if (threadIdx.x == 0) {
-    int v;
-    do {
-      asm volatile("ld.acquire.gpu.global.b32 %0, [%1];"
-                   : "=r"(v)
-                   : "l"(flags + g));
-    } while (v < kWriters);
+    while (tmla::ptx::LoadAcquireGpu(flags + g) < kWriters) {
+    }
   }
   __syncthreads();
   const uint64_t t0 = Now();
