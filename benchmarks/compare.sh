@@ -67,15 +67,8 @@ kernel_checks() {
   local status=$?
   echo "kernel test: exit $status, $(tail -n 1 "$logs/kernel_test_$i.log")"
   [ "$status" = 0 ] || { grep -v " ok$" "$logs/kernel_test_$i.log" | head; return 1; }
-  local tool
-  for tool in $tools; do
-    timeout 300 compute-sanitizer --tool "$tool" --error-exitcode 3 "$bin" \
-      >"$logs/${tool}_$i.log" 2>&1
-    status=$?
-    echo "$tool: exit $status, $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' \
-      "$logs/${tool}_$i.log" | tail -n 1)"
-    [ "$status" = 0 ] || return "$status"
-  done
+  # shellcheck disable=SC2086
+  bash benchmarks/sanitize.sh "$bin" "$logs/${i}_" $tools
 }
 
 nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader

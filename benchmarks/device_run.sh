@@ -68,15 +68,10 @@ if [ "$sanitize" = 1 ]; then
     >"$out/kernel_test_build.log" 2>&1 \
     || { tail -n 20 "$out/kernel_test_build.log"; exit 1; }
   /tmp/tmla_kernel_test | tail -n 1
-  for tool in memcheck racecheck synccheck; do
-    compute-sanitizer --tool "$tool" --error-exitcode 3 /tmp/tmla_kernel_test \
-      >"$out/sanitize_$tool.log" 2>&1
-    code=$?
-    echo "compute-sanitizer $tool: exit $code;" \
-      "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize_$tool.log" \
-         | tail -n 1); $(tail -n 1 "$out/sanitize_$tool.log")"
-    [ "$code" = 0 ] || status=$code
-  done
+  bash benchmarks/sanitize.sh /tmp/tmla_kernel_test "$out/sanitize_" \
+    memcheck racecheck synccheck
+  code=$?
+  [ "$code" = 0 ] || status=$code
 fi
 if [ "$stress" != "none" ]; then
   # shellcheck disable=SC2086
