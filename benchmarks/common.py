@@ -20,9 +20,10 @@ IMPLS = ("none", "none_scan", "device", "balanced", "static", "makespan",
 SCAN_IMPLS = ("none_scan", "makespan_scan")
 
 
-def make_step(w: Workload, impl: str):
+def make_step(w: Workload, impl: str, cost_model=None):
   """A jitted decode step over the caches (a list; for SCAN_IMPLS one
-  stacked array), and its extra argument."""
+  stacked array), and its extra argument. Host plans are priced with
+  ``cost_model`` (a CostModel; None: the default)."""
   backend = "reference" if impl == "xla" else "cuda"
   kw = dict(head_dim_v=w.d_v, softmax_scale=w.softmax_scale,
             causal=w.causal, backend=backend)
@@ -51,7 +52,8 @@ def make_step(w: Workload, impl: str):
   if scheduler in ("balanced", "static", "makespan"):
     plan = tmla.plan_decode(np.asarray(w.seqlens), s_q=w.s_q, h_q=w.h_q,
                             h_kv=w.h_kv, page_size=w.page_size,
-                            head_dim_v=w.d_v, scheduler=scheduler)
+                            head_dim_v=w.d_v, scheduler=scheduler,
+                            cost_model=cost_model)
   return (scan_step if impl in SCAN_IMPLS else step), plan
 
 
@@ -77,7 +79,7 @@ def read_bandwidth() -> float:
 
 
 def time_per_call(w: Workload, impl: str, inputs, *, steps: int,
-                  trace_dir: str | None = None):
+                  trace_dir: str | None = None, cost_model=None):
   """Seconds per mla_decode call of ``impl`` on ``inputs``.
 
   On a GPU: all device activity of ``steps`` traced steps (CUPTI), divided
@@ -91,6 +93,7 @@ def time_per_call(w: Workload, impl: str, inputs, *, steps: int,
     steps: timed steps.
     trace_dir: keep the profiler trace of the steps there (on a CPU, of
       ``steps`` more steps run after the timed ones).
+    cost_model: prices of the host plans (None: the default CostModel).
 
   Returns:
     ``(seconds, events)``: events are the trace's device events (empty
@@ -100,7 +103,7 @@ def time_per_call(w: Workload, impl: str, inputs, *, steps: int,
   layers = len(caches)
   if impl in SCAN_IMPLS:
     caches = jnp.stack(caches)  # [layers, pages, page_size, h_kv, d_qk]
-  step, plan = make_step(w, impl)
+  step, plan = make_step(w, impl, cost_model)
   run = lambda: step(q, caches, table, lens, plan)
   if jax.default_backend() == "gpu":
     ns, events = profiling.trace_device_time(run, repeats=steps,

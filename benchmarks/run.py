@@ -57,6 +57,9 @@ _LAYERS = flags.DEFINE_integer(
     "layers", None, "Distinct KV caches per step; default 8 GPU, 1 CPU.")
 _STEPS = flags.DEFINE_integer(
     "steps", None, "Timed steps; default 10 on GPU, 3 on CPU.")
+_COST_MODEL = flags.DEFINE_list(
+    "cost_model", None, "Price the host plans with these CostModel fields"
+    " instead of the defaults, e.g. reduce_fixed_ns=6000,kv_token_ns=37.")
 _BREAKDOWN = flags.DEFINE_bool(
     "breakdown", False, "Also print device time per kernel name.")
 _PROFILE = flags.DEFINE_string(
@@ -98,8 +101,25 @@ def _report_trace(directory: str) -> None:
   print(f"    trace: {max(files, key=os.path.getmtime)}")
 
 
+def _cost_model():
+  if not _COST_MODEL.value:
+    return None
+  fields = {}
+  for item in _COST_MODEL.value:
+    name, _, value = item.partition("=")
+    try:
+      fields[name] = float(value)
+    except ValueError:
+      sys.exit(f"--cost_model: {item!r} is not NAME=NUMBER")
+  try:
+    return tmla.plan.CostModel(**fields)
+  except (TypeError, ValueError) as e:
+    sys.exit(f"--cost_model: {e}")
+
+
 def main(argv):
   del argv
+  cost_model = _cost_model()
   on_gpu = jax.default_backend() == "gpu"
   if _BREAKDOWN.value and not on_gpu:
     sys.exit("--breakdown sums GPU kernel times; JAX sees no GPU here"
@@ -127,7 +147,7 @@ def main(argv):
     for impl in _impls():
       seconds, events = time_per_call(
           w, impl, (q, caches, table, lens), steps=steps,
-          trace_dir=_profile_dir(w, impl))
+          trace_dir=_profile_dir(w, impl), cost_model=cost_model)
       if _BREAKDOWN.value and events:
         for name, count, kns in profiling.summarize(events,
                                                     per=steps * layers):
