@@ -12,7 +12,8 @@
 # not timed. --timeline prints each version's
 # timed-kernel summary (benchmarks/timeline.py) for the named workloads.
 # The logs go to one archive, $OUT/compare_logs.tar.gz (or under
-# ./device_out).
+# ./device_out). With COMPARE_SITES=DIR set, version i is installed in
+# DIR/i and stays there for later scripts of the same call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 check=0
@@ -74,10 +75,12 @@ kernel_checks() {
 nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader
 # Every version builds at once (one compiler process each), then each is
 # checked and timed alone.
+sites_root="${COMPARE_SITES:-$(mktemp -d)}"
 sites=()
 builds=()
 for i in "${!dirs[@]}"; do
-  sites+=("$(mktemp -d)")
+  sites+=("$sites_root/$i")
+  rm -rf "${sites[$i]}" && mkdir -p "${sites[$i]}"
   timeout 600 python3 -m pip install --no-build-isolation --no-deps \
     --target "${sites[$i]}" "${dirs[$i]}" >"$logs/build_$i.log" 2>&1 &
   builds+=($!)
