@@ -37,3 +37,20 @@ def test_breakdown_without_gpu_events_says_why():
   run = _run("--breakdown")
   assert run.returncode != 0
   assert "--breakdown sums GPU kernel times" in run.stderr
+
+
+def test_cost_model_flag_accepts_cost_model_fields():
+  run = _run("--cost_model=reduce_fixed_ns=8000,kv_token_ns=40")
+  assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("no_such_field=1", "unexpected keyword argument 'no_such_field'"),
+    ("reduce_fixed_ns=cheap", "'reduce_fixed_ns=cheap' is not NAME=NUMBER"),
+    ("kv_token_ns=-1", "kv_token_ns must be finite and >= 0"),
+])
+def test_cost_model_flag_rejects_bad_fields_before_timing(value, message):
+  run = _run(f"--cost_model={value}")
+  assert run.returncode != 0
+  assert "--cost_model: " in run.stderr and message in run.stderr, (
+      run.stderr[-2000:])
