@@ -17,6 +17,14 @@ kernel's bf16 path, so the difference is the quantization alone):
    (teacher forcing). Printed: relative and max absolute error of the
    logits, the fraction of positions whose argmax agrees, and how many
    tokens a free-running FP8 decode shares with the bf16 one.
+3. Which tensor-core math an FP8 cache should get (``--math``): one
+   sequence per workload shape (s_q, h_q; ``--math_tokens`` keys), the
+   error against a float64 oracle on the dequantized cache of (a) the
+   kernel's math, bf16 operands (dequantized K/V, bf16 q and P) with
+   float32 accumulation, and (b) e4m3 operands, as FP8 wgmma would take
+   them: q's latent part quantized per row, the scores rescaled by the
+   cache's group scales, and P times each group's scales quantized per row
+   for its 128 value columns (rope stays bf16). Emulated in float32/64.
 
   python benchmarks/fp8_accuracy.py                  # CPU, a few minutes
   python benchmarks/fp8_accuracy.py --full           # GPU, real sizes
@@ -159,6 +167,62 @@ def deepseek_errors(config: deepseek.DeepSeekConfig, *, batch: int,
       free_first_diff=int(first.min()))
 
 
+def _e4m3(x: np.ndarray) -> np.ndarray:
+  """x rounded to float8_e4m3fn (to nearest), back in float64."""
+  return np.asarray(jnp.asarray(x, jnp.float32).astype(jnp.float8_e4m3fn)
+                    .astype(jnp.float32), np.float64)
+
+
+def _per_row_e4m3(x: np.ndarray) -> np.ndarray:
+  """x quantized per row with scale amax / 448, then scaled back."""
+  s = np.max(np.abs(x), axis=-1, keepdims=True) / 448.0
+  s = np.where(s > 0, s, 1.0)
+  return _e4m3(x / s) * s
+
+
+def math_errors(s_q: int, h_q: int, tokens: int, seed: int = 0
+                ) -> dict[str, float]:
+  """Relative (Frobenius) error of out against float64, bf16 and e4m3
+  tensor-core math over one FP8-cached sequence (no mask: all rows see all
+  keys)."""
+  rng = np.random.default_rng(seed)
+  entries = rng.standard_normal((tokens, 576)) * rng.choice(
+      [0.1, 1.0, 10.0], (tokens, 1))
+  cache = tmla.quantize_kv(jnp.asarray(entries, jnp.bfloat16))
+  kv = np.asarray(tmla.dequantize_kv(cache, jnp.float32), np.float64)
+  raw = np.asarray(cache)
+  scales = raw[:, 512:528].copy().view("<f4").astype(np.float64)  # [n, 4]
+  k8 = kv[:, :512] / np.repeat(scales, 128, axis=1)  # the e4m3 values
+  q = np.asarray(jnp.asarray(rng.standard_normal((s_q * h_q, 576)),
+                             jnp.bfloat16), np.float64)
+  scale = 576 ** -0.5
+  bf16 = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)
+
+  def finish(scores, pv):
+    m = scores.max(axis=-1, keepdims=True)
+    p = np.exp(scores - m)
+    return pv(p) / p.sum(axis=-1, keepdims=True)
+
+  s64 = q @ kv.T * scale
+  want = finish(s64, lambda p: p @ kv[:, :512])
+  s16 = (q @ kv.T).astype(np.float32).astype(np.float64) * scale
+  got16 = finish(s16, lambda p: bf16(p) @ kv[:, :512])
+  q8 = _per_row_e4m3(q[:, :512])
+  s8 = sum((q8[:, 128 * g:128 * g + 128] @ k8[:, 128 * g:128 * g + 128].T)
+           * scales[:, g] for g in range(4))
+  s8 = (s8 + q[:, 512:] @ kv[:, 512:].T) * scale
+
+  def pv8(p):
+    return np.concatenate(
+        [_per_row_e4m3(p * scales[:, g]) @ k8[:, 128 * g:128 * g + 128]
+         for g in range(4)], axis=-1)
+
+  got8 = finish(s8, pv8)
+  norm = np.linalg.norm(want)
+  return dict(bf16=float(np.linalg.norm(got16 - want) / norm),
+              e4m3=float(np.linalg.norm(got8 - want) / norm))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workloads", default=",".join(WORKLOADS),
@@ -177,6 +241,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="DeepSeek stack: prompt tokens")
   parser.add_argument("--seed", type=int, default=0,
                       help="seed of data and weights")
+  parser.add_argument("--math", action="store_true",
+                      help="only part 3: bf16 against e4m3 tensor-core math")
+  parser.add_argument("--math_tokens", type=int, default=2048,
+                      help="part 3: keys of the sequence")
   return parser.parse_args(argv)
 
 
@@ -184,6 +252,17 @@ def main(args: argparse.Namespace) -> None:
   device = jax.devices()[0]
   print(f"device: {device.device_kind} ({device.platform}), reference"
         f" backend, seed {args.seed}")
+  if args.math:
+    print(f"out against float64 on the dequantized cache, one sequence of"
+          f" {args.math_tokens} keys: relative error of bf16 and of e4m3"
+          f" tensor-core math")
+    print(f"{'':4} {'s_q':>4} {'h_q':>4} {'bf16':>9} {'e4m3':>9}")
+    for name in args.workloads.split(","):
+      w = WORKLOADS[name]
+      e = math_errors(w.s_q, w.h_q, args.math_tokens, args.seed)
+      print(f"{name:4} {w.s_q:4d} {w.h_q:4d} {e['bf16']:9.2e}"
+            f" {e['e4m3']:9.2e}", flush=True)
+    return
   print("W1-W6: out/lse over the FP8 cache vs over the bf16 cache"
         + ("" if args.full else
            f" (lengths x {args.length_scale:g}, batch <= {args.max_batch})"))
