@@ -43,6 +43,7 @@ import numpy as np
 
 import jax_thundermla as tmla
 from jax_thundermla import deepseek
+from jax_thundermla import fp8_cache
 from jax_thundermla import reference
 from jax_thundermla.workloads import WORKLOADS
 from jax_thundermla.workloads import Workload
@@ -190,9 +191,9 @@ def math_errors(s_q: int, h_q: int, tokens: int, seed: int = 0
       [0.1, 1.0, 10.0], (tokens, 1))
   cache = tmla.quantize_kv(jnp.asarray(entries, jnp.bfloat16))
   kv = np.asarray(tmla.dequantize_kv(cache, jnp.float32), np.float64)
-  raw = np.asarray(cache)
-  scales = raw[:, 512:528].copy().view("<f4").astype(np.float64)  # [n, 4]
-  k8 = kv[:, :512] / np.repeat(scales, 128, axis=1)  # the e4m3 values
+  values, scales, _ = fp8_cache.split_fp8(cache)
+  k8 = np.asarray(values.astype(jnp.float32), np.float64)  # [n, 512]
+  scales = np.asarray(scales, np.float64)  # [n, 4]
   q = np.asarray(jnp.asarray(rng.standard_normal((s_q * h_q, 576)),
                              jnp.bfloat16), np.float64)
   scale = 576 ** -0.5
