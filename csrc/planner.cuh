@@ -1,10 +1,13 @@
 // The planner of planner.h, written once for one CTA (device) and one thread
-// (host). Every phase is a loop `for (i = c.tid; i < count; i += c.nt)`
-// ended by a barrier; the block-wide scan, reduction, search and sort below
-// have a parallel device body and a serial host body with the same integer
-// result. The device's time goes to its barriers (about 15-25 per plan for
-// up to 512 items), so phases share them: reductions carry two values,
-// scans several arrays, and searches test hundreds of candidates at once.
+// (host). Every phase is a loop over the thread's share of an array ended by
+// a barrier; the block-wide scan, reduction, search and sort below have a
+// parallel device body and a serial host body with the same integer result.
+//
+// The device planner runs once per plan from a cold instruction cache, so its
+// time follows the code it executes more than the work: loops are not
+// unrolled, one scan and one reduction serve every phase (arrays, not
+// callbacks), one function writes every instruction row, and a layout whose
+// lower bound cannot beat the best one so far is not measured.
 #pragma once
 
 #include <cstdint>
@@ -18,6 +21,12 @@
 #define TMLA_HD
 #endif
 
+#if defined(__CUDA_ARCH__)
+#define TMLA_NO_UNROLL _Pragma("unroll 1")
+#else
+#define TMLA_NO_UNROLL
+#endif
+
 #if !defined(__CUDA_ARCH__)
 #include <algorithm>
 #endif
@@ -28,13 +37,19 @@ namespace tmla::plan {
 struct Ctx {
   int tid;
   int nt;
-  int turn = 0;  // which of BlockReduce's two buffers is next
+  int turn = 0;  // which of Reduce's two buffers is next
 };
 
 constexpr int64_t kNever = INT64_MAX;
 constexpr int64_t kLowest = INT64_MIN;
 // Costs are below 2^31 (the int32 cost word), so this orders them in keys.
 constexpr uint64_t kCostKeyBase = uint64_t{1} << 31;
+// Lanes that share a warp-level step: a warp on the device, one on the host.
+#if defined(__CUDA_ARCH__)
+constexpr int kLanes = 32;
+#else
+constexpr int kLanes = 1;
+#endif
 
 TMLA_HD inline void Sync() {
 #if defined(__CUDA_ARCH__)
@@ -44,6 +59,7 @@ TMLA_HD inline void Sync() {
 
 TMLA_HD inline int64_t Min64(int64_t a, int64_t b) { return a < b ? a : b; }
 TMLA_HD inline int64_t Max64(int64_t a, int64_t b) { return a > b ? a : b; }
+TMLA_HD inline int MinInt(int a, int b) { return a < b ? a : b; }
 // a / b for a >= 0, b > 0; in 32 bits when both fit (the device's 64-bit
 // division is a long subroutine), with the same result.
 TMLA_HD inline int64_t Div64(int64_t a, int64_t b) {
@@ -56,61 +72,62 @@ TMLA_HD inline int64_t CeilDiv(int64_t a, int64_t b) {
   return Div64(a + b - 1, b);
 }
 
-// Block-wide sums and maxima. Each warp reduces its lanes by shuffles and
-// writes one word per value to one of two buffers; after one barrier every
-// warp reduces the warps' words. The buffers alternate (c.turn), so the next
-// reduction writes the other one: one barrier per reduction.
-struct Reduced {
-  int64_t sum, max;  // with both_max, sum holds the first value's max
+// The run [lo, hi) of `count` elements that this thread scans: the threads
+// own consecutive runs in thread order. A phase that writes an array
+// through its runs may scan it with no barrier between.
+struct Run {
+  int lo, hi;
+  TMLA_HD Run(const Ctx& c, int count) {
+    const int per = (count + c.nt - 1) / c.nt;
+    lo = MinInt(count, c.tid * per);
+    hi = MinInt(count, lo + per);
+  }
 };
 
-// Sum (or, with both_max, max) of a and max of b over groups of `width`
-// lanes (device); the host returns them.
-template <bool both_max = false>
-TMLA_HD inline Reduced GroupReduce(int64_t a, int64_t b, int width) {
+// Sum (or, with a_max, max) of a and max of b over aligned groups of
+// `width` lanes (a power of two <= 32); the host's one lane returns them.
+struct Reduced {
+  int64_t sum, max;  // with a_max, sum holds a's max
+};
+TMLA_HD inline Reduced GroupReduce(int64_t a, int64_t b, int width,
+                                   bool a_max) {
 #if defined(__CUDA_ARCH__)
+  TMLA_NO_UNROLL
   for (int off = width >> 1; off > 0; off >>= 1) {
     const int64_t y = __shfl_xor_sync(~0u, a, off, width);
-    a = both_max ? Max64(a, y) : a + y;
+    a = a_max ? Max64(a, y) : a + y;
     b = Max64(b, __shfl_xor_sync(~0u, b, off, width));
   }
 #else
   (void)width;
+  (void)a_max;
 #endif
   return Reduced{a, b};
 }
 
-// Block-wide sum (or, with both_max, max) of a and max of b; red holds
-// 2 * 64 words.
-template <bool both_max = false>
-TMLA_HD inline Reduced BlockReduce(Ctx& c, int64_t a, int64_t b,
-                                   int64_t* red) {
+// Inclusive sum (or, with is_min, minimum) of x over the lanes up to this
+// one (device); x on the host.
+TMLA_HD inline int64_t LaneScan(int64_t x, bool is_min) {
 #if defined(__CUDA_ARCH__)
-  Reduced r = GroupReduce<both_max>(a, b, 32);
-  int64_t* buf = red + 64 * c.turn;
-  c.turn ^= 1;
-  const int lane = c.tid & 31, warps = c.nt >> 5;
-  if (lane == 0) {
-    buf[c.tid >> 5] = r.sum;
-    buf[32 + (c.tid >> 5)] = r.max;
+  const int lane = threadIdx.x & 31;
+  TMLA_NO_UNROLL
+  for (int off = 1; off < 32; off <<= 1) {
+    const int64_t y = __shfl_up_sync(~0u, x, off);
+    if (lane >= off) x = is_min ? Min64(x, y) : x + y;
   }
-  __syncthreads();
-  return GroupReduce<both_max>(
-      lane < warps ? buf[lane] : (both_max ? kLowest : 0),
-      lane < warps ? buf[32 + lane] : kLowest, 32);
 #else
-  (void)c;
-  (void)red;
-  return Reduced{a, b};
+  (void)is_min;
 #endif
+  return x;
 }
 
-TMLA_HD inline int64_t BlockSum(Ctx& c, int64_t v, int64_t* red) {
-  return BlockReduce(c, v, kLowest, red).sum;
-}
-
-TMLA_HD inline int64_t BlockMax(Ctx& c, int64_t v, int64_t* red) {
-  return BlockReduce(c, 0, v, red).max;
+// x of the warp's last lane (device); x on the host.
+TMLA_HD inline int64_t LastLane(int64_t x) {
+#if defined(__CUDA_ARCH__)
+  return __shfl_sync(~0u, x, 31);
+#else
+  return x;
+#endif
 }
 
 TMLA_HD inline void AtomicAdd(int64_t* at, int64_t v) {
@@ -132,68 +149,77 @@ TMLA_HD inline void AtomicMax(int64_t* at, int64_t v) {
 #endif
 }
 
-// Inclusive prefix sums of `count` arrays at once, two barriers for all:
-// a[k][i] becomes init(k, 0) + ... + init(k, i) for i < n[k]; tmp holds
-// 32 * count words. init may read what other threads wrote before the
-// call; on the device each thread scans its own run of each array, then
-// the runs' totals are scanned by warp shuffles, every warp scanning the
-// warps' totals itself.
-template <int count, typename Init>
-TMLA_HD inline void ScanN(const Ctx& c, int64_t* const (&a)[count],
-                          const int (&n)[count], int64_t* tmp,
-                          const Init& init) {
+// Block-wide sum (or, with a_max, max) of a and max of b. Each warp reduces
+// its lanes and writes one word per value to one of two buffers (red, 2 *
+// 64 words); after one barrier every warp reduces the warps' words. The
+// buffers alternate (c.turn), so one barrier per reduction suffices.
+TMLA_HD inline Reduced Reduce(Ctx& c, int64_t a, int64_t b, bool a_max,
+                              int64_t* red) {
+#if defined(__CUDA_ARCH__)
+  Reduced r = GroupReduce(a, b, 32, a_max);
+  int64_t* buf = red + 64 * c.turn;
+  c.turn ^= 1;
+  const int lane = c.tid & 31, warps = c.nt >> 5;
+  if (lane == 0) {
+    buf[c.tid >> 5] = r.sum;
+    buf[32 + (c.tid >> 5)] = r.max;
+  }
+  __syncthreads();
+  return GroupReduce(lane < warps ? buf[lane] : (a_max ? kLowest : 0),
+                     lane < warps ? buf[32 + lane] : kLowest, 32, a_max);
+#else
+  (void)c;
+  (void)red;
+  (void)a_max;
+  return Reduced{a, b};
+#endif
+}
+
+// In-place inclusive prefix sums of `count` arrays a[k][0, n[k]) at once,
+// two barriers for all; tmp holds 32 * count words (count <= 4). Each
+// thread scans its Run of each array, the runs' totals are scanned by warp
+// shuffles and every warp scans the warps' totals itself. A thread may have
+// written its runs just before the call; anything else needs a barrier.
+TMLA_HD inline void Scan(const Ctx& c, int64_t* const* a, const int* n,
+                         int count, int64_t* tmp) {
 #if defined(__CUDA_ARCH__)
   const int lane = c.tid & 31, warp = c.tid >> 5, warps = c.nt >> 5;
-  int64_t own[count], x[count];
-#pragma unroll
-  for (int k = 0; k < count; ++k) {
-    const int per = (n[k] + c.nt - 1) / c.nt;
-    const int lo = min(n[k], c.tid * per), hi = min(n[k], lo + per);
-    own[k] = 0;
-    for (int i = lo; i < hi; ++i) a[k][i] = (own[k] += init(k, i));
-    x[k] = own[k];
-    for (int off = 1; off < 32; off <<= 1) {
-      const int64_t y = __shfl_up_sync(~0u, x[k], off);
-      if (lane >= off) x[k] += y;
+  for (int pass = 0; pass < 2; ++pass) {
+    TMLA_NO_UNROLL
+    for (int k = 0; k < count; ++k) {
+      const Run r(c, n[k]);
+      int64_t own = 0;
+      if (pass == 0) {
+        TMLA_NO_UNROLL
+        for (int i = r.lo; i < r.hi; ++i) a[k][i] = (own += a[k][i]);
+      } else if (r.hi > r.lo) {
+        own = a[k][r.hi - 1];
+      }
+      const int64_t x = LaneScan(own, false);
+      if (pass == 0) {
+        if (lane == 31) tmp[32 * k + warp] = x;
+        continue;
+      }
+      const int64_t t = LaneScan(lane < warps ? tmp[32 * k + lane] : 0, false);
+      const int64_t carry = __shfl_sync(~0u, t, (warp + 31) & 31);
+      const int64_t before = x - own + (warp ? carry : 0);
+      TMLA_NO_UNROLL
+      for (int i = r.lo; i < r.hi; ++i) a[k][i] += before;
     }
-    if (lane == 31) tmp[32 * k + warp] = x[k];
+    __syncthreads();
   }
-  __syncthreads();
-#pragma unroll
-  for (int k = 0; k < count; ++k) {
-    int64_t t = lane < warps ? tmp[32 * k + lane] : 0;
-    for (int off = 1; off < 32; off <<= 1) {
-      const int64_t y = __shfl_up_sync(~0u, t, off);
-      if (lane >= off) t += y;
-    }
-    const int64_t carry = __shfl_sync(~0u, t, (warp + 31) & 31);
-    const int64_t before = x[k] - own[k] + (warp ? carry : 0);
-    const int per = (n[k] + c.nt - 1) / c.nt;
-    const int lo = min(n[k], c.tid * per), hi = min(n[k], lo + per);
-    for (int i = lo; i < hi; ++i) a[k][i] += before;
-  }
-  __syncthreads();
 #else
   (void)c;
   (void)tmp;
   for (int k = 0; k < count; ++k) {
     int64_t s = 0;
-    for (int i = 0; i < n[k]; ++i) a[k][i] = (s += init(k, i));
+    for (int i = 0; i < n[k]; ++i) a[k][i] = (s += a[k][i]);
   }
 #endif
 }
 
-// In-place inclusive prefix sums of the arrays a[k][0, n[k]).
-template <int count>
-TMLA_HD inline void ScanN(const Ctx& c, int64_t* const (&a)[count],
-                          const int (&n)[count], int64_t* tmp) {
-  ScanN<count>(c, a, n, tmp, [&](int k, int i) { return a[k][i]; });
-}
-
-TMLA_HD inline void Scan(const Ctx& c, int64_t* a, int n, int64_t* tmp) {
-  int64_t* const arrays[1] = {a};
-  const int sizes[1] = {n};
-  ScanN<1>(c, arrays, sizes, tmp);
+TMLA_HD inline void Scan1(const Ctx& c, int64_t* a, int n, int64_t* tmp) {
+  Scan(c, &a, &n, 1, tmp);
 }
 
 // The smallest t in [lo, hi] with pass(t), where pass is monotone (false,
@@ -260,10 +286,14 @@ TMLA_HD inline void Sort(const Ctx& c, uint64_t* a, uint64_t* b, int n,
     // The steps through memory alternate a and b, the last one b, so that
     // writing the result to a races with no read.
     int turn = 0;
+    TMLA_NO_UNROLL
     for (int k = 64; k <= npad; k <<= 1) {
+      TMLA_NO_UNROLL
       for (int j = k >> 1; j >= 32; j >>= 1) turn ^= 1;
     }
+    TMLA_NO_UNROLL
     for (int k = 2; k <= npad; k <<= 1) {
+      TMLA_NO_UNROLL
       for (int j = k >> 1; j > 0; j >>= 1) {
         uint64_t y;
         if (j < 32) {
@@ -285,8 +315,11 @@ TMLA_HD inline void Sort(const Ctx& c, uint64_t* a, uint64_t* b, int n,
   }
   for (int i = n + c.tid; i < npad; i += c.nt) a[i] = ~uint64_t{0};
   __syncthreads();
+  TMLA_NO_UNROLL
   for (int k = 2; k <= npad; k <<= 1) {
+    TMLA_NO_UNROLL
     for (int j = k >> 1; j > 0; j >>= 1) {
+      TMLA_NO_UNROLL
       for (int i = c.tid; i < npad; i += c.nt) {
         const int partner = i ^ j;
         if (partner > i) {
@@ -308,22 +341,21 @@ TMLA_HD inline void Sort(const Ctx& c, uint64_t* a, uint64_t* b, int n,
 #endif
 }
 
-// Number of entries of the nondecreasing a[0, n) that are <= v (or < v).
-TMLA_HD inline int UpperBound(const int64_t* a, int n, int64_t v) {
+// Number of entries of the nondecreasing a[0, n) that are < v (or, with
+// inclusive, <= v).
+TMLA_HD inline int Bound(const int64_t* a, int n, int64_t v, bool inclusive) {
   int lo = 0, hi = n;
   while (lo < hi) {
     const int mid = (lo + hi) / 2;
-    if (a[mid] <= v) lo = mid + 1; else hi = mid;
+    if (a[mid] < v || (inclusive && a[mid] == v)) lo = mid + 1; else hi = mid;
   }
   return lo;
 }
+TMLA_HD inline int UpperBound(const int64_t* a, int n, int64_t v) {
+  return Bound(a, n, v, true);
+}
 TMLA_HD inline int LowerBound(const int64_t* a, int n, int64_t v) {
-  int lo = 0, hi = n;
-  while (lo < hi) {
-    const int mid = (lo + hi) / 2;
-    if (a[mid] < v) lo = mid + 1; else hi = mid;
-  }
-  return lo;
+  return Bound(a, n, v, false);
 }
 
 TMLA_HD inline int NextPow2(int n) {
@@ -333,44 +365,40 @@ TMLA_HD inline int NextPow2(int n) {
 }
 
 // The planner's scratch: arrays carved from one 8-byte aligned buffer.
+// Arrays that are scanned or searched hold int64 (one scan, one search).
 struct Scratch {
   int64_t* len;       // [batch] clamped lengths
   int64_t* pages;     // [n] pages of each item
-  int64_t* cost;      // [n] each item as one PARTIAL
-  int64_t* best;      // [n * top] layout A: shortest path with <= k pieces
-  int64_t* k_a;       // [n] layout A pieces per item
-  int64_t* start_a;   // [n] inclusive scan of k_a
-  int64_t* slot_a;    // [n] first slot (exclusive scan)
-  int64_t* ctr_a;     // [n] counter (exclusive scan)
+  int32_t* best;      // [n * top] layout A: shortest path with <= k pieces
+  int64_t* start_a;   // [n] layout A: inclusive scan of the pieces per item
+  int64_t* slot_a;    // [n] of the slots
+  int64_t* ctr_a;     // [n] of the counters
   int64_t* wend;      // [n] layout B: end of each item's weight run
-  int64_t* sm0;       // [n] SM of each item's first piece
-  int64_t* k_b;       // [n] pieces per item
-  int64_t* start_b;   // [n] first piece
+  int64_t* start_b;   // [n] pieces per item, then their inclusive scan
   int64_t* slot_b;    // [n]
   int64_t* ctr_b;     // [n]
   int64_t* ready_b;   // [n] end of the item's last piece
   int64_t* b_ic;      // [S] per run boundary: the item it falls in
   int64_t* b_cut;     // [S] its cut page
   int64_t* b_smb;     // [S] SM of the piece it starts
-  int64_t* b_eff;     // [S]
-  int64_t* b_valid;   // [S] 1 if it cuts, then exclusive scan
+  int64_t* b_eff;     // [S] 1 if it cuts, then inclusive scan
   int64_t* p_item;    // [n + S] per piece: item, first page, SM, end time
   int64_t* p_page;    // [n + S]
   int64_t* p_sm;      // [n + S]
   int64_t* p_end;     // [n + S]
   int64_t* first_b;   // [S + 1] first piece of each SM
-  int64_t* load;      // [S] per SM: load (B, then C)
   int64_t* run_b;     // [S] 1 if the SM holds a REDUCE (B)
-  int64_t* rank;      // [S] SM order by load, then first poured item (C)
-  int64_t* c_cnt;     // [S] items per SM (C)
-  uint64_t* keys;     // [npad] layout C: items longest first
+  int64_t* load;      // [S] layout C: per SM, its load
+  int64_t* rank;      // [S] its order by load, then first poured item
+  int64_t* c_cnt;     // [S] its items
+  uint64_t* keys;     // [npad] items longest first
   int64_t* c_sm;      // [n] per item: SM and position (C); c_sm and c_pos
   int64_t* c_pos;     // [n] together (2n >= npad words) are the sort's buffer
   int64_t* t_pre;     // [n] prefix of the poured items' costs
   int64_t* t_sm;      // [n] SM of each poured item
   int64_t* room;      // [S] prefix of the SMs' room below the level
   int64_t* tmp;       // [4 * 32] scan carries: Carry, not carved
-  int64_t* red;       // [2 * 64] BlockReduce buffers: Carry, not carved
+  int64_t* red;       // [2 * 64] Reduce buffers: Carry, not carved
 };
 
 // The words of the scans and reductions, apart from the carved scratch: in
@@ -408,15 +436,11 @@ TMLA_HD inline int64_t Carve(char* base, const Sizes& z, int batch,
   const int64_t n = z.n, S = z.S;
   s->len = take(batch);
   s->pages = take(n);
-  s->cost = take(n);
-  s->best = take(n * z.top_cap);
-  s->k_a = take(n);
+  s->best = reinterpret_cast<int32_t*>(take((n * z.top_cap + 1) / 2));
   s->start_a = take(n);
   s->slot_a = take(n);
   s->ctr_a = take(n);
   s->wend = take(n);
-  s->sm0 = take(n);
-  s->k_b = take(n);
   s->start_b = take(n);
   s->slot_b = take(n);
   s->ctr_b = take(n);
@@ -425,14 +449,13 @@ TMLA_HD inline int64_t Carve(char* base, const Sizes& z, int batch,
   s->b_cut = take(S);
   s->b_smb = take(S);
   s->b_eff = take(S);
-  s->b_valid = take(S);
   s->p_item = take(n + S);
   s->p_page = take(n + S);
   s->p_sm = take(n + S);
   s->p_end = take(n + S);
   s->first_b = take(S + 1);
-  s->load = take(S);
   s->run_b = take(S);
+  s->load = take(S);
   s->rank = take(S);
   s->c_cnt = take(S);
   s->keys = reinterpret_cast<uint64_t*>(take(z.npad));
@@ -447,10 +470,12 @@ TMLA_HD inline int64_t Carve(char* base, const Sizes& z, int batch,
 // Static facts of the items (b, KV head, tile) and their prices.
 struct Items {
   const PlannerParams& p;
+  const Scratch& s;
   int n;
   int64_t max_pages;  // of any item
   int64_t max_cost;   // of any item as one PARTIAL
   int64_t work;       // layout B's weights before its floor, summed
+  int64_t total;      // the items' costs as one PARTIAL each, summed
   TMLA_HD int tile(int i) const { return i % p.num_tiles; }
   TMLA_HD int seq(int i) const { return i / (p.h_kv * p.num_tiles); }
   TMLA_HD int head(int i) const { return (i / p.num_tiles) % p.h_kv; }
@@ -460,62 +485,81 @@ struct Items {
   TMLA_HD int64_t page_ns(int i) const {
     return tile(i) == p.num_tiles - 1 ? p.page_ns_last : p.page_ns_full;
   }
+  // Item i's pages [page0, page1) as one PARTIAL.
+  TMLA_HD int64_t piece_ns(int i, int64_t page0, int64_t page1) const {
+    return p.partial_fixed_ns + (page1 - page0) * page_ns(i);
+  }
+  TMLA_HD int64_t cost(int i) const { return piece_ns(i, 0, s.pages[i]); }
+  // REDUCE run j of c over item i's rows, of k inputs: its first row and
+  // rows (as *lo, *num) and its cost.
+  TMLA_HD int64_t run_ns(int i, int64_t j, int64_t c, int64_t k,
+                         int64_t* lo, int64_t* num) const {
+    const int64_t r = rows(i);
+    *lo = Div64(j * r, c);
+    *num = Div64((j + 1) * r, c) - *lo;
+    return p.reduce_fixed_ns + k * p.input_ns[*num];
+  }
 };
 
-// One instruction row; fields not named are 0.
-struct Row {
-  int32_t w[isa::kInstructionWords];
-  TMLA_HD Row(const Items& it, int item, int32_t opcode) {
+// Writes one instruction row of item `item` at position pos of list sm:
+// words 5 and 6 are a PARTIAL's KV range or a REDUCE's first slot and
+// inputs; lo is the first row (0 for a PARTIAL) and num the rows.
+TMLA_HD inline void WriteRow(const Items& it, int64_t sm, int64_t pos,
+                             int item, int32_t opcode, int64_t w5, int64_t w6,
+                             int64_t lo, int64_t num, int64_t dst,
+                             int64_t signal, int64_t wait, int64_t count,
+                             int64_t cost) {
+  const PlannerParams& p = it.p;
+  if (pos >= p.capacity) return;
+  int32_t w[isa::kInstructionWords] = {};
+  w[isa::kFieldOpcode] = opcode;
+  w[isa::kFieldBatch] = it.seq(item);
+  w[isa::kFieldKvHead] = it.head(item);
+  w[isa::kFieldRowStart] =
+      it.tile(item) * isa::kTileRows + static_cast<int32_t>(lo);
+  w[isa::kFieldNumRows] = static_cast<int32_t>(num);
+  w[isa::kFieldKvStart] = static_cast<int32_t>(w5);
+  w[isa::kFieldKvEnd] = static_cast<int32_t>(w6);
+  w[isa::kFieldDstSlot] = static_cast<int32_t>(dst);
+  w[isa::kFieldSignalCounter] = static_cast<int32_t>(signal);
+  w[isa::kFieldWaitCounter] = static_cast<int32_t>(wait);
+  w[isa::kFieldWaitCount] = static_cast<int32_t>(count);
+  w[isa::kFieldCost] = static_cast<int32_t>(cost);
+  w[isa::kFieldSlotRow] = static_cast<int32_t>(lo);
+  if (opcode == isa::kOpStop) {
     for (int f = 0; f < isa::kInstructionWords; ++f) w[f] = 0;
-    w[isa::kFieldOpcode] = opcode;
-    w[isa::kFieldBatch] = it.seq(item);
-    w[isa::kFieldKvHead] = it.head(item);
-    w[isa::kFieldRowStart] = it.tile(item) * isa::kTileRows;
-    w[isa::kFieldNumRows] = it.rows(item);
-    w[isa::kFieldDstSlot] = isa::kFinalOutput;
-    w[isa::kFieldSignalCounter] = isa::kNoCounter;
-    w[isa::kFieldWaitCounter] = isa::kNoCounter;
   }
-  TMLA_HD void Store(const PlannerParams& p, int64_t sm, int64_t pos) const {
-    int32_t* dst = p.instructions +
-                   (sm * p.capacity + pos) * isa::kInstructionWords;
-    for (int f = 0; f < isa::kInstructionWords; ++f) dst[f] = w[f];
-  }
-};
-
-TMLA_HD inline Row Piece(const Items& it, const Scratch& s, int item,
-                         int64_t page0, int64_t page1, int64_t dst,
-                         int64_t signal, int64_t cost) {
-  Row r(it, item, isa::kOpPartial);
-  const int64_t len = s.len[it.seq(item)];
-  r.w[isa::kFieldKvStart] =
-      static_cast<int32_t>(Min64(page0 * it.p.page_size, len));
-  r.w[isa::kFieldKvEnd] =
-      static_cast<int32_t>(Min64(page1 * it.p.page_size, len));
-  r.w[isa::kFieldDstSlot] = static_cast<int32_t>(dst);
-  r.w[isa::kFieldSignalCounter] = static_cast<int32_t>(signal);
-  r.w[isa::kFieldCost] = static_cast<int32_t>(cost);
-  return r;
+  int32_t* dst_row =
+      p.instructions + (sm * p.capacity + pos) * isa::kInstructionWords;
+  for (int f = 0; f < isa::kInstructionWords; ++f) dst_row[f] = w[f];
 }
 
-// REDUCE run j of c over an item's R rows: rows [j R / c, (j + 1) R / c) of
-// its k slots from slot0, once counter ctr has k signals.
-TMLA_HD inline Row MergeRun(const Items& it, int item, int64_t j, int64_t c,
-                            int64_t k, int64_t slot0, int64_t ctr,
-                            int64_t* cost) {
-  Row r(it, item, isa::kOpReduce);
-  const int64_t rows = it.rows(item);
-  const int64_t lo = Div64(j * rows, c), hi = Div64((j + 1) * rows, c);
-  *cost = it.p.reduce_fixed_ns + k * it.p.input_ns[hi - lo];
-  r.w[isa::kFieldRowStart] += static_cast<int32_t>(lo);
-  r.w[isa::kFieldNumRows] = static_cast<int32_t>(hi - lo);
-  r.w[isa::kFieldSlotRow] = static_cast<int32_t>(lo);
-  r.w[isa::kFieldSrcSlot] = static_cast<int32_t>(slot0);
-  r.w[isa::kFieldNumSrc] = static_cast<int32_t>(k);
-  r.w[isa::kFieldWaitCounter] = static_cast<int32_t>(ctr);
-  r.w[isa::kFieldWaitCount] = static_cast<int32_t>(k);
-  r.w[isa::kFieldCost] = static_cast<int32_t>(*cost);
-  return r;
+// Ends list sm at position pos (an all-zero row) unless it is full.
+TMLA_HD inline void WriteStop(const Items& it, int64_t sm, int64_t pos) {
+  WriteRow(it, sm, pos, 0, isa::kOpStop, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+}
+
+// The PARTIAL of item pages [page0, page1), writing slot dst (or the final
+// output) and signalling counter `signal` (or none).
+TMLA_HD inline void WritePiece(const Items& it, int64_t sm, int64_t pos,
+                               int item, int64_t page0, int64_t page1,
+                               int64_t dst, int64_t signal) {
+  const int64_t len = it.s.len[it.seq(item)];
+  const int64_t ps = it.p.page_size;
+  WriteRow(it, sm, pos, item, isa::kOpPartial, Min64(page0 * ps, len),
+           Min64(page1 * ps, len), 0, it.rows(item), dst, signal,
+           isa::kNoCounter, 0, it.piece_ns(item, page0, page1));
+}
+
+// REDUCE run j of c over an item's rows: its k slots from slot0, once
+// counter ctr has k signals.
+TMLA_HD inline void WriteMerge(const Items& it, int64_t sm, int64_t pos,
+                               int item, int64_t j, int64_t c, int64_t k,
+                               int64_t slot0, int64_t ctr) {
+  int64_t lo, num;
+  const int64_t cost = it.run_ns(item, j, c, k, &lo, &num);
+  WriteRow(it, sm, pos, item, isa::kOpReduce, slot0, k, lo, num,
+           isa::kFinalOutput, isa::kNoCounter, ctr, k, cost);
 }
 
 // Predicted end of an item of `pages` pages cut into k pieces with its merge

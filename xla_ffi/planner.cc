@@ -1,6 +1,7 @@
 // XLA FFI handlers of the planner (csrc/planner.h): the CUDA one launches
 // the one-CTA kernel on XLA's stream; the CPU one runs the same code on one
 // thread. Both decode the same buffers and attributes.
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstdint>
@@ -57,6 +58,17 @@ ffi::Error Decode(int32_t h_kv, int32_t num_tiles, int32_t last_tile_rows,
       page_ns_full < 1 || page_ns_last < 1 ||
       input_ns.size() != plan::kInputPrices) {
     return Invalid("bad shape or price attributes");
+  }
+  // Every cost the planner handles fits the int32 cost word: a PARTIAL of
+  // max_seqlen tokens, hence every item's and every piece's cost.
+  constexpr int64_t kMaxCost = (int64_t{1} << 31) - 1;
+  const int64_t max_pages = (int64_t{max_seqlen} + page_size - 1) / page_size;
+  if (partial_fixed_ns > kMaxCost || page_ns_full > kMaxCost ||
+      page_ns_last > kMaxCost ||
+      partial_fixed_ns +
+              max_pages * std::max(page_ns_full, page_ns_last) > kMaxCost) {
+    return Invalid("a PARTIAL of max_seqlen tokens must cost less than 2^31"
+                   " ns");
   }
   const int64_t items = ld[0] * h_kv * num_tiles;
   if (items > (int64_t{1} << 24)) {

@@ -60,10 +60,10 @@ def available() -> bool:
 # lengths counted as one word per item), per SM and fixed, besides two terms
 # not affine in the items: the sort keys, padded to a power of two
 # (< 2 * items words), and layout A's table of ``items * max(0, num_sms + 1
-# - items)`` words. A test checks the bound against the extension's exact
-# count.
-_SCRATCH_WORDS_PER_ITEM = 22
-_SCRATCH_WORDS_PER_SM = 15
+# - items)`` int32 entries. A test checks the bound against the extension's
+# exact count.
+_SCRATCH_WORDS_PER_ITEM = 18
+_SCRATCH_WORDS_PER_SM = 14
 _SCRATCH_FIXED_WORDS = 1
 
 
@@ -134,7 +134,7 @@ def scratch_bytes_bound(items, num_sms: int):
     At most ``8 * items`` bytes above the exact count (the sort keys are
     counted as ``2 * items`` words), in the type of ``items``.
   """
-  table = items * jax.core.max_dim(0, num_sms + 1 - items)
+  table = (items * jax.core.max_dim(0, num_sms + 1 - items) + 1) // 2
   return 8 * ((_SCRATCH_WORDS_PER_ITEM + 2) * items + table
               + _SCRATCH_WORDS_PER_SM * num_sms + _SCRATCH_FIXED_WORDS)
 
