@@ -10,7 +10,8 @@ __global__ void __launch_bounds__(kPlannerThreads)
   extern __shared__ __align__(16) char shared[];
   char* base = in_shared ? shared : static_cast<char*>(p.scratch);
   __shared__ Carry carry;
-  Ctx c{static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x)};
+  // The block size as a constant: divisions by it are shifts.
+  Ctx c{static_cast<int>(threadIdx.x), kPlannerThreads};
   Plan(c, p, base, &carry);
 }
 

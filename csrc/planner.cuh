@@ -27,6 +27,14 @@
 #define TMLA_NO_UNROLL
 #endif
 
+// A function whose device code is shared by its callers rather than
+// copied into each of them.
+#if defined(__CUDACC__)
+#define TMLA_SHARED_CODE __noinline__
+#else
+#define TMLA_SHARED_CODE
+#endif
+
 #if !defined(__CUDA_ARCH__)
 #include <algorithm>
 #endif
@@ -62,7 +70,7 @@ TMLA_HD inline int64_t Max64(int64_t a, int64_t b) { return a > b ? a : b; }
 TMLA_HD inline int MinInt(int a, int b) { return a < b ? a : b; }
 // a / b for a >= 0, b > 0; in 32 bits when both fit (the device's 64-bit
 // division is a long subroutine), with the same result.
-TMLA_HD inline int64_t Div64(int64_t a, int64_t b) {
+TMLA_SHARED_CODE TMLA_HD inline int64_t Div64(int64_t a, int64_t b) {
   if ((static_cast<uint64_t>(a) | static_cast<uint64_t>(b)) >> 32 == 0) {
     return static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
   }
@@ -70,6 +78,11 @@ TMLA_HD inline int64_t Div64(int64_t a, int64_t b) {
 }
 TMLA_HD inline int64_t CeilDiv(int64_t a, int64_t b) {
   return Div64(a + b - 1, b);
+}
+
+// x / d for 0 <= x < 2^31 (planner.h's Divisor).
+TMLA_HD inline int Divide(int x, Divisor d) {
+  return static_cast<int>((static_cast<uint64_t>(x) * d.m) >> d.shift);
 }
 
 // The run [lo, hi) of `count` elements that this thread scans: the threads
@@ -103,6 +116,20 @@ TMLA_HD inline Reduced GroupReduce(int64_t a, int64_t b, int width,
   (void)a_max;
 #endif
   return Reduced{a, b};
+}
+
+// Sum of v over aligned groups of `width` lanes (a power of two <= 32); v
+// on the host.
+TMLA_HD inline int64_t GroupSum(int64_t v, int width) {
+#if defined(__CUDA_ARCH__)
+  TMLA_NO_UNROLL
+  for (int off = width >> 1; off > 0; off >>= 1) {
+    v += __shfl_xor_sync(~0u, v, off, width);
+  }
+#else
+  (void)width;
+#endif
+  return v;
 }
 
 // Inclusive sum (or, with is_min, minimum) of x over the lanes up to this
@@ -150,50 +177,63 @@ TMLA_HD inline void AtomicMax(int64_t* at, int64_t v) {
 }
 
 // Block-wide sum (or, with a_max, max) of a and max of b. Each warp reduces
-// its lanes and writes one word per value to one of two buffers (red, 2 *
-// 64 words); after one barrier every warp reduces the warps' words. The
-// buffers alternate (c.turn), so one barrier per reduction suffices.
-TMLA_HD inline Reduced Reduce(Ctx& c, int64_t a, int64_t b, bool a_max,
-                              int64_t* red) {
+// its lanes and writes one word per value to buf (2 * 32 words); after one
+// barrier every warp reduces the warps' words.
+TMLA_SHARED_CODE TMLA_HD inline Reduced ReduceWords(int64_t a, int64_t b,
+                                                    bool a_max, int64_t* buf,
+                                                    int tid, int nt) {
 #if defined(__CUDA_ARCH__)
   Reduced r = GroupReduce(a, b, 32, a_max);
-  int64_t* buf = red + 64 * c.turn;
-  c.turn ^= 1;
-  const int lane = c.tid & 31, warps = c.nt >> 5;
+  const int lane = tid & 31, warps = nt >> 5;
   if (lane == 0) {
-    buf[c.tid >> 5] = r.sum;
-    buf[32 + (c.tid >> 5)] = r.max;
+    buf[tid >> 5] = r.sum;
+    buf[32 + (tid >> 5)] = r.max;
   }
   __syncthreads();
   return GroupReduce(lane < warps ? buf[lane] : (a_max ? kLowest : 0),
                      lane < warps ? buf[32 + lane] : kLowest, 32, a_max);
 #else
-  (void)c;
-  (void)red;
+  (void)buf;
+  (void)tid;
+  (void)nt;
   (void)a_max;
   return Reduced{a, b};
 #endif
 }
 
-// In-place inclusive prefix sums of `count` arrays a[k][0, n[k]) at once,
-// two barriers for all; tmp holds 32 * count words (count <= 4). Each
-// thread scans its Run of each array, the runs' totals are scanned by warp
-// shuffles and every warp scans the warps' totals itself. A thread may have
-// written its runs just before the call; anything else needs a barrier.
-TMLA_HD inline void Scan(const Ctx& c, int64_t* const* a, const int* n,
-                         int count, int64_t* tmp) {
+// ReduceWords into one of two buffers (red, 2 * 64 words) in turn
+// (c.turn): the next reduction writes the other one, so one barrier per
+// reduction suffices.
+TMLA_HD inline Reduced Reduce(Ctx& c, int64_t a, int64_t b, bool a_max,
+                              int64_t* red) {
+  int64_t* buf = red + 64 * c.turn;
+  c.turn ^= 1;
+  return ReduceWords(a, b, a_max, buf, c.tid, c.nt);
+}
+
+// In-place inclusive prefix sums of `count` (<= 4) arrays a_k[0, n_k) at
+// once, two barriers for all; tmp holds 32 * count words. Each thread scans
+// its Run of each array, the runs' totals are scanned by warp shuffles and
+// every warp scans the warps' totals itself. A thread may have written its
+// runs just before the call; anything else needs a barrier.
+TMLA_SHARED_CODE TMLA_HD inline void ScanArrays(
+    int tid, int nt, int count, int64_t* a0, int n0, int64_t* a1, int n1,
+    int64_t* a2, int n2, int64_t* a3, int n3, int64_t* tmp) {
+  const Ctx c{tid, nt};
 #if defined(__CUDA_ARCH__)
-  const int lane = c.tid & 31, warp = c.tid >> 5, warps = c.nt >> 5;
+  const int lane = tid & 31, warp = tid >> 5, warps = nt >> 5;
+  TMLA_NO_UNROLL
   for (int pass = 0; pass < 2; ++pass) {
     TMLA_NO_UNROLL
     for (int k = 0; k < count; ++k) {
-      const Run r(c, n[k]);
+      int64_t* a = k == 0 ? a0 : (k == 1 ? a1 : (k == 2 ? a2 : a3));
+      const Run r(c, k == 0 ? n0 : (k == 1 ? n1 : (k == 2 ? n2 : n3)));
       int64_t own = 0;
       if (pass == 0) {
         TMLA_NO_UNROLL
-        for (int i = r.lo; i < r.hi; ++i) a[k][i] = (own += a[k][i]);
+        for (int i = r.lo; i < r.hi; ++i) a[i] = (own += a[i]);
       } else if (r.hi > r.lo) {
-        own = a[k][r.hi - 1];
+        own = a[r.hi - 1];
       }
       const int64_t x = LaneScan(own, false);
       if (pass == 0) {
@@ -204,7 +244,7 @@ TMLA_HD inline void Scan(const Ctx& c, int64_t* const* a, const int* n,
       const int64_t carry = __shfl_sync(~0u, t, (warp + 31) & 31);
       const int64_t before = x - own + (warp ? carry : 0);
       TMLA_NO_UNROLL
-      for (int i = r.lo; i < r.hi; ++i) a[k][i] += before;
+      for (int i = r.lo; i < r.hi; ++i) a[i] += before;
     }
     __syncthreads();
   }
@@ -212,14 +252,16 @@ TMLA_HD inline void Scan(const Ctx& c, int64_t* const* a, const int* n,
   (void)c;
   (void)tmp;
   for (int k = 0; k < count; ++k) {
-    int64_t s = 0;
-    for (int i = 0; i < n[k]; ++i) a[k][i] = (s += a[k][i]);
+    int64_t* a = k == 0 ? a0 : (k == 1 ? a1 : (k == 2 ? a2 : a3));
+    const int n = k == 0 ? n0 : (k == 1 ? n1 : (k == 2 ? n2 : n3));
+    int64_t sum = 0;
+    for (int i = 0; i < n; ++i) a[i] = (sum += a[i]);
   }
 #endif
 }
 
 TMLA_HD inline void Scan1(const Ctx& c, int64_t* a, int n, int64_t* tmp) {
-  Scan(c, &a, &n, 1, tmp);
+  ScanArrays(c.tid, c.nt, 1, a, n, nullptr, 0, nullptr, 0, nullptr, 0, tmp);
 }
 
 // The smallest t in [lo, hi] with pass(t), where pass is monotone (false,
@@ -266,10 +308,13 @@ TMLA_HD inline int64_t Search(const Ctx& c, int g, int64_t lo, int64_t hi,
 
 // Smallest power of two g <= 32 with ceil(n / g) * cost_each <= budget: the
 // group size at which each lane's share of n items is small.
-TMLA_HD inline int GroupFor(int64_t n, int64_t cost_each, int64_t budget) {
-  int g = 1;
-  while (g < 32 && CeilDiv(n, g) * cost_each > budget) g <<= 1;
-  return g;
+TMLA_HD inline int GroupFor(int n, int cost_each, int budget) {
+  int log_g = 0;
+  while (log_g < 5 &&
+         ((n + (1 << log_g) - 1) >> log_g) * cost_each > budget) {
+    ++log_g;
+  }
+  return 1 << log_g;
 }
 
 // Sorts the distinct keys a[0, n) ascending (bitonic on the device); a has
@@ -346,7 +391,7 @@ TMLA_HD inline void Sort(const Ctx& c, uint64_t* a, uint64_t* b, int n,
 TMLA_HD inline int Bound(const int64_t* a, int n, int64_t v, bool inclusive) {
   int lo = 0, hi = n;
   while (lo < hi) {
-    const int mid = (lo + hi) / 2;
+    const int mid = (lo + hi) >> 1;
     if (a[mid] < v || (inclusive && a[mid] == v)) lo = mid + 1; else hi = mid;
   }
   return lo;
@@ -423,13 +468,14 @@ TMLA_HD inline Sizes SizesOf(int64_t num_items, int64_t num_sms) {
   return z;
 }
 
-// Carves the arrays from base (or only counts, when base is null); returns
-// the bytes used.
+// Carves the arrays from base (or only counts, when base is null: the
+// pointers are then not used); returns the bytes used.
 TMLA_HD inline int64_t Carve(char* base, const Sizes& z, int batch,
                              Scratch* s) {
+  const uintptr_t at = reinterpret_cast<uintptr_t>(base);
   int64_t off = 0;
   auto take = [&](int64_t words) {
-    int64_t* p = base ? reinterpret_cast<int64_t*>(base + off) : nullptr;
+    int64_t* p = reinterpret_cast<int64_t*>(at + off);
     off += 8 * words;
     return p;
   };
@@ -472,13 +518,20 @@ struct Items {
   const PlannerParams& p;
   const Scratch& s;
   int n;
-  int64_t max_pages;  // of any item
-  int64_t max_cost;   // of any item as one PARTIAL
-  int64_t work;       // layout B's weights before its floor, summed
-  int64_t total;      // the items' costs as one PARTIAL each, summed
-  TMLA_HD int tile(int i) const { return i % p.num_tiles; }
-  TMLA_HD int seq(int i) const { return i / (p.h_kv * p.num_tiles); }
-  TMLA_HD int head(int i) const { return (i / p.num_tiles) % p.h_kv; }
+  int64_t max_pages = 0;  // of any item
+  int64_t max_cost = 0;   // of any item as one PARTIAL
+  int64_t work = 0;       // layout B's weights before its floor, summed
+  int64_t total = 0;      // the items' costs as one PARTIAL each, summed
+  TMLA_HD Items(const PlannerParams& params, const Scratch& scratch)
+      : p(params), s(scratch),
+        n(params.batch * params.h_kv * params.num_tiles) {}
+  TMLA_HD int seq(int i) const { return Divide(i, p.per_seq); }
+  TMLA_HD int tile(int i) const {
+    return i - Divide(i, p.per_head) * p.num_tiles;
+  }
+  TMLA_HD int head(int i) const {
+    return Divide(i, p.per_head) - seq(i) * p.h_kv;
+  }
   TMLA_HD int rows(int i) const {
     return tile(i) == p.num_tiles - 1 ? p.last_tile_rows : isa::kTileRows;
   }
@@ -504,7 +557,8 @@ struct Items {
 // Writes one instruction row of item `item` at position pos of list sm:
 // words 5 and 6 are a PARTIAL's KV range or a REDUCE's first slot and
 // inputs; lo is the first row (0 for a PARTIAL) and num the rows.
-TMLA_HD inline void WriteRow(const Items& it, int64_t sm, int64_t pos,
+TMLA_HD inline void WriteRow(const Items& it, int64_t sm,
+                                              int64_t pos,
                              int item, int32_t opcode, int64_t w5, int64_t w6,
                              int64_t lo, int64_t num, int64_t dst,
                              int64_t signal, int64_t wait, int64_t count,
@@ -531,7 +585,16 @@ TMLA_HD inline void WriteRow(const Items& it, int64_t sm, int64_t pos,
   }
   int32_t* dst_row =
       p.instructions + (sm * p.capacity + pos) * isa::kInstructionWords;
+#if defined(__CUDA_ARCH__)
+  // Rows are 64 bytes, so 16-byte aligned in the 16-byte aligned tensor.
+  static_assert(isa::kInstructionWords % 4 == 0);
+  for (int f = 0; f < isa::kInstructionWords; f += 4) {
+    *reinterpret_cast<int4*>(dst_row + f) =
+        make_int4(w[f], w[f + 1], w[f + 2], w[f + 3]);
+  }
+#else
   for (int f = 0; f < isa::kInstructionWords; ++f) dst_row[f] = w[f];
+#endif
 }
 
 // Ends list sm at position pos (an all-zero row) unless it is full.

@@ -43,6 +43,23 @@ constexpr int32_t kInfoMakespanLo = 4;    // predicted makespan, ns, low word
 constexpr int32_t kInfoMakespanHi = 5;    // high word
 constexpr int32_t kInfoOverflow = 6;      // 1 if no layout fit the capacity
 
+// Division of 0 <= x < 2^31 by a divisor d (1 <= d < 2^31) fixed in advance,
+// as a multiplication and a shift (Divide in planner.cuh): with l =
+// ceil(log2 d) and m = ceil(2^(31 + l) / d) < 2^32, x m / 2^(31 + l) = x / d
+// + x (m d - 2^(31 + l)) / (d 2^(31 + l)), whose second term is below 1 / d,
+// so the floor is exact.
+struct Divisor {
+  uint32_t m;
+  int32_t shift;
+};
+
+inline Divisor MakeDivisor(int32_t d) {
+  int32_t l = 0;
+  while ((int64_t{1} << l) < d) ++l;
+  const uint64_t scale = uint64_t{1} << (31 + l);
+  return Divisor{static_cast<uint32_t>((scale + d - 1) / d), 31 + l};
+}
+
 struct PlannerParams {
   const int32_t* lengths;     // [batch] tokens per sequence
   int32_t* instructions;      // [num_sms, capacity, kInstructionWords]
@@ -62,7 +79,17 @@ struct PlannerParams {
   int64_t page_ns_full;       // CostModel.page_ns(kTileRows, ...)
   int64_t page_ns_last;       // CostModel.page_ns(last_tile_rows, ...)
   int64_t input_ns[kInputPrices];  // reduce_input_ns(r, d_v), r = 0..64
+  Divisor per_seq;            // items per sequence: h_kv * num_tiles
+  Divisor per_head;           // items per (sequence, KV head): num_tiles
+  Divisor per_page;           // page_size
 };
+
+// Fills p's divisors from its shapes (on the host, before planning).
+inline void SetDivisors(PlannerParams* p) {
+  p->per_seq = MakeDivisor(p->h_kv * p->num_tiles);
+  p->per_head = MakeDivisor(p->num_tiles);
+  p->per_page = MakeDivisor(p->page_size);
+}
 
 // Bytes of scratch the planner needs for these shapes (8-byte aligned
 // arrays, see planner.cuh's Scratch).

@@ -50,7 +50,7 @@ TMLA_HD inline Measure MeasureA(Ctx& c, const Items& it, const Scratch& s) {
     const int32_t* row = best + i * top;
     int a = 0, b = top;
     while (a < b) {
-      const int mid = (a + b) / 2;
+      const int mid = (a + b) >> 1;
       if (row[mid] > t) a = mid + 1; else b = mid;
     }
     return a;
@@ -67,7 +67,7 @@ TMLA_HD inline Measure MeasureA(Ctx& c, const Items& it, const Scratch& s) {
     int64_t count = 0;
     TMLA_NO_UNROLL
     for (int i = lane; i < n; i += width) count += leading(i, t);
-    return GroupReduce(count, 0, width, false).sum <= S - n;
+    return GroupSum(count, width) <= S - n;
   });
   // Item i in leading(i, T) + 1 pieces; its pieces, slots and counter.
   const Run r(c, n);
@@ -78,9 +78,8 @@ TMLA_HD inline Measure MeasureA(Ctx& c, const Items& it, const Scratch& s) {
     s.slot_a[i] = k > 1 ? k : 0;
     s.ctr_a[i] = k > 1;
   }
-  int64_t* const arrays[3] = {s.start_a, s.slot_a, s.ctr_a};
-  const int sizes[3] = {n, n, n};
-  Scan(c, arrays, sizes, 3, s.tmp);
+  ScanArrays(c.tid, c.nt, 3, s.start_a, n, s.slot_a, n, s.ctr_a, n, nullptr,
+             0, s.tmp);
   // Each item's path is the first entry of its row at most T, and some
   // row holds T itself (T is lo, the largest row minimum, or else an
   // entry: the count above it drops there), so the makespan is T.
@@ -131,65 +130,57 @@ TMLA_HD inline Measure MeasureB(Ctx& c, const Items& it, const Scratch& s) {
   // Prices are at least 1 (the page prices are checked when decoded).
   const int64_t fu = Max64(1, p.partial_fixed_ns);
   const int64_t floor = CeilDiv(it.work, int64_t{kAlpha} * n);
-  auto weight = [&](int i) {
-    return Max64(fu + s.pages[i] * it.page_ns(i), floor);
-  };
   // Weights, scanned: each item's run ends at wend. Pieces per item start
   // at 1 (start_b), counted up by the cuts below.
   const Run ri(c, n);
   TMLA_NO_UNROLL
   for (int i = ri.lo; i < ri.hi; ++i) {
-    s.wend[i] = weight(i);
+    s.wend[i] = Max64(fu + s.pages[i] * it.page_ns(i), floor);
     s.start_b[i] = 1;
     s.ready_b[i] = 0;
   }
   Scan1(c, s.wend, n, s.tmp);
   const int64_t quota = CeilDiv(s.wend[n - 1], S);
+  // SM of item i's first piece: the one whose run holds its start plus the
+  // fixed cost (all of the item, if lighter).
   auto sm0 = [&](int i) {
-    const int64_t w = weight(i);
+    const int64_t w = Own(s.wend, i);
     return Div64(s.wend[i] - w + Min64(fu, w - 1), quota);
   };
-  // Run boundary t: the item it falls in, the page it cuts at, the SM of
-  // the piece it starts and the SM that piece counts as on (eff).
-  struct Boundary {
-    int ic;
-    bool inside;
-    int64_t cut, smb, eff;
-  };
-  auto boundary = [&](int t) {
-    Boundary b;
-    const int64_t bound = (t + 1) * quota;
-    const int inside = UpperBound(s.wend, n, bound);
-    b.ic = inside < n ? inside : n - 1;
-    b.inside = inside < n;
-    const int64_t pu = it.page_ns(b.ic);
-    const int64_t begin = s.wend[b.ic] - weight(b.ic);
-    const int64_t offset = bound - begin - fu;
-    b.cut = offset > 0 ? CeilDiv(offset, pu) : 0;
-    b.smb = Div64(
-        begin + fu + Min64(b.cut, Max64(s.pages[b.ic] - 1, 0)) * pu, quota);
-    b.eff = b.cut > 0 ? b.smb : sm0(b.ic);
-    return b;
-  };
-  // A boundary cuts if it falls inside an item, strictly between its
-  // first and last page, and starts a piece on another SM than the
-  // item's previous boundary (or its first piece).
+  // Run boundary t: the item it falls in (ic, inside if it does), the page
+  // it cuts at, the SM of the piece it starts (smb) and the SM that piece
+  // counts as on (eff). A boundary cuts if it falls inside an item,
+  // strictly between its first and last page, and starts a piece on
+  // another SM than the item's previous boundary (or its first piece).
   const Run rb(c, S - 1);
   TMLA_NO_UNROLL
   for (int t = rb.lo; t < rb.hi; ++t) {
-    const Boundary b = boundary(t);
-    int64_t prev = sm0(b.ic);
-    if (t > 0) {
-      const Boundary a = boundary(t - 1);
-      if (a.ic == b.ic) prev = a.eff;
+    int ic = 0, prev_ic = -1;
+    int64_t cut = 0, smb = 0, eff = 0, prev_eff = 0;
+    bool inside = false;
+    TMLA_NO_UNROLL
+    for (int u = t > 0 ? t - 1 : t; u <= t; ++u) {
+      prev_ic = ic;
+      prev_eff = eff;
+      const int64_t bound = (u + 1) * quota;
+      const int at = UpperBound(s.wend, n, bound);
+      inside = at < n;
+      ic = inside ? at : n - 1;
+      const int64_t pu = it.page_ns(ic);
+      const int64_t begin = s.wend[ic] - Own(s.wend, ic);
+      const int64_t offset = bound - begin - fu;
+      cut = offset > 0 ? CeilDiv(offset, pu) : 0;
+      smb = Div64(begin + fu + Min64(cut, Max64(s.pages[ic] - 1, 0)) * pu,
+                  quota);
+      eff = cut > 0 ? smb : sm0(ic);
     }
-    const bool valid = b.inside && b.cut > 0 && b.cut < s.pages[b.ic] &&
-                       b.smb != prev;
-    s.b_ic[t] = b.ic;
-    s.b_cut[t] = b.cut;
-    s.b_smb[t] = b.smb;
+    const int64_t prev = t > 0 && prev_ic == ic ? prev_eff : sm0(ic);
+    const bool valid = inside && cut > 0 && cut < s.pages[ic] && smb != prev;
+    s.b_ic[t] = ic;
+    s.b_cut[t] = cut;
+    s.b_smb[t] = smb;
     s.b_eff[t] = valid;
-    if (valid) AtomicAdd(&s.start_b[b.ic], 1);
+    if (valid) AtomicAdd(&s.start_b[ic], 1);
   }
   Sync();
   // Pieces, slots and counters per item; cuts up to each boundary.
@@ -199,27 +190,23 @@ TMLA_HD inline Measure MeasureB(Ctx& c, const Items& it, const Scratch& s) {
     s.slot_b[i] = k > 1 ? k : 0;
     s.ctr_b[i] = k > 1;
   }
-  {
-    int64_t* const arrays[4] = {s.start_b, s.slot_b, s.ctr_b, s.b_eff};
-    const int sizes[4] = {n, n, n, S - 1};
-    Scan(c, arrays, sizes, 4, s.tmp);
-  }
-  // Pieces in (item, page) order, which is also SM order.
+  ScanArrays(c.tid, c.nt, 4, s.start_b, n, s.slot_b, n, s.ctr_b, n, s.b_eff,
+             S - 1, s.tmp);
+  // Pieces in (item, page) order, which is also SM order: item i's first
+  // piece, then a piece per cutting boundary t (of its item's pieces, the
+  // number of cutting boundaries up to t).
   const int pieces = static_cast<int>(s.start_b[n - 1]);
   TMLA_NO_UNROLL
-  for (int i = c.tid; i < n; i += c.nt) {
-    const int64_t q = s.start_b[i] - Own(s.start_b, i);
+  for (int x = c.tid; x < n + S - 1; x += c.nt) {
+    const bool first = x < n;
+    const int t = x - n;
+    if (!first && !Own(s.b_eff, t)) continue;
+    const int i = static_cast<int>(first ? x : s.b_ic[t]);
+    const int64_t q = first ? s.start_b[i] - Own(s.start_b, i)
+                            : i + s.b_eff[t];
     s.p_item[q] = i;
-    s.p_page[q] = 0;
-    s.p_sm[q] = sm0(i);
-  }
-  TMLA_NO_UNROLL
-  for (int t = c.tid; t < S - 1; t += c.nt) {
-    if (!Own(s.b_eff, t)) continue;
-    const int64_t q = s.b_ic[t] + s.b_eff[t];
-    s.p_item[q] = s.b_ic[t];
-    s.p_page[q] = s.b_cut[t];
-    s.p_sm[q] = s.b_smb[t];
+    s.p_page[q] = first ? 0 : s.b_cut[t];
+    s.p_sm[q] = first ? sm0(i) : s.b_smb[t];
   }
   Sync();
   TMLA_NO_UNROLL
@@ -328,8 +315,8 @@ TMLA_HD inline Measure MeasureC(Ctx& c, const Items& it, const Scratch& s) {
   const int head = static_cast<int>(Min64(n, int64_t{kLptRounds} * S));
   const int rounds = static_cast<int>(CeilDiv(head, S));
   // Groups of g lanes rank one SM each (S * g <= nt; the host: g = 1).
-  int g = 1;
-  while (g < kLanes && 2 * g * S <= c.nt) g <<= 1;
+  int g = 1, log_g = 0;
+  while (g < kLanes && 2 * g * S <= c.nt) g <<= 1, ++log_g;
   const int ranked = (S * g + kLanes - 1) / kLanes * kLanes;
   TMLA_NO_UNROLL
   for (int r = 0; r < rounds; ++r) {
@@ -338,7 +325,7 @@ TMLA_HD inline Measure MeasureC(Ctx& c, const Items& it, const Scratch& s) {
     if (r > 0) {
       TMLA_NO_UNROLL
       for (int x = c.tid; x < ranked; x += c.nt) {
-        const int sm = x / g, lane = x & (g - 1);
+        const int sm = x >> log_g, lane = x & (g - 1);
         int64_t rank = 0;
         if (sm < S) {
           const int64_t mine = s.load[sm] * kMaxPlannerSms + sm;
@@ -347,7 +334,7 @@ TMLA_HD inline Measure MeasureC(Ctx& c, const Items& it, const Scratch& s) {
             rank += s.load[t] * kMaxPlannerSms + t < mine;
           }
         }
-        rank = GroupReduce(rank, 0, g, false).sum;
+        rank = GroupSum(rank, g);
         if (sm < S && lane == 0) s.rank[sm] = rank;
       }
       Sync();
@@ -388,7 +375,7 @@ TMLA_HD inline Measure MeasureC(Ctx& c, const Items& it, const Scratch& s) {
       for (int sm = lane; sm < S; sm += width) {
         room += Max64(0, level - s.load[sm]);
       }
-      return GroupReduce(room, 0, width, false).sum >= total;
+      return GroupSum(room, width) >= total;
     });
     const Run rs(c, S);
     TMLA_NO_UNROLL
@@ -450,9 +437,9 @@ TMLA_HD inline void EmitC(const Ctx& c, const Items& it, const Scratch& s) {
 // first, so the plan is the one the three measures would pick.
 TMLA_HD inline void Plan(Ctx& c, const PlannerParams& p, char* base,
                          Carry* carry) {
-  const int n = p.batch * p.h_kv * p.num_tiles;
-  const int S = p.num_sms;
   Scratch s;
+  Items it(p, s);
+  const int n = it.n, S = p.num_sms;
   Carve(base, SizesOf(n, S), p.batch, &s);
   s.tmp = carry->tmp;
   s.red = carry->red;
@@ -467,14 +454,14 @@ TMLA_HD inline void Plan(Ctx& c, const PlannerParams& p, char* base,
   }
   // Items' pages and costs; layout B's work: sum(max(1, fixed) + pages *
   // page_ns).
-  const Items shape{p, s, n, 0, 0, 0, 0};
   int64_t max_pages = 0, work = 0;
   const int64_t fu = Max64(1, p.partial_fixed_ns);
   TMLA_NO_UNROLL
   for (int i = c.tid; i < n; i += c.nt) {
-    s.pages[i] = CeilDiv(clamp(shape.seq(i)), p.page_size);
+    const int len = clamp(it.seq(i)), whole = Divide(len, p.per_page);
+    s.pages[i] = whole + (whole * p.page_size != len);
     max_pages = Max64(max_pages, s.pages[i]);
-    work += fu + s.pages[i] * shape.page_ns(i);
+    work += fu + s.pages[i] * it.page_ns(i);
   }
   const Reduced r = Reduce(c, work, max_pages, false, s.red);
   // The longest sequence has an item of each tile kind, so the costliest
@@ -482,30 +469,29 @@ TMLA_HD inline void Plan(Ctx& c, const PlannerParams& p, char* base,
   const int64_t page_ns_most =
       p.num_tiles > 1 ? Max64(p.page_ns_full, p.page_ns_last)
                       : p.page_ns_last;
-  const Items it{p, s, n, r.max, p.partial_fixed_ns + r.max * page_ns_most,
-                 r.sum, r.sum - n * (fu - p.partial_fixed_ns)};
+  it.max_pages = r.max;
+  it.max_cost = p.partial_fixed_ns + r.max * page_ns_most;
+  it.work = r.sum;
+  it.total = r.sum - n * (fu - p.partial_fixed_ns);
   // Any layout's busiest SM has at least the mean load.
   const int64_t mean = CeilDiv(it.total, S);
-  Measure m[3];
+  Measure best;
   int pick = -1;
-  auto consider = [&](int l) {
-    if (m[l].longest <= p.capacity &&
-        (pick < 0 || m[l].makespan < m[pick].makespan)) {
-      pick = l;
+  auto consider = [&](int layout, const Measure& m) {
+    if (m.longest <= p.capacity && (pick < 0 || m.makespan < best.makespan)) {
+      pick = layout;
+      best = m;
     }
   };
-  if (n <= S) {
-    m[0] = MeasureA(c, it, s);
-    consider(0);
-  }
+  if (n <= S) consider(0, MeasureA(c, it, s));
   // With n <= S layout C (each item alone on an SM) cannot beat A.
-  if (pick < 0 || mean < m[pick].makespan) {
-    m[1] = MeasureB(c, it, s);
-    consider(1);
+  Measure cut;
+  if (pick < 0 || mean < best.makespan) {
+    cut = MeasureB(c, it, s);
+    consider(1, cut);
   }
-  if (n > S && (pick < 0 || Max64(mean, it.max_cost) < m[pick].makespan)) {
-    m[2] = MeasureC(c, it, s);
-    consider(2);
+  if (n > S && (pick < 0 || Max64(mean, it.max_cost) < best.makespan)) {
+    consider(2, MeasureC(c, it, s));
   }
   // Every measure ends with a barrier after its last write.
   if (pick == 0) EmitA(c, it, s);
@@ -513,14 +499,15 @@ TMLA_HD inline void Plan(Ctx& c, const PlannerParams& p, char* base,
   if (pick == 2) EmitC(c, it, s);
   if (pick < 0) {
     // No layout fits: empty lists, and planned lengths no call has, so the
-    // decode kernel writes NaN for every sequence rather than garbage.
+    // decode kernel writes NaN for every sequence rather than garbage. The
+    // info words describe layout B.
+    best = cut;
     TMLA_NO_UNROLL
     for (int sm = c.tid; sm < S; sm += c.nt) WriteStop(it, sm, 0);
     TMLA_NO_UNROLL
     for (int b = c.tid; b < p.batch; b += c.nt) p.seqlens[b] = -1;
   }
   if (c.tid == 0) {
-    const Measure best = m[pick < 0 ? 1 : pick];
     p.info[kInfoLayout] = pick;
     p.info[kInfoLongest] = static_cast<int32_t>(best.longest);
     p.info[kInfoSlots] = static_cast<int32_t>(best.slots);
