@@ -388,7 +388,8 @@ TMLA_HD inline void Sort(const Ctx& c, uint64_t* a, uint64_t* b, int n,
 
 // Number of entries of the nondecreasing a[0, n) that are < v (or, with
 // inclusive, <= v).
-TMLA_HD inline int Bound(const int64_t* a, int n, int64_t v, bool inclusive) {
+template <typename T>
+TMLA_HD inline int Bound(const T* a, int n, int64_t v, bool inclusive) {
   int lo = 0, hi = n;
   while (lo < hi) {
     const int mid = (lo + hi) >> 1;
@@ -396,10 +397,12 @@ TMLA_HD inline int Bound(const int64_t* a, int n, int64_t v, bool inclusive) {
   }
   return lo;
 }
-TMLA_HD inline int UpperBound(const int64_t* a, int n, int64_t v) {
+template <typename T>
+TMLA_HD inline int UpperBound(const T* a, int n, int64_t v) {
   return Bound(a, n, v, true);
 }
-TMLA_HD inline int LowerBound(const int64_t* a, int n, int64_t v) {
+template <typename T>
+TMLA_HD inline int LowerBound(const T* a, int n, int64_t v) {
   return Bound(a, n, v, false);
 }
 
@@ -420,20 +423,19 @@ struct Scratch {
   int64_t* ctr_a;     // [n] of the counters
   int64_t* wend;      // [n] layout B: end of each item's weight run
   int64_t* start_b;   // [n] pieces per item, then their inclusive scan
-  int64_t* slot_b;    // [n]
-  int64_t* ctr_b;     // [n]
-  int64_t* ready_b;   // [n] end of the item's last piece
-  int64_t* b_ic;      // [S] per run boundary: the item it falls in
-  int64_t* b_cut;     // [S] its cut page
-  int64_t* b_smb;     // [S] SM of the piece it starts
-  int64_t* b_eff;     // [S] 1 if it cuts, then inclusive scan
-  int64_t* p_item;    // [n + S] per piece: item, first page, SM, end time
-  int64_t* p_page;    // [n + S]
-  int64_t* p_sm;      // [n + S]
-  int64_t* p_end;     // [n + S]
-  int64_t* first_b;   // [S + 1] first piece of each SM
-  int64_t* run_b;     // [S] 1 if the SM holds a REDUCE (B)
-  int64_t* load;      // [S] layout C: per SM, its load
+  int64_t* ctr_b;     // [n] 1 if the item is cut, then inclusive scan
+  int64_t* ready_b;   // [n] end of the item's pieces other than its first
+  int32_t* b_ic;      // [S] per run boundary: the item it falls in
+  int32_t* b_cut;     // [S] its cut page
+  int32_t* b_smb;     // [S] SM of the piece it starts
+  int32_t* b_eff;     // [S] SM its piece counts as on
+  int64_t* b_cuts;    // [S] 1 if it cuts, then inclusive scan
+  int32_t* p_item;    // [n + S] per piece: item, first page, SM
+  int32_t* p_page;    // [n + S]
+  int32_t* p_sm;      // [n + S]
+  int32_t* first_b;   // [S + 1] first piece of each SM
+  int32_t* run_b;     // [S] 1 if the SM holds a REDUCE (B)
+  int64_t* load;      // [S] per SM, its load (B's measure, then C's)
   int64_t* rank;      // [S] its order by load, then first poured item
   int64_t* c_cnt;     // [S] its items
   uint64_t* keys;     // [npad] items longest first
@@ -486,21 +488,24 @@ TMLA_HD inline int64_t Carve(char* base, const Sizes& z, int batch,
   s->start_a = take(n);
   s->slot_a = take(n);
   s->ctr_a = take(n);
+  // int32 arrays take a word per entry (as int64 arrays).
+  auto take32 = [&](int64_t words) {
+    return reinterpret_cast<int32_t*>(take(words));
+  };
   s->wend = take(n);
   s->start_b = take(n);
-  s->slot_b = take(n);
   s->ctr_b = take(n);
   s->ready_b = take(n);
-  s->b_ic = take(S);
-  s->b_cut = take(S);
-  s->b_smb = take(S);
-  s->b_eff = take(S);
-  s->p_item = take(n + S);
-  s->p_page = take(n + S);
-  s->p_sm = take(n + S);
-  s->p_end = take(n + S);
-  s->first_b = take(S + 1);
-  s->run_b = take(S);
+  s->b_ic = take32(S);
+  s->b_cut = take32(S);
+  s->b_smb = take32(S);
+  s->b_eff = take32(S);
+  s->b_cuts = take(S);
+  s->p_item = take32(n + S);
+  s->p_page = take32(n + S);
+  s->p_sm = take32(n + S);
+  s->first_b = take32(S + 1);
+  s->run_b = take32(S);
   s->load = take(S);
   s->rank = take(S);
   s->c_cnt = take(S);
@@ -630,10 +635,14 @@ TMLA_HD inline void WriteMerge(const Items& it, int64_t sm, int64_t pos,
 TMLA_HD inline int64_t PathA(const PlannerParams& p, int64_t pages,
                              int64_t page_ns, int64_t rows, int64_t k) {
   if (k > Max64(pages, 1)) return kNever;
-  int64_t path = p.partial_fixed_ns + CeilDiv(pages, k) * page_ns;
+  // pages < 2^31 and rows <= 64: 32-bit divisions.
+  const uint32_t k32 = static_cast<uint32_t>(k);
+  int64_t path = p.partial_fixed_ns +
+                 (static_cast<uint32_t>(pages) + k32 - 1) / k32 * page_ns;
   if (k > 1) {
-    const int64_t runs = Min64(k, rows);
-    path += p.reduce_fixed_ns + k * p.input_ns[CeilDiv(rows, runs)];
+    const uint32_t runs = static_cast<uint32_t>(Min64(k, rows));
+    path += p.reduce_fixed_ns +
+            k * p.input_ns[(static_cast<uint32_t>(rows) + runs - 1) / runs];
   }
   return path;
 }

@@ -123,7 +123,17 @@ TMLA_HD inline void EmitA(const Ctx& c, const Items& it, const Scratch& s) {
 // merged by c = max(1, min(k - 1, rows)) REDUCEs of all k inputs, run j on
 // the SM of piece k - 1 - j (never the first piece's SM), after that SM's
 // PARTIALs. A piece other than an item's first is the first on its SM and
-// an item's pieces lie on increasing SMs, so an SM holds at most one REDUCE.
+// an item's pieces lie on increasing SMs, so an SM holds at most one REDUCE,
+// and a cut item's first piece is the last on its SM: it ends with its SM's
+// PARTIALs, the item's other pieces each after its own cost.
+//
+// Slots: the pieces of each cut item in turn; counters: one per cut item.
+// With start and cut the inclusive scans of the pieces per item and of
+// "item is cut", item i's slots end at start - (i + 1) + cut.
+TMLA_HD inline int64_t SlotEndB(const Scratch& s, int i) {
+  return s.start_b[i] - (i + 1) + s.ctr_b[i];
+}
+
 TMLA_HD inline Measure MeasureB(Ctx& c, const Items& it, const Scratch& s) {
   const PlannerParams& p = it.p;
   const int n = it.n, S = p.num_sms;
@@ -139,6 +149,8 @@ TMLA_HD inline Measure MeasureB(Ctx& c, const Items& it, const Scratch& s) {
     s.start_b[i] = 1;
     s.ready_b[i] = 0;
   }
+  TMLA_NO_UNROLL
+  for (int sm = c.tid; sm < S; sm += c.nt) s.load[sm] = 0;
   Scan1(c, s.wend, n, s.tmp);
   const int64_t quota = CeilDiv(s.wend[n - 1], S);
   // SM of item i's first piece: the one whose run holds its start plus the
@@ -147,111 +159,101 @@ TMLA_HD inline Measure MeasureB(Ctx& c, const Items& it, const Scratch& s) {
     const int64_t w = Own(s.wend, i);
     return Div64(s.wend[i] - w + Min64(fu, w - 1), quota);
   };
-  // Run boundary t: the item it falls in (ic, inside if it does), the page
-  // it cuts at, the SM of the piece it starts (smb) and the SM that piece
-  // counts as on (eff). A boundary cuts if it falls inside an item,
-  // strictly between its first and last page, and starts a piece on
-  // another SM than the item's previous boundary (or its first piece).
+  // Run boundary t: the item it falls in (ic), the page it cuts at, the SM
+  // of the piece it starts (smb) and the SM that piece counts as on (eff).
   const Run rb(c, S - 1);
   TMLA_NO_UNROLL
   for (int t = rb.lo; t < rb.hi; ++t) {
-    int ic = 0, prev_ic = -1;
-    int64_t cut = 0, smb = 0, eff = 0, prev_eff = 0;
-    bool inside = false;
-    TMLA_NO_UNROLL
-    for (int u = t > 0 ? t - 1 : t; u <= t; ++u) {
-      prev_ic = ic;
-      prev_eff = eff;
-      const int64_t bound = (u + 1) * quota;
-      const int at = UpperBound(s.wend, n, bound);
-      inside = at < n;
-      ic = inside ? at : n - 1;
-      const int64_t pu = it.page_ns(ic);
-      const int64_t begin = s.wend[ic] - Own(s.wend, ic);
-      const int64_t offset = bound - begin - fu;
-      cut = offset > 0 ? CeilDiv(offset, pu) : 0;
-      smb = Div64(begin + fu + Min64(cut, Max64(s.pages[ic] - 1, 0)) * pu,
-                  quota);
-      eff = cut > 0 ? smb : sm0(ic);
-    }
-    const int64_t prev = t > 0 && prev_ic == ic ? prev_eff : sm0(ic);
-    const bool valid = inside && cut > 0 && cut < s.pages[ic] && smb != prev;
+    const int64_t bound = (t + 1) * quota;
+    const int at = UpperBound(s.wend, n, bound);
+    const int ic = at < n ? at : n - 1;
+    const int64_t pu = it.page_ns(ic);
+    const int64_t begin = s.wend[ic] - Own(s.wend, ic);
+    const int64_t offset = bound - begin - fu;
+    const int64_t cut = offset > 0 ? CeilDiv(offset, pu) : 0;
+    const int64_t smb = Div64(
+        begin + fu + Min64(cut, Max64(s.pages[ic] - 1, 0)) * pu, quota);
+    // A boundary past every item (at == n) never cuts: -1 marks it.
     s.b_ic[t] = ic;
-    s.b_cut[t] = cut;
-    s.b_smb[t] = smb;
-    s.b_eff[t] = valid;
-    if (valid) AtomicAdd(&s.start_b[ic], 1);
+    s.b_cut[t] = static_cast<int32_t>(at < n ? cut : -1);
+    s.b_smb[t] = static_cast<int32_t>(smb);
+    s.b_eff[t] = static_cast<int32_t>(cut > 0 ? smb : sm0(ic));
   }
   Sync();
-  // Pieces, slots and counters per item; cuts up to each boundary.
+  // A boundary cuts if it falls inside an item, strictly between its first
+  // and last page, and starts a piece on another SM than the item's
+  // previous boundary (or its first piece).
   TMLA_NO_UNROLL
-  for (int i = ri.lo; i < ri.hi; ++i) {
-    const int64_t k = s.start_b[i];
-    s.slot_b[i] = k > 1 ? k : 0;
-    s.ctr_b[i] = k > 1;
+  for (int t = rb.lo; t < rb.hi; ++t) {
+    const int ic = s.b_ic[t];
+    const int64_t prev =
+        t > 0 && s.b_ic[t - 1] == ic ? s.b_eff[t - 1] : sm0(ic);
+    const bool valid = s.b_cut[t] > 0 && s.b_cut[t] < s.pages[ic] &&
+                       s.b_smb[t] != prev;
+    if (valid) AtomicAdd(&s.start_b[ic], 1);
+    s.b_cuts[t] = valid;
   }
-  ScanArrays(c.tid, c.nt, 4, s.start_b, n, s.slot_b, n, s.ctr_b, n, s.b_eff,
-             S - 1, s.tmp);
+  Sync();
+  // Pieces and cut items up to each item; cuts up to each boundary.
+  TMLA_NO_UNROLL
+  for (int i = ri.lo; i < ri.hi; ++i) s.ctr_b[i] = s.start_b[i] > 1;
+  ScanArrays(c.tid, c.nt, 3, s.start_b, n, s.ctr_b, n, s.b_cuts, S - 1,
+             nullptr, 0, s.tmp);
   // Pieces in (item, page) order, which is also SM order: item i's first
   // piece, then a piece per cutting boundary t (of its item's pieces, the
   // number of cutting boundaries up to t).
   const int pieces = static_cast<int>(s.start_b[n - 1]);
+  auto first_piece = [&](int i) {
+    return static_cast<int>(s.start_b[i] - Own(s.start_b, i));
+  };
   TMLA_NO_UNROLL
   for (int x = c.tid; x < n + S - 1; x += c.nt) {
     const bool first = x < n;
     const int t = x - n;
-    if (!first && !Own(s.b_eff, t)) continue;
-    const int i = static_cast<int>(first ? x : s.b_ic[t]);
-    const int64_t q = first ? s.start_b[i] - Own(s.start_b, i)
-                            : i + s.b_eff[t];
+    if (!first && !Own(s.b_cuts, t)) continue;
+    const int i = first ? x : s.b_ic[t];
+    const int q = first ? first_piece(i) : i + static_cast<int>(s.b_cuts[t]);
     s.p_item[q] = i;
     s.p_page[q] = first ? 0 : s.b_cut[t];
-    s.p_sm[q] = first ? sm0(i) : s.b_smb[t];
+    s.p_sm[q] = static_cast<int32_t>(first ? sm0(i) : s.b_smb[t]);
   }
   Sync();
+  // Each SM's first piece and load; each item's latest end of a piece
+  // other than its first (each first on its SM: it ends after its cost).
   TMLA_NO_UNROLL
   for (int sm = c.tid; sm <= S; sm += c.nt) {
     s.first_b[sm] = LowerBound(s.p_sm, pieces, sm);
   }
-  // p_end: each piece's end on its SM's clock (after the scan, less the
-  // ends of the SMs before).
-  const Run rp(c, pieces);
-  TMLA_NO_UNROLL
-  for (int q = rp.lo; q < rp.hi; ++q) {
-    const int i = static_cast<int>(s.p_item[q]);
-    const bool last = q == s.start_b[i] - 1;
-    s.p_end[q] = it.piece_ns(i, s.p_page[q], last ? s.pages[i]
-                                                   : s.p_page[q + 1]);
-  }
-  Scan1(c, s.p_end, pieces, s.tmp);
-  auto before = [&](int64_t q) { return q > 0 ? s.p_end[q - 1] : 0; };
-  // Each item's ready time: the latest end of its pieces, each on its SM's
-  // clock (a piece ends at or after its SM's start, so the maximum starts
-  // from 0). The device takes it over the pieces at once, not item by item:
-  // one item may have a piece on every SM.
   TMLA_NO_UNROLL
   for (int q = c.tid; q < pieces; q += c.nt) {
-    AtomicMax(&s.ready_b[s.p_item[q]],
-              s.p_end[q] - before(s.first_b[s.p_sm[q]]));
+    const int i = s.p_item[q];
+    const bool last = q == s.start_b[i] - 1;
+    const int64_t cost =
+        it.piece_ns(i, s.p_page[q], last ? s.pages[i] : s.p_page[q + 1]);
+    AtomicAdd(&s.load[s.p_sm[q]], cost);
+    if (q > first_piece(i)) AtomicMax(&s.ready_b[i], cost);
   }
   Sync();
   int64_t makespan = 0, longest = 0;
   TMLA_NO_UNROLL
   for (int sm = c.tid; sm < S; sm += c.nt) {
-    const int64_t q = s.first_b[sm], count = s.first_b[sm + 1] - q;
-    int64_t end = before(q + count) - before(q), run = 0;
+    const int q = s.first_b[sm], count = s.first_b[sm + 1] - q;
+    int64_t end = s.load[sm], run = 0;
     if (count > 0) {
-      const int i = static_cast<int>(s.p_item[q]);
-      const int64_t k = Own(s.start_b, i), j = q - (s.start_b[i] - k);
+      const int i = s.p_item[q];
+      const int64_t k = Own(s.start_b, i), j = q - first_piece(i);
       const int64_t runs = Max64(1, Min64(k - 1, it.rows(i)));
       if (j >= 1 && k - 1 - j < runs) {
+        // The item is ready when its last piece ends: the first piece with
+        // its SM's PARTIALs, the others each after its own cost.
+        const int64_t ready =
+            Max64(s.ready_b[i], s.load[s.p_sm[first_piece(i)]]);
         int64_t lo, num;
-        end = Max64(end, s.ready_b[i]) +
-              it.run_ns(i, k - 1 - j, runs, k, &lo, &num);
+        end = Max64(end, ready) + it.run_ns(i, k - 1 - j, runs, k, &lo, &num);
         run = 1;
       }
     }
-    s.run_b[sm] = run;
+    s.run_b[sm] = static_cast<int32_t>(run);
     makespan = Max64(makespan, end);
     longest = Max64(longest, count + run);
   }
@@ -259,7 +261,7 @@ TMLA_HD inline Measure MeasureB(Ctx& c, const Items& it, const Scratch& s) {
   Measure m;
   m.makespan = r.sum;
   m.longest = r.max;
-  m.slots = s.slot_b[n - 1];
+  m.slots = SlotEndB(s, n - 1);
   m.counters = s.ctr_b[n - 1];
   return m;
 }
@@ -270,23 +272,23 @@ TMLA_HD inline void EmitB(const Ctx& c, const Items& it, const Scratch& s) {
   const int pieces = static_cast<int>(s.start_b[n - 1]);
   TMLA_NO_UNROLL
   for (int q = c.tid; q < pieces; q += c.nt) {
-    const int i = static_cast<int>(s.p_item[q]);
+    const int i = s.p_item[q];
     const int64_t k = Own(s.start_b, i), j = q - (s.start_b[i] - k);
     const bool cut = k > 1;
-    const int64_t sm = s.p_sm[q];
+    const int sm = s.p_sm[q];
     WritePiece(it, sm, q - s.first_b[sm], i, s.p_page[q],
                j == k - 1 ? s.pages[i] : s.p_page[q + 1],
-               cut ? s.slot_b[i] - k + j : isa::kFinalOutput,
+               cut ? SlotEndB(s, i) - k + j : isa::kFinalOutput,
                cut ? s.ctr_b[i] - 1 : isa::kNoCounter);
   }
   TMLA_NO_UNROLL
   for (int sm = c.tid; sm < p.num_sms; sm += c.nt) {
-    const int64_t q = s.first_b[sm], count = s.first_b[sm + 1] - q;
+    const int q = s.first_b[sm], count = s.first_b[sm + 1] - q;
     if (s.run_b[sm]) {
-      const int i = static_cast<int>(s.p_item[q]);
+      const int i = s.p_item[q];
       const int64_t k = Own(s.start_b, i), j = q - (s.start_b[i] - k);
       const int64_t runs = Max64(1, Min64(k - 1, it.rows(i)));
-      WriteMerge(it, sm, count, i, k - 1 - j, runs, k, s.slot_b[i] - k,
+      WriteMerge(it, sm, count, i, k - 1 - j, runs, k, SlotEndB(s, i) - k,
                  s.ctr_b[i] - 1);
     }
     WriteStop(it, sm, count + s.run_b[sm]);
