@@ -1,0 +1,110 @@
+"""The compiled planner's device code, run on the CPU, equals its host code.
+
+The device planner (one CTA, ``csrc/planner.cuh`` under ``__CUDA_ARCH__``)
+and the CPU handler (one thread) are one source with two bodies for every
+block-wide step. ``csrc/tests/planner_emulation.cc`` runs the device body on
+the CPU, every thread a cooperative context resumed in a random order at
+each barrier and shuffle; its plans must equal the CPU handler's bit for
+bit. A GPU runs the same comparison in
+``test_plan_compiled.py::test_gpu_plans_equal_the_cpu_twin_bit_for_bit``.
+"""
+
+import ctypes
+import pathlib
+import shutil
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_thundermla import isa
+from jax_thundermla.plan import device_ffi
+from jax_thundermla.plan import timing
+from jax_thundermla.plan.cost import CostModel
+from jax_thundermla.plan.problem import tile_rows
+
+CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
+CASES = 24
+D_V = 512
+
+pytestmark = pytest.mark.skipif(
+    not device_ffi.available(), reason="needs the compiled extension")
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+  cxx = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+  if cxx is None:
+    pytest.skip("no host C++ compiler")
+  lib = tmp_path_factory.mktemp("emulation") / "planner_emulation.so"
+  subprocess.run(
+      [cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas",
+       f"-I{CSRC}", str(CSRC / "tests" / "planner_emulation.cc"), "-o",
+       str(lib)], check=True, capture_output=True)
+  fn = ctypes.CDLL(str(lib)).TmlaPlanEmulated
+  i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
+  fn.argtypes = [ptr, *[i32] * 8, *[i64] * 4, ptr, ptr, ptr, ptr,
+                 ctypes.c_uint32]
+  fn.restype = ctypes.c_int
+  return fn
+
+
+def _live(ins):
+  """Each list up to and including its STOP row; the rest zeroed."""
+  upto = np.minimum(timing.live_mask(ins).sum(1) + 1, ins.shape[1])
+  keep = np.arange(ins.shape[1])[None, :] < upto[:, None]
+  return np.where(keep[..., None], ins, 0)
+
+
+def _cases():
+  rng = np.random.default_rng(31)
+  out = []
+  while len(out) < CASES:
+    b = int(rng.choice([1, 1, 2, 3, 16, 64, 132, 200, 256]))
+    s_q, h_q = int(rng.integers(1, 17)), int(rng.choice([16, 128]))
+    h_kv = int(rng.choice([1, 1, 2]))
+    num_sms = int(rng.choice([1, 4, 33, 132, 132, 256]))
+    page = int(rng.choice([16, 64, 256]))
+    max_seqlen = int(rng.choice([1 << 20, 8192]))
+    if b * h_kv * len(tile_rows(s_q, h_q, h_kv)) > 1024:
+      continue
+    kind = rng.integers(0, 4)
+    if kind == 0:
+      lens = rng.integers(0, 70_000, b)
+    elif kind == 1:  # one huge sequence among short ones
+      lens = rng.integers(0, 2000, b)
+      lens[rng.integers(b)] = max_seqlen
+    elif kind == 2:  # equal lengths
+      lens = np.full(b, rng.integers(0, 9000))
+    else:  # outside [0, max_seqlen]: clamped
+      lens = rng.integers(-100, max_seqlen + 5000, b)
+    lens[rng.random(b) < 0.15] = 0
+    out.append((lens.astype(np.int32), s_q, h_q, h_kv, num_sms, page,
+                max_seqlen))
+  return out
+
+
+@pytest.mark.parametrize("case", range(CASES))
+def test_device_code_equals_host_code(emulated, case):
+  lens, s_q, h_q, h_kv, num_sms, page, max_seqlen = _cases()[case]
+  cost = CostModel()
+  host = [np.asarray(x) for x in device_ffi.plan_arrays(
+      jax.device_put(jnp.asarray(lens), jax.devices("cpu")[0]), s_q=s_q,
+      h_q=h_q, h_kv=h_kv, page_size=page, max_seqlen=max_seqlen,
+      head_dim_v=D_V, num_sms=num_sms, cost=cost)]
+  rows = tile_rows(s_q, h_q, h_kv)
+  ins = np.zeros(host[0].shape, np.int32)
+  seqlens = np.zeros(lens.shape, np.int32)
+  info = np.zeros(device_ffi.INFO_WORDS, np.int32)
+  input_ns = np.asarray([cost.reduce_input_ns(r, D_V)
+                         for r in range(isa.TILE_ROWS + 1)], np.int64)
+  emulated(lens.ctypes.data, len(lens), h_kv, len(rows), rows[-1], num_sms,
+           ins.shape[1], page, max_seqlen, cost.partial_fixed(),
+           cost.reduce_fixed(), cost.page_ns(rows[0], page, D_V),
+           cost.page_ns(rows[-1], page, D_V), input_ns.ctypes.data,
+           ins.ctypes.data, seqlens.ctypes.data, info.ctypes.data, case)
+  np.testing.assert_array_equal(_live(ins), _live(host[0]))
+  np.testing.assert_array_equal(seqlens, host[1])
+  np.testing.assert_array_equal(info, host[2])
