@@ -82,13 +82,19 @@ struct PlannerParams {
   Divisor per_seq;            // items per sequence: h_kv * num_tiles
   Divisor per_head;           // items per (sequence, KV head): num_tiles
   Divisor per_page;           // page_size
+  bool inputs_rise;           // input_ns does not decrease with the rows
 };
 
-// Fills p's divisors from its shapes (on the host, before planning).
-inline void SetDivisors(PlannerParams* p) {
+// Fills p's fields derived from its shapes and prices (on the host, before
+// planning).
+inline void SetDerived(PlannerParams* p) {
   p->per_seq = MakeDivisor(p->h_kv * p->num_tiles);
   p->per_head = MakeDivisor(p->num_tiles);
   p->per_page = MakeDivisor(p->page_size);
+  p->inputs_rise = true;
+  for (int r = 1; r < kInputPrices; ++r) {
+    p->inputs_rise = p->inputs_rise && p->input_ns[r - 1] <= p->input_ns[r];
+  }
 }
 
 // Bytes of scratch the planner needs for these shapes (8-byte aligned

@@ -313,7 +313,9 @@ TMLA_HD inline Measure MeasureC(Ctx& c, const Items& it, const Scratch& s) {
   for (int sm = c.tid; sm < S; sm += c.nt) s.load[sm] = s.c_cnt[sm] = 0;
   Sync();
   Sort(c, s.keys, reinterpret_cast<uint64_t*>(s.c_sm), n, NextPow2(n));
-  auto item_at = [&](int at) { return static_cast<int>(s.keys[at] & kIndexMask); };
+  auto item_at = [&](int at) {
+    return static_cast<int>(s.keys[at] & kIndexMask);
+  };
   const int head = static_cast<int>(Min64(n, int64_t{kLptRounds} * S));
   const int rounds = static_cast<int>(CeilDiv(head, S));
   // Groups of g lanes rank one SM each (S * g <= nt; the host: g = 1).
@@ -381,7 +383,9 @@ TMLA_HD inline Measure MeasureC(Ctx& c, const Items& it, const Scratch& s) {
     });
     const Run rs(c, S);
     TMLA_NO_UNROLL
-    for (int sm = rs.lo; sm < rs.hi; ++sm) s.room[sm] = Max64(0, lo - s.load[sm]);
+    for (int sm = rs.lo; sm < rs.hi; ++sm) {
+      s.room[sm] = Max64(0, lo - s.load[sm]);
+    }
     Scan1(c, s.room, S, s.tmp);
     TMLA_NO_UNROLL
     for (int j = c.tid; j < rest; j += c.nt) {
@@ -486,9 +490,15 @@ TMLA_HD inline void Plan(Ctx& c, const PlannerParams& p, char* base,
     }
   };
   if (n <= S) consider(0, MeasureA(c, it, s));
-  // With n <= S layout C (each item alone on an SM) cannot beat A.
+  // With n <= S layout C (each item alone on an SM) cannot beat A. Nor can
+  // B with one item: of k pieces, its longest holds at least ceil(pages /
+  // k) pages, and its merge's longest run at least as many rows as A's
+  // for k pieces, so it ends no earlier than A's path for k pieces, which
+  // A's makespan (the shortest path of the item) does not exceed when
+  // input prices rise with the rows.
+  const bool b_can_win = !(n == 1 && p.inputs_rise);
   Measure cut;
-  if (pick < 0 || mean < best.makespan) {
+  if (pick < 0 || (b_can_win && mean < best.makespan)) {
     cut = MeasureB(c, it, s);
     consider(1, cut);
   }

@@ -97,7 +97,7 @@ ffi::Error Decode(int32_t h_kv, int32_t num_tiles, int32_t last_tile_rows,
   p->page_ns_full = page_ns_full;
   p->page_ns_last = page_ns_last;
   for (int r = 0; r < plan::kInputPrices; ++r) p->input_ns[r] = input_ns[r];
-  plan::SetDivisors(p);
+  plan::SetDerived(p);
   return ffi::Error::Success();
 }
 
