@@ -14,7 +14,13 @@
 //   C. no cuts: items longest first, kLptRounds rounds of "the next SMs'
 //      worth of items to the least loaded SMs", the rest poured into the SMs
 //      up to one common level (prefix sums over the SMs' room).
-// All arithmetic is integer, so the device and the host agree bit for bit.
+// A layout is measured only if it could win: B not when A's makespan is at
+// most the mean load (the items' total cost over the SMs) or the plan has
+// one item, C not when the best so far is at most its lower bound (the
+// mean load or the costliest item) or items <= SMs (A is then never
+// worse). Ties go to the earlier layout, so the plan is the one the three
+// measures would pick. All arithmetic is integer, so the device and the
+// host agree bit for bit.
 #pragma once
 
 #include <cstdint>
@@ -79,6 +85,7 @@ struct PlannerParams {
   int64_t page_ns_full;       // CostModel.page_ns(kTileRows, ...)
   int64_t page_ns_last;       // CostModel.page_ns(last_tile_rows, ...)
   int64_t input_ns[kInputPrices];  // reduce_input_ns(r, d_v), r = 0..64
+  // Derived from the fields above by SetDerived.
   Divisor per_seq;            // items per sequence: h_kv * num_tiles
   Divisor per_head;           // items per (sequence, KV head): num_tiles
   Divisor per_page;           // page_size

@@ -57,12 +57,14 @@ TMLA_HD inline Measure MeasureA(Ctx& c, const Items& it, const Scratch& s) {
   };
   // T: the smallest t >= lo with at most S - n entries above it. Every
   // entry is at most the longest item's single piece (it.max_cost), so
-  // that bound passes. Groups of g threads share the items so that a lane
-  // makes at most about 8 probes per candidate.
+  // that bound passes; lo passes too when the rows' entries but their last
+  // (all above lo at most) number at most S - n. Groups of g threads share
+  // the items so that a lane makes at most about 8 probes per candidate.
   int log_top = 1;
   while ((1 << log_top) <= top) ++log_top;
   const int g = GroupFor(n, log_top, 8);
-  const int64_t end = Search(c, g, lo, it.max_cost,
+  const int64_t hi = int64_t{n} * (top - 1) <= S - n ? lo : it.max_cost;
+  const int64_t end = Search(c, g, lo, hi,
                              [&](int64_t t, int lane, int width) {
     int64_t count = 0;
     TMLA_NO_UNROLL
