@@ -277,7 +277,9 @@ template <typename Pass>
 TMLA_HD inline int64_t Search(const Ctx& c, int g, int64_t lo, int64_t hi,
                               const Pass& pass) {
 #if defined(__CUDA_ARCH__)
-  const int parts = c.nt / g, lane = c.tid & (g - 1);
+  int log_g = 0;
+  while ((1 << log_g) < g) ++log_g;
+  const int parts = c.nt >> log_g, lane = c.tid & (g - 1);
 #else
   (void)c;
   g = 1;
@@ -295,7 +297,7 @@ TMLA_HD inline int64_t Search(const Ctx& c, int g, int64_t lo, int64_t hi,
       return tested && !ok;
     };
 #if defined(__CUDA_ARCH__)
-    const int q = __syncthreads_count(fails(c.tid / g) && lane == 0);
+    const int q = __syncthreads_count(fails(c.tid >> log_g) && lane == 0);
 #else
     int q = 0;
     while (q < parts - 1 && fails(q)) ++q;
@@ -419,8 +421,7 @@ struct Scratch {
   int64_t* pages;     // [n] pages of each item
   int32_t* best;      // [n * top] layout A: shortest path with <= k pieces
   int64_t* start_a;   // [n] layout A: inclusive scan of the pieces per item
-  int64_t* slot_a;    // [n] of the slots
-  int64_t* ctr_a;     // [n] of the counters
+  int64_t* ctr_a;     // [n] and of "item is cut"
   int64_t* wend;      // [n] layout B: end of each item's weight run
   int64_t* start_b;   // [n] pieces per item, then their inclusive scan
   int64_t* ctr_b;     // [n] 1 if the item is cut, then inclusive scan
@@ -486,7 +487,6 @@ TMLA_HD inline int64_t Carve(char* base, const Sizes& z, int batch,
   s->pages = take(n);
   s->best = reinterpret_cast<int32_t*>(take((n * z.top_cap + 1) / 2));
   s->start_a = take(n);
-  s->slot_a = take(n);
   s->ctr_a = take(n);
   // int32 arrays take a word per entry (as int64 arrays).
   auto take32 = [&](int64_t words) {

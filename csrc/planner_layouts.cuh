@@ -16,6 +16,15 @@ TMLA_HD inline int64_t Own(const int64_t* scanned, int64_t i) {
   return scanned[i] - (i > 0 ? scanned[i - 1] : 0);
 }
 
+// Slots (layouts A and B): the pieces of each cut item in turn; counters:
+// one per cut item. With pieces and cut the inclusive scans of the pieces
+// per item and of "item is cut", item i's slots end at pieces - (i + 1) +
+// cut.
+TMLA_HD inline int64_t SlotEnd(const int64_t* pieces, const int64_t* cut,
+                               int i) {
+  return pieces[i] - (i + 1) + cut[i];
+}
+
 // Layout A: makespan.py's _split (the smallest end time T whose fewest
 // pieces fit the SMs one per SM) and _one_per_sm. Needs n <= S.
 TMLA_HD inline Measure MeasureA(Ctx& c, const Items& it, const Scratch& s) {
@@ -77,10 +86,9 @@ TMLA_HD inline Measure MeasureA(Ctx& c, const Items& it, const Scratch& s) {
   for (int i = r.lo; i < r.hi; ++i) {
     const int64_t k = leading(i, end) + 1;
     s.start_a[i] = k;
-    s.slot_a[i] = k > 1 ? k : 0;
     s.ctr_a[i] = k > 1;
   }
-  ScanArrays(c.tid, c.nt, 3, s.start_a, n, s.slot_a, n, s.ctr_a, n, nullptr,
+  ScanArrays(c.tid, c.nt, 2, s.start_a, n, s.ctr_a, n, nullptr, 0, nullptr,
              0, s.tmp);
   // Each item's path is the first entry of its row at most T, and some
   // row holds T itself (T is lo, the largest row minimum, or else an
@@ -88,7 +96,7 @@ TMLA_HD inline Measure MeasureA(Ctx& c, const Items& it, const Scratch& s) {
   Measure m;
   m.makespan = end;
   m.longest = s.ctr_a[n - 1] > 0 ? 2 : 1;
-  m.slots = s.slot_a[n - 1];
+  m.slots = SlotEnd(s.start_a, s.ctr_a, n - 1);
   m.counters = s.ctr_a[n - 1];
   return m;
 }
@@ -105,7 +113,7 @@ TMLA_HD inline void EmitA(const Ctx& c, const Items& it, const Scratch& s) {
       const int64_t k = Own(s.start_a, i), j = sm - (s.start_a[i] - k);
       const int64_t pages = s.pages[i];
       const bool cut = k > 1;
-      const int64_t slot0 = s.slot_a[i] - (cut ? k : 0);
+      const int64_t slot0 = SlotEnd(s.start_a, s.ctr_a, i) - (cut ? k : 0);
       const int64_t ctr0 = s.ctr_a[i] - cut;
       WritePiece(it, sm, 0, i, Div64(j * pages, k), Div64((j + 1) * pages, k),
                  cut ? slot0 + j : isa::kFinalOutput,
@@ -129,13 +137,6 @@ TMLA_HD inline void EmitA(const Ctx& c, const Items& it, const Scratch& s) {
 // and a cut item's first piece is the last on its SM: it ends with its SM's
 // PARTIALs, the item's other pieces each after its own cost.
 //
-// Slots: the pieces of each cut item in turn; counters: one per cut item.
-// With start and cut the inclusive scans of the pieces per item and of
-// "item is cut", item i's slots end at start - (i + 1) + cut.
-TMLA_HD inline int64_t SlotEndB(const Scratch& s, int i) {
-  return s.start_b[i] - (i + 1) + s.ctr_b[i];
-}
-
 TMLA_HD inline Measure MeasureB(Ctx& c, const Items& it, const Scratch& s) {
   const PlannerParams& p = it.p;
   const int n = it.n, S = p.num_sms;
@@ -263,7 +264,7 @@ TMLA_HD inline Measure MeasureB(Ctx& c, const Items& it, const Scratch& s) {
   Measure m;
   m.makespan = r.sum;
   m.longest = r.max;
-  m.slots = SlotEndB(s, n - 1);
+  m.slots = SlotEnd(s.start_b, s.ctr_b, n - 1);
   m.counters = s.ctr_b[n - 1];
   return m;
 }
@@ -280,7 +281,7 @@ TMLA_HD inline void EmitB(const Ctx& c, const Items& it, const Scratch& s) {
     const int sm = s.p_sm[q];
     WritePiece(it, sm, q - s.first_b[sm], i, s.p_page[q],
                j == k - 1 ? s.pages[i] : s.p_page[q + 1],
-               cut ? SlotEndB(s, i) - k + j : isa::kFinalOutput,
+               cut ? SlotEnd(s.start_b, s.ctr_b, i) - k + j : isa::kFinalOutput,
                cut ? s.ctr_b[i] - 1 : isa::kNoCounter);
   }
   TMLA_NO_UNROLL
@@ -290,8 +291,8 @@ TMLA_HD inline void EmitB(const Ctx& c, const Items& it, const Scratch& s) {
       const int i = s.p_item[q];
       const int64_t k = Own(s.start_b, i), j = q - (s.start_b[i] - k);
       const int64_t runs = Max64(1, Min64(k - 1, it.rows(i)));
-      WriteMerge(it, sm, count, i, k - 1 - j, runs, k, SlotEndB(s, i) - k,
-                 s.ctr_b[i] - 1);
+      WriteMerge(it, sm, count, i, k - 1 - j, runs, k,
+                 SlotEnd(s.start_b, s.ctr_b, i) - k, s.ctr_b[i] - 1);
     }
     WriteStop(it, sm, count + s.run_b[sm]);
   }
