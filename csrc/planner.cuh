@@ -157,22 +157,21 @@ TMLA_HD inline int64_t LastLane(int64_t x) {
 #endif
 }
 
-TMLA_HD inline void AtomicAdd(int64_t* at, int64_t v) {
+// 32-bit atomics: the device's 64-bit ones on shared memory are
+// compare-and-swap loops, slow when many threads hit one word.
+TMLA_HD inline void AtomicAdd(int32_t* at, int32_t v) {
 #if defined(__CUDA_ARCH__)
-  atomicAdd(reinterpret_cast<unsigned long long*>(at),
-            static_cast<unsigned long long>(v));
+  atomicAdd(at, v);
 #else
   *at += v;
 #endif
 }
 
-// *at = max(*at, v) for v >= 0 (and *at >= 0).
-TMLA_HD inline void AtomicMax(int64_t* at, int64_t v) {
+TMLA_HD inline void AtomicMax(int32_t* at, int32_t v) {
 #if defined(__CUDA_ARCH__)
-  atomicMax(reinterpret_cast<unsigned long long*>(at),
-            static_cast<unsigned long long>(v));
+  atomicMax(at, v);
 #else
-  *at = Max64(*at, v);
+  *at = *at > v ? *at : v;
 #endif
 }
 
@@ -425,7 +424,8 @@ struct Scratch {
   int64_t* wend;      // [n] layout B: end of each item's weight run
   int64_t* start_b;   // [n] pieces per item, then their inclusive scan
   int64_t* ctr_b;     // [n] 1 if the item is cut, then inclusive scan
-  int64_t* ready_b;   // [n] end of the item's pieces other than its first
+  int32_t* cuts_b;    // [n] boundaries that cut the item
+  int32_t* ready_b;   // [n] end of the item's pieces other than its first
   int32_t* b_ic;      // [S] per run boundary: the item it falls in
   int32_t* b_cut;     // [S] its cut page
   int32_t* b_smb;     // [S] SM of the piece it starts
@@ -482,20 +482,21 @@ TMLA_HD inline int64_t Carve(char* base, const Sizes& z, int batch,
     off += 8 * words;
     return p;
   };
+  // int32 arrays take a word per entry (as int64 arrays).
+  auto take32 = [&](int64_t words) {
+    return reinterpret_cast<int32_t*>(take(words));
+  };
   const int64_t n = z.n, S = z.S;
   s->len = take(batch);
   s->pages = take(n);
   s->best = reinterpret_cast<int32_t*>(take((n * z.top_cap + 1) / 2));
   s->start_a = take(n);
   s->ctr_a = take(n);
-  // int32 arrays take a word per entry (as int64 arrays).
-  auto take32 = [&](int64_t words) {
-    return reinterpret_cast<int32_t*>(take(words));
-  };
   s->wend = take(n);
   s->start_b = take(n);
   s->ctr_b = take(n);
-  s->ready_b = take(n);
+  s->cuts_b = take32(n);
+  s->ready_b = take32(n);
   s->b_ic = take32(S);
   s->b_cut = take32(S);
   s->b_smb = take32(S);

@@ -143,17 +143,14 @@ TMLA_HD inline Measure MeasureB(Ctx& c, const Items& it, const Scratch& s) {
   // Prices are at least 1 (the page prices are checked when decoded).
   const int64_t fu = Max64(1, p.partial_fixed_ns);
   const int64_t floor = CeilDiv(it.work, int64_t{kAlpha} * n);
-  // Weights, scanned: each item's run ends at wend. Pieces per item start
-  // at 1 (start_b), counted up by the cuts below.
+  // Weights, scanned: each item's run ends at wend.
   const Run ri(c, n);
   TMLA_NO_UNROLL
   for (int i = ri.lo; i < ri.hi; ++i) {
     s.wend[i] = Max64(fu + s.pages[i] * it.page_ns(i), floor);
-    s.start_b[i] = 1;
+    s.cuts_b[i] = 0;
     s.ready_b[i] = 0;
   }
-  TMLA_NO_UNROLL
-  for (int sm = c.tid; sm < S; sm += c.nt) s.load[sm] = 0;
   Scan1(c, s.wend, n, s.tmp);
   const int64_t quota = CeilDiv(s.wend[n - 1], S);
   // SM of item i's first piece: the one whose run holds its start plus the
@@ -193,13 +190,16 @@ TMLA_HD inline Measure MeasureB(Ctx& c, const Items& it, const Scratch& s) {
         t > 0 && s.b_ic[t - 1] == ic ? s.b_eff[t - 1] : sm0(ic);
     const bool valid = s.b_cut[t] > 0 && s.b_cut[t] < s.pages[ic] &&
                        s.b_smb[t] != prev;
-    if (valid) AtomicAdd(&s.start_b[ic], 1);
+    if (valid) AtomicAdd(&s.cuts_b[ic], 1);
     s.b_cuts[t] = valid;
   }
   Sync();
   // Pieces and cut items up to each item; cuts up to each boundary.
   TMLA_NO_UNROLL
-  for (int i = ri.lo; i < ri.hi; ++i) s.ctr_b[i] = s.start_b[i] > 1;
+  for (int i = ri.lo; i < ri.hi; ++i) {
+    s.start_b[i] = 1 + s.cuts_b[i];
+    s.ctr_b[i] = s.cuts_b[i] > 0;
+  }
   ScanArrays(c.tid, c.nt, 3, s.start_b, n, s.ctr_b, n, s.b_cuts, S - 1,
              nullptr, 0, s.tmp);
   // Pieces in (item, page) order, which is also SM order: item i's first
@@ -221,20 +221,27 @@ TMLA_HD inline Measure MeasureB(Ctx& c, const Items& it, const Scratch& s) {
     s.p_sm[q] = static_cast<int32_t>(first ? sm0(i) : s.b_smb[t]);
   }
   Sync();
-  // Each SM's first piece and load; each item's latest end of a piece
-  // other than its first (each first on its SM: it ends after its cost).
+  // Each SM's pieces and load; each item's latest end of a piece other
+  // than its first (each first on its SM: it ends after its cost).
   TMLA_NO_UNROLL
-  for (int sm = c.tid; sm <= S; sm += c.nt) {
-    s.first_b[sm] = LowerBound(s.p_sm, pieces, sm);
-  }
-  TMLA_NO_UNROLL
-  for (int q = c.tid; q < pieces; q += c.nt) {
-    const int i = s.p_item[q];
-    const bool last = q == s.start_b[i] - 1;
-    const int64_t cost =
-        it.piece_ns(i, s.p_page[q], last ? s.pages[i] : s.p_page[q + 1]);
-    AtomicAdd(&s.load[s.p_sm[q]], cost);
-    if (q > first_piece(i)) AtomicMax(&s.ready_b[i], cost);
+  for (int sm = c.tid; sm < S; sm += c.nt) {
+    const int q0 = LowerBound(s.p_sm, pieces, sm);
+    const int q1 = LowerBound(s.p_sm, pieces, sm + 1);
+    s.first_b[sm] = q0;
+    if (sm == S - 1) s.first_b[S] = q1;
+    int64_t load = 0;
+    TMLA_NO_UNROLL
+    for (int q = q0; q < q1; ++q) {
+      const int i = s.p_item[q];
+      const bool last = q == s.start_b[i] - 1;
+      const int64_t cost =
+          it.piece_ns(i, s.p_page[q], last ? s.pages[i] : s.p_page[q + 1]);
+      load += cost;
+      if (q == q0 && q > first_piece(i)) {
+        AtomicMax(&s.ready_b[i], static_cast<int32_t>(cost));
+      }
+    }
+    s.load[sm] = load;
   }
   Sync();
   int64_t makespan = 0, longest = 0;

@@ -168,15 +168,13 @@ T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
   const int from = lane - static_cast<int>(delta);
   return emu::Exchange(v, from < (lane & ~(width - 1)) ? lane : from);
 }
-inline unsigned long long atomicAdd(unsigned long long* at,
-                                    unsigned long long v) {
-  const unsigned long long old = *at;
+inline int atomicAdd(int* at, int v) {
+  const int old = *at;
   *at += v;
   return old;
 }
-inline unsigned long long atomicMax(unsigned long long* at,
-                                    unsigned long long v) {
-  const unsigned long long old = *at;
+inline int atomicMax(int* at, int v) {
+  const int old = *at;
   *at = std::max(old, v);
   return old;
 }

@@ -62,7 +62,7 @@ def available() -> bool:
 # (< 2 * items words), and layout A's table of ``items * max(0, num_sms + 1
 # - items)`` int32 entries. A test checks the bound against the extension's
 # exact count.
-_SCRATCH_WORDS_PER_ITEM = 15
+_SCRATCH_WORDS_PER_ITEM = 16
 _SCRATCH_WORDS_PER_SM = 14
 _SCRATCH_FIXED_WORDS = 1
 
