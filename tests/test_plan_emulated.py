@@ -3,9 +3,12 @@
 The device planner (one CTA, ``csrc/planner.cuh`` under ``__CUDA_ARCH__``)
 and the CPU handler (one thread) are one source with two bodies for every
 block-wide step. ``csrc/tests/planner_emulation.cc`` runs the device body on
-the CPU, every thread a cooperative context resumed in a random order at
-each barrier and shuffle; its plans must equal the CPU handler's bit for
-bit. A GPU runs the same comparison in
+the CPU, every thread a cooperative context that runs alone from one
+barrier or shuffle to the next; its plans must equal the CPU handler's bit
+for bit with the threads resumed in thread order, in reverse thread order
+and in a random order: a read of another thread's write that no barrier
+orders sees the stale word in one of the first two. A GPU runs the same
+comparison in
 ``test_plan_compiled.py::test_gpu_plans_equal_the_cpu_twin_bit_for_bit``.
 """
 
@@ -28,6 +31,8 @@ from jax_thundermla.plan.problem import tile_rows
 CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
 CASES = 24
 D_V = 512
+# How the emulated threads are resumed (planner_emulation.cc's emu::Order).
+ORDERS = {"random": 0, "ascending": 1, "descending": 2}
 
 pytestmark = pytest.mark.skipif(
     not device_ffi.available(), reason="needs the compiled extension")
@@ -39,16 +44,24 @@ def emulated(tmp_path_factory):
   if cxx is None:
     pytest.skip("no host C++ compiler")
   lib = tmp_path_factory.mktemp("emulation") / "planner_emulation.so"
+  # -O0: no call is copied or inlined, so the calls that lead to a barrier
+  # name it (planner_emulation.cc checks that all threads wait at one).
   subprocess.run(
-      [cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas",
+      [cxx, "-std=c++17", "-O0", "-shared", "-fPIC", "-Wno-unknown-pragmas",
        f"-I{CSRC}", str(CSRC / "tests" / "planner_emulation.cc"), "-o",
        str(lib)], check=True, capture_output=True)
-  fn = ctypes.CDLL(str(lib)).TmlaPlanEmulated
+  dll = ctypes.CDLL(str(lib))
+  fn = dll.TmlaPlanEmulated
   i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
-  fn.argtypes = [ptr, *[i32] * 8, *[i64] * 4, ptr, ptr, ptr, ptr,
+  fn.argtypes = [ptr, *[i32] * 8, *[i64] * 4, ptr, ptr, ptr, ptr, i32,
                  ctypes.c_uint32]
   fn.restype = ctypes.c_int
-  return fn
+  dll.TmlaEmulationError.restype = ctypes.c_char_p
+
+  def plan(*args):
+    assert fn(*args) == 0, dll.TmlaEmulationError().decode()
+
+  return plan
 
 
 def _live(ins):
@@ -86,8 +99,9 @@ def _cases():
   return out
 
 
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("case", range(CASES))
-def test_device_code_equals_host_code(emulated, case):
+def test_device_code_equals_host_code(emulated, case, order):
   lens, s_q, h_q, h_kv, num_sms, page, max_seqlen = _cases()[case]
   cost = CostModel()
   host = [np.asarray(x) for x in device_ffi.plan_arrays(
@@ -104,7 +118,8 @@ def test_device_code_equals_host_code(emulated, case):
            ins.shape[1], page, max_seqlen, cost.partial_fixed(),
            cost.reduce_fixed(), cost.page_ns(rows[0], page, D_V),
            cost.page_ns(rows[-1], page, D_V), input_ns.ctypes.data,
-           ins.ctypes.data, seqlens.ctypes.data, info.ctypes.data, case)
+           ins.ctypes.data, seqlens.ctypes.data, info.ctypes.data,
+           ORDERS[order], case)
   np.testing.assert_array_equal(_live(ins), _live(host[0]))
   np.testing.assert_array_equal(seqlens, host[1])
   np.testing.assert_array_equal(info, host[2])

@@ -2,11 +2,21 @@
 // the CPU: one block of kPlannerThreads threads, each a cooperative context
 // (ucontext), with barriers, warp shuffles and shared atomics emulated. A
 // thread runs until it waits at a barrier or a shuffle; the waiting threads
-// are then resumed in a random order, so a read that a barrier does not
-// order after its write is likely to see stale data. It checks the
-// planner's parallel code (shuffles, groups, runs, barriers) without a GPU;
-// the memory model is not emulated. tests/test_plan_emulated.py builds it as
-// a shared library (a host C++ compiler, no CUDA) and calls TmlaPlanEmulated.
+// are then resumed in thread order, in reverse thread order or in a random
+// order (Order), every thread also after the barrier it completes. Between
+// two barriers each thread thus runs alone, all of its work at once: a read
+// of another thread's write that no barrier orders sees it in one of the
+// two fixed orders and the stale word in the other, so a test that plans
+// in both orders finds it whatever the two threads are. It cannot find a
+// lost update (two threads adding to one word with no atomic: each runs
+// alone, so no update is lost, and the atomics are plain additions here),
+// nor anything of the memory model (no fences, no caching: every write is
+// seen at once). A barrier or shuffle that the threads of the block (of
+// the warp) reach at different calls, and a thread that exits while
+// others wait at one, fail the plan: on a GPU they hang or are undefined.
+// tests/test_plan_emulated.py builds it as a shared library (a host C++
+// compiler, no CUDA) and calls TmlaPlanEmulated.
+#include <execinfo.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -14,11 +24,15 @@
 #include <cstring>
 #include <functional>
 #include <random>
+#include <string>
 #include <vector>
 
 #define __CUDA_ARCH__ 900
 
 namespace emu {
+
+// How the threads waiting at barriers and shuffles are resumed.
+enum Order { kRandom = 0, kAscending = 1, kDescending = 2 };
 
 struct Dim3 {
   unsigned x, y, z;
@@ -37,15 +51,21 @@ struct Block {
   ucontext_t scheduler;
   int current = 0;
   std::function<void(int)> body;
+  Order order = kRandom;
   std::mt19937 rng;
-  // The block barrier: arrivals of this generation, and the predicate
-  // counts of two generations in turn.
+  // The first failure (empty if none): the threads are then not resumed.
+  std::string error;
+  // The block barrier: arrivals of this generation, the call they wait at,
+  // and the predicate counts of two generations in turn.
   uint64_t generation = 0;
   int arrived = 0;
+  const void* site = nullptr;
   int counts[2] = {0, 0};
-  // Per warp: a barrier and the words exchanged by a shuffle.
+  // Per warp: a barrier, the call its lanes wait at and the words exchanged
+  // by a shuffle.
   std::vector<uint64_t> warp_generation;
   std::vector<int> warp_arrived;
+  std::vector<const void*> warp_site;
   std::vector<uint64_t> words;
 };
 
@@ -55,20 +75,36 @@ Thread& Current() { return block->thread[block->current]; }
 
 void Yield() { swapcontext(&Current().context, &block->scheduler); }
 
+// Records the first failure; the scheduler then stops.
+void Fail(const std::string& what) {
+  if (block->error.empty()) {
+    block->error = "thread " + std::to_string(block->current) + ": " + what;
+  }
+}
+
 void Entry() {
-  block->body(block->current);
+  Block& b = *block;
+  b.body(b.current);
   Current().done = true;
+  if (b.arrived > 0) Fail("exits while others wait at a barrier");
+  if (b.warp_arrived[b.current / 32] > 0) {
+    Fail("exits while its warp waits at a shuffle");
+  }
   Yield();
 }
 
-void Run(int threads, uint32_t seed, std::function<void(int)> body) {
+// Runs body(tid) for threads threads; *error: the first failure, or "".
+void Run(int threads, Order order, uint32_t seed,
+         std::function<void(int)> body, std::string* error) {
   Block b;
   b.threads = threads;
   b.thread.resize(threads);
   b.body = std::move(body);
+  b.order = order;
   b.rng.seed(seed);
   b.warp_generation.assign(threads / 32, 0);
   b.warp_arrived.assign(threads / 32, 0);
+  b.warp_site.assign(threads / 32, nullptr);
   b.words.assign(threads, 0);
   block = &b;
   for (int t = 0; t < threads; ++t) {
@@ -81,41 +117,56 @@ void Run(int threads, uint32_t seed, std::function<void(int)> body) {
     x.context.uc_link = nullptr;
     makecontext(&x.context, Entry, 0);
   }
-  std::vector<int> order(threads);
-  for (int t = 0; t < threads; ++t) order[t] = t;
-  for (bool running = true; running;) {
+  std::vector<int> turns(threads);
+  for (int t = 0; t < threads; ++t) {
+    turns[t] = order == kDescending ? threads - 1 - t : t;
+  }
+  for (bool running = true; running && b.error.empty();) {
     running = false;
-    std::shuffle(order.begin(), order.end(), b.rng);
-    for (int t : order) {
-      if (b.thread[t].done) continue;
+    if (order == kRandom) std::shuffle(turns.begin(), turns.end(), b.rng);
+    for (int t : turns) {
+      if (b.thread[t].done || !b.error.empty()) continue;
       running = true;
       b.current = t;
       swapcontext(&b.scheduler, &b.thread[t].context);
     }
   }
+  *error = b.error;
   block = nullptr;
 }
 
-// Waits until every thread of the block has arrived; returns how many
-// arrived with a nonzero predicate.
-int BlockBarrier(int predicate) {
+// Waits until every thread of the block has arrived at the call `site`;
+// returns how many arrived with a nonzero predicate. Every thread then
+// waits for its turn (the one that completes the barrier too), so the
+// threads run the next phase in the scheduler's order.
+int BlockBarrier(int predicate, const void* site) {
   Block& b = *block;
   const uint64_t generation = b.generation;
+  if (b.arrived == 0) {
+    b.site = site;
+  } else if (b.site != site) {
+    Fail("reaches another __syncthreads than the threads before it");
+  }
   b.counts[generation & 1] += predicate != 0;
   if (++b.arrived == b.threads) {
     b.arrived = 0;
     b.counts[(generation + 1) & 1] = 0;
     ++b.generation;
-  } else {
-    while (b.generation == generation) Yield();
   }
+  while (b.generation == generation) Yield();
+  Yield();
   return b.counts[generation & 1];
 }
 
-void WarpBarrier() {
+void WarpBarrier(const void* site) {
   Block& b = *block;
   const int warp = b.current / 32;
   const uint64_t generation = b.warp_generation[warp];
+  if (b.warp_arrived[warp] == 0) {
+    b.warp_site[warp] = site;
+  } else if (b.warp_site[warp] != site) {
+    Fail("reaches another shuffle than the lanes of its warp before it");
+  }
   if (++b.warp_arrived[warp] == 32) {
     b.warp_arrived[warp] = 0;
     ++b.warp_generation[warp];
@@ -125,17 +176,18 @@ void WarpBarrier() {
   Yield();  // other warps run in between
 }
 
-// Every lane of the warp offers v and receives the value of lane `from`.
+// Every lane of the warp offers v at the call `site` and receives the value
+// of lane `from`.
 template <typename T>
-T Exchange(T v, int from) {
+T Exchange(T v, int from, const void* site) {
   static_assert(sizeof(T) <= sizeof(uint64_t));
   Block& b = *block;
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
   b.words[b.current] = bits;
-  WarpBarrier();
+  WarpBarrier(site);
   bits = b.words[(b.current & ~31) + from];
-  WarpBarrier();
+  WarpBarrier(site);
   T out;
   std::memcpy(&out, &bits, sizeof(T));
   return out;
@@ -147,26 +199,49 @@ int Lane() { return block->current & 31; }
 
 #define threadIdx (::emu::Current().index)
 
-inline void __syncthreads() { emu::BlockBarrier(0); }
-inline int __syncthreads_count(int predicate) {
-  return emu::BlockBarrier(predicate);
+// The intrinsics are not inlined: the address a shuffle returns to names
+// the call that a warp's lanes wait at; for a barrier, the addresses of
+// the calls that lead to it (built with -O0, no call is copied or inlined).
+#define TMLA_EMU_CALL __attribute__((noinline))
+#define TMLA_EMU_SITE __builtin_return_address(0)
+
+namespace emu {
+// A barrier's call path as one number.
+inline const void* Path() {
+  void* calls[12];
+  const int depth = backtrace(calls, 12);
+  uintptr_t h = 0;
+  for (int i = 0; i < depth; ++i) {
+    h = h * 0x100000001b3u ^ reinterpret_cast<uintptr_t>(calls[i]);
+  }
+  return reinterpret_cast<const void*>(h);
+}
+}  // namespace emu
+
+TMLA_EMU_CALL void __syncthreads() { emu::BlockBarrier(0, emu::Path()); }
+TMLA_EMU_CALL int __syncthreads_count(int predicate) {
+  return emu::BlockBarrier(predicate, emu::Path());
 }
 template <typename T>
-T __shfl_sync(unsigned, T v, int from, int width = 32) {
-  return emu::Exchange(v, (emu::Lane() & ~(width - 1)) + (from & (width - 1)));
+TMLA_EMU_CALL T __shfl_sync(unsigned, T v, int from, int width = 32) {
+  return emu::Exchange(v, (emu::Lane() & ~(width - 1)) + (from & (width - 1)),
+                       TMLA_EMU_SITE);
 }
 template <typename T>
-T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
+TMLA_EMU_CALL T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
   const int lane = emu::Lane();
   const int from = lane ^ mask;
   return emu::Exchange(
-      v, (from & ~(width - 1)) == (lane & ~(width - 1)) ? from : lane);
+      v, (from & ~(width - 1)) == (lane & ~(width - 1)) ? from : lane,
+      TMLA_EMU_SITE);
 }
 template <typename T>
-T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
+TMLA_EMU_CALL T __shfl_up_sync(unsigned, T v, unsigned delta,
+                               int width = 32) {
   const int lane = emu::Lane();
   const int from = lane - static_cast<int>(delta);
-  return emu::Exchange(v, from < (lane & ~(width - 1)) ? lane : from);
+  return emu::Exchange(v, from < (lane & ~(width - 1)) ? lane : from,
+                       TMLA_EMU_SITE);
 }
 inline int atomicAdd(int* at, int v) {
   const int old = *at;
@@ -187,16 +262,25 @@ inline int4 make_int4(int x, int y, int z, int w) { return int4{x, y, z, w}; }
 
 namespace plan = tmla::plan;
 
+namespace {
+std::string last_error;
+}  // namespace
+
+// The failure of the last TmlaPlanEmulated, or "".
+extern "C" const char* TmlaEmulationError() { return last_error.c_str(); }
+
 // Plans as the device planner would: the arguments as planner.h's
 // PlannerParams (prices in ns, input_ns[kInputPrices]); the outputs as
-// the FFI handler's. `seed` orders the threads. Returns 0.
+// the FFI handler's. `order` (emu::Order) and, for a random order, `seed`
+// order the threads. Returns 0, or 1 if the threads failed
+// (TmlaEmulationError says how); the outputs are then incomplete.
 extern "C" int TmlaPlanEmulated(
     const int32_t* lengths, int32_t batch, int32_t h_kv, int32_t num_tiles,
     int32_t last_tile_rows, int32_t num_sms, int32_t capacity,
     int32_t page_size, int32_t max_seqlen, int64_t partial_fixed_ns,
     int64_t reduce_fixed_ns, int64_t page_ns_full, int64_t page_ns_last,
     const int64_t* input_ns, int32_t* instructions, int32_t* seqlens,
-    int32_t* info, uint32_t seed) {
+    int32_t* info, int32_t order, uint32_t seed) {
   plan::PlannerParams p{};
   p.lengths = lengths;
   p.instructions = instructions;
@@ -225,9 +309,12 @@ extern "C" int TmlaPlanEmulated(
       int64_t{0x5a5a5a5a5a5a5a5a});
   p.scratch = scratch.data();
   plan::Carry carry;
-  emu::Run(plan::kPlannerThreads, seed, [&](int tid) {
+  std::string error;
+  emu::Run(plan::kPlannerThreads, static_cast<emu::Order>(order), seed,
+           [&](int tid) {
     plan::Ctx c{tid, plan::kPlannerThreads};
     plan::Plan(c, p, reinterpret_cast<char*>(scratch.data()), &carry);
-  });
-  return 0;
+  }, &error);
+  last_error = error;
+  return error.empty() ? 0 : 1;
 }
