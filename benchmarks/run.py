@@ -46,8 +46,10 @@ _S_Q = flags.DEFINE_integer("s_q", 1, "Custom workload: query tokens.")
 _H_Q = flags.DEFINE_integer("h_q", 16, "Custom workload: query heads.")
 _PAGE = flags.DEFINE_integer("page_size", 64, "Custom workload: page size.")
 _CAUSAL = flags.DEFINE_bool("causal", True, "Custom workload: causal.")
-_DTYPE = flags.DEFINE_enum("dtype", "bf16", ["bf16", "fp16"],
-                           "Element type of q and the cache.")
+_DTYPE = flags.DEFINE_enum(
+    "dtype", "bf16", ["bf16", "fp16", "fp8"],
+    "Element type of q and the cache; fp8: bfloat16 q and an FP8 cache"
+    " (quantize_kv of the bfloat16 one).")
 _IMPLS = flags.DEFINE_list(
     "impls", None,
     f"Implementations from {IMPLS}: 'device' plans inside the jitted step,"
@@ -126,7 +128,8 @@ def main(argv):
              " (--profile still writes the host trace)")
   layers = _LAYERS.value or (8 if on_gpu else 1)
   steps = _STEPS.value or (10 if on_gpu else 3)
-  dtype = jnp.bfloat16 if _DTYPE.value == "bf16" else jnp.float16
+  fp8 = _DTYPE.value == "fp8"
+  dtype = jnp.float16 if _DTYPE.value == "fp16" else jnp.bfloat16
   device = jax.devices()[0].device_kind
   is_h100 = "H100" in device
   bandwidth = read_bandwidth() if on_gpu else None
@@ -144,6 +147,9 @@ def main(argv):
   print("-" * len(header))
   for w in _workloads():
     q, caches, table, lens = device_inputs(w, num_caches=layers, dtype=dtype)
+    if fp8:
+      caches = [jax.block_until_ready(tmla.quantize_kv(c)) for c in caches]
+    bytes_moved = w.bytes_moved_fp8 if fp8 else w.bytes_moved
     for impl in _impls():
       seconds, events = time_per_call(
           w, impl, (q, caches, table, lens), steps=steps,
@@ -152,14 +158,14 @@ def main(argv):
         for name, count, kns in profiling.summarize(events,
                                                     per=steps * layers):
           print(f"    {kns / 1e3:8.2f} us x{count:<3} {name[:80]}")
-      floor = (f"{w.bytes_moved / bandwidth / seconds:>6.2f}" if bandwidth
+      floor = (f"{bytes_moved / bandwidth / seconds:>6.2f}" if bandwidth
                else f"{'-':>6}")
       kernels = (f"{len(events) / (steps * layers):>7.1f}" if events
                  else f"{'-':>7}")
       row = (f"{w.name:>8} {impl:>9} {seconds * 1e6:>9.1f} {kernels}"
              f" {w.flops / seconds / 1e12:>8.1f}"
-             f" {w.bytes_moved / seconds / 1e9:>7.0f} {floor}")
-      if is_h100 and w.name in FLASHMLA_H100_US:
+             f" {bytes_moved / seconds / 1e9:>7.0f} {floor}")
+      if is_h100 and w.name in FLASHMLA_H100_US and not fp8:
         row += f" {FLASHMLA_H100_US[w.name] / (seconds * 1e6):>10.2f}x"
       print(row)
       if _PROFILE.value:

@@ -66,9 +66,10 @@ constexpr int kSmemQ = 0;
 constexpr int kSmemKv = kSmemQ + kQBytes;
 constexpr int kSmemP = kSmemKv + kStages * kStageBytes;
 constexpr int kSmemRowScale = kSmemP + kPBytes;
-// mbarriers: full[kStages], empty[kStages], hand_full, hand_empty.
+// mbarriers: full[kStages], empty[kStages], hand_full, hand_empty,
+// raw[kStages] (an FP8 cache's boxes landed, before dequantization).
 constexpr int kSmemBarriers = kSmemRowScale + kTileRows * 4;
-constexpr int kNumMbarriers = 2 * kStages + 2;
+constexpr int kNumMbarriers = 3 * kStages + 2;
 // The next instruction's words, staged by consumer 0 during a PARTIAL.
 constexpr int kSmemNext = kSmemBarriers + kNumMbarriers * 8;
 constexpr int kSmemUsed = kSmemNext + isa::kInstructionWords * 4;

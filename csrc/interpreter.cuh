@@ -7,8 +7,10 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda.h>
+#include <cuda_bf16.h>
 
 #include "config.h"
 #include "instruction.cuh"
@@ -81,7 +83,9 @@ __device__ __forceinline__ void RunConsumer(const MlaDecodeParams& p,
   if (timer) Marks<kTiming>().ClearFrom(p, i);
 }
 
-template <typename T, bool kTiming>
+// T: the element type of q and out (and of the cache unless kFp8); kFp8:
+// the cache is FP8 (fp8_kv.cuh; T is bf16).
+template <typename T, bool kTiming, bool kFp8>
 __global__ void __launch_bounds__(config::kThreads, 1)
     MlaDecodeKernel(const __grid_constant__ MlaDecodeParams p,
                     const __grid_constant__ CUtensorMap kv_map) {
@@ -89,8 +93,9 @@ __global__ void __launch_bounds__(config::kThreads, 1)
   const Smem smem = Smem::Carve(smem_raw);
   if (threadIdx.x == 0) {
     for (int s = 0; s < config::kStages; ++s) {
-      ptx::MbarInit(&smem.full[s], 1);
+      ptx::MbarInit(&smem.full[s], kFp8 ? fp8::kConverterWarps : 1);
       ptx::MbarInit(&smem.empty[s], config::kNumConsumers);
+      ptx::MbarInit(&smem.raw[s], 1);
     }
     ptx::MbarInit(smem.hand_full, config::kWarpgroupThreads);
     ptx::MbarInit(smem.hand_empty, config::kWarpgroupThreads);
@@ -102,7 +107,14 @@ __global__ void __launch_bounds__(config::kThreads, 1)
   const int thread_in_wg = threadIdx.x % config::kWarpgroupThreads;
   if (warpgroup == 0) {
     ptx::SetMaxRegistersDec<config::kProducerRegisters>();
-    if (thread_in_wg == 0) RunProducer(p, &kv_map, smem);
+    if (thread_in_wg == 0) RunProducer<kFp8>(p, &kv_map, smem);
+    if constexpr (kFp8) {
+      static_assert(std::is_same_v<T, __nv_bfloat16>,
+                    "an FP8 cache dequantizes to bf16");
+      if (thread_in_wg >= fp8::kFirstConverterThread) {
+        fp8::RunConverter(p, smem, thread_in_wg - fp8::kFirstConverterThread);
+      }
+    }
   } else {
     ptx::SetMaxRegistersInc<config::kConsumerRegisters>();
     RunConsumer<T, kTiming>(p, smem, warpgroup - 1, thread_in_wg);

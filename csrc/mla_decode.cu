@@ -30,36 +30,39 @@ PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
   return encode;
 }
 
-// K/V as a 3-D tensor [tokens = num_pages * page_size][h_kv][576]; a box is
-// 64 columns x 1 head x chunk_tokens tokens, 128-byte swizzled in smem.
+// K/V as a 3-D tensor [tokens = num_pages * page_size][h_kv][entry]; a box
+// is 128 bytes (64 bf16/fp16 columns, or 128 bytes of an FP8 entry) x 1
+// head x chunk_tokens tokens, 128-byte swizzled in smem.
 cudaError_t EncodeKvMap(const MlaDecodeLaunch& l, CUtensorMap* map) {
   auto encode = TensorMapEncoder();
   if (encode == nullptr) return cudaErrorSymbolNotFound;
   const MlaDecodeParams& p = l.params;
-  constexpr uint64_t kElem = 2;
+  const uint64_t elem = l.kv_fp8 ? 1 : 2;
+  const uint64_t entry = l.kv_fp8 ? isa::kFp8EntryBytes : config::kHeadDimQK;
   const cuuint64_t dims[3] = {
-      static_cast<cuuint64_t>(config::kHeadDimQK),
-      static_cast<cuuint64_t>(p.h_kv),
+      static_cast<cuuint64_t>(entry), static_cast<cuuint64_t>(p.h_kv),
       static_cast<cuuint64_t>(p.num_pages) * p.page_size};
-  const cuuint64_t strides[2] = {config::kHeadDimQK * kElem,
-                                 config::kHeadDimQK * kElem * p.h_kv};
-  const cuuint32_t box[3] = {config::kColBlock, 1,
-                             static_cast<cuuint32_t>(p.chunk_tokens)};
+  const cuuint64_t strides[2] = {entry * elem, entry * elem * p.h_kv};
+  const cuuint32_t box[3] = {
+      static_cast<cuuint32_t>(config::kSwizzleBytes / elem), 1,
+      static_cast<cuuint32_t>(p.chunk_tokens)};
   const cuuint32_t element_strides[3] = {1, 1, 1};
+  const CUtensorMapDataType type =
+      l.kv_fp8 ? CU_TENSOR_MAP_DATA_TYPE_UINT8
+      : l.dtype == ElementType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                          : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   const CUresult r = encode(
-      map,
-      l.dtype == ElementType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                        : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-      3, const_cast<void*>(l.kv_cache), dims, strides, box, element_strides,
-      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+      map, type, 3, const_cast<void*>(p.kv), dims, strides, box,
+      element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-template <typename T, bool kTiming>
+template <typename T, bool kTiming, bool kFp8 = false>
 cudaError_t Launch(const MlaDecodeLaunch& l, const CUtensorMap& map,
                    cudaStream_t stream) {
-  auto kernel = MlaDecodeKernel<T, kTiming>;
+  auto kernel = MlaDecodeKernel<T, kTiming, kFp8>;
   cudaError_t status = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
       config::kSmemBytes);
@@ -86,6 +89,12 @@ cudaError_t LaunchMlaDecode(const MlaDecodeLaunch& l, cudaStream_t stream) {
   }
   if (launch.num_ctas == 0) return cudaSuccess;
   const bool bf16 = launch.dtype == ElementType::kBFloat16;
+  if (launch.kv_fp8) {
+    if (!bf16) return cudaErrorInvalidValue;
+    return launch.params.timings != nullptr
+               ? Launch<__nv_bfloat16, true, true>(launch, map, stream)
+               : Launch<__nv_bfloat16, false, true>(launch, map, stream);
+  }
   if (launch.params.timings != nullptr) {
     return bf16 ? Launch<__nv_bfloat16, true>(launch, map, stream)
                 : Launch<__half, true>(launch, map, stream);

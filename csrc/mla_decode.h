@@ -13,10 +13,12 @@ namespace tmla {
 enum class ElementType { kBFloat16, kFloat16 };
 
 struct MlaDecodeLaunch {
-  MlaDecodeParams params;
-  const void* kv_cache;  // T [num_pages, page_size, h_kv, 576]
-  ElementType dtype;
-  int32_t num_ctas;      // rows of the instruction tensor
+  MlaDecodeParams params;  // params.kv: the cache
+  ElementType dtype;       // of q and out (and of the cache unless kv_fp8)
+  // The cache is FP8: uint8 [num_pages, page_size, h_kv, 656] (isa.h);
+  // dtype must then be bf16.
+  bool kv_fp8;
+  int32_t num_ctas;        // rows of the instruction tensor
 };
 
 // Launches the timed build of the kernel when launch.params.timings is set.

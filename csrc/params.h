@@ -1,5 +1,7 @@
 // Launch parameters of the MLA decode megakernel. Every pointer is device
 // memory; its shape is in the comment. T is the element type (bf16/fp16).
+// The K/V cache is T [num_pages, page_size, h_kv, 576] or, FP8, uint8
+// [num_pages, page_size, h_kv, isa::kFp8EntryBytes] with T = bf16.
 #pragma once
 
 #include <cstdint>
@@ -8,6 +10,7 @@ namespace tmla {
 
 struct MlaDecodeParams {
   const void* q;                // T [batch, s_q, h_q, 576]
+  const void* kv;               // the K/V cache (its FP8 scales are read here)
   const int32_t* block_table;   // [batch, max_pages]
   const int32_t* seqlens;       // [batch]
   const int32_t* plan_seqlens;  // [batch]: lengths the instructions are for

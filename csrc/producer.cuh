@@ -9,6 +9,7 @@
 #include <cuda.h>
 
 #include "config.h"
+#include "fp8_kv.cuh"
 #include "instruction.cuh"
 #include "params.h"
 #include "ptx.cuh"
@@ -80,6 +81,9 @@ __device__ __forceinline__ uint64_t KvPolicy(const MlaDecodeParams& p) {
   return one_tile ? ptx::PolicyEvictFirst() : ptx::PolicyEvictNormal();
 }
 
+// kFp8: the cache is FP8 (fp8_kv.cuh): its boxes land on the stage's raw
+// barrier and the converter completes `full`.
+template <bool kFp8>
 __device__ __forceinline__ void RunProducer(const MlaDecodeParams& p,
                                             const CUtensorMap* kv_map,
                                             const Smem& smem) {
@@ -98,7 +102,12 @@ __device__ __forceinline__ void RunProducer(const MlaDecodeParams& p,
         const BlockRows rows = BlockRows::Read(p, in, range, b);
         // The first pass over a stage finds it free (parity trick).
         ptx::MbarWait(&smem.empty[stage], PhaseOf(block_counter) ^ 1);
-        LoadBlock(p, kv_map, in, rows, smem, stage, policy);
+        if constexpr (kFp8) {
+          fp8::LoadBlock(p, kv_map, in, rows.row, rows.loaded, smem, stage,
+                         policy);
+        } else {
+          LoadBlock(p, kv_map, in, rows, smem, stage, policy);
+        }
       }
     }
     in = next;

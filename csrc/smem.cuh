@@ -18,6 +18,9 @@ struct Smem {
   // KV block and one per PARTIAL epilogue.
   uint64_t* hand_full;   // consumer 0 wrote P and row_scale (128 arrivals)
   uint64_t* hand_empty;  // consumer 1 is done with them (128 arrivals)
+  // An FP8 cache's e4m3 and rope boxes landed in the stage (fp8_kv.cuh);
+  // `full` then follows the dequantization.
+  uint64_t* raw;         // [kStages]
   int32_t* next;         // [16]: words of the CTA's next instruction
 
   // `raw` is the dynamic shared array itself; offsetting it (rather than
@@ -37,6 +40,7 @@ struct Smem {
     m.empty = m.full + config::kStages;
     m.hand_full = m.empty + config::kStages;
     m.hand_empty = m.hand_full + 1;
+    m.raw = m.hand_empty + 1;
     m.next = reinterpret_cast<int32_t*>(s + config::kSmemNext);
     return m;
   }

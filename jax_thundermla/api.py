@@ -16,7 +16,7 @@ BACKENDS = ("cuda", "reference")
 def _kernel_unsupported(shapes: _validation.DecodeShapes) -> str | None:
   from jax_thundermla import kernel  # pylint: disable=g-import-not-at-top
   return kernel.unsupported_reason(head_dim_v=shapes.d_v, d_qk=shapes.d_qk,
-                                  fp8=shapes.fp8_cache)
+                                  fp8=shapes.fp8_cache, q_dtype=shapes.dtype)
 
 
 def _resolve_backend(backend: str | None,
@@ -35,7 +35,7 @@ def _resolve_backend(backend: str | None,
         f"backend must be None or one of {BACKENDS}, got {backend!r}")
   if backend == "cuda":
     reason = _kernel_unsupported(shapes)
-    if shapes.fp8_cache:
+    if shapes.fp8_cache and reason is not None:
       # No build of the kernel takes it: said before asking for a GPU.
       raise ValueError(f"backend='cuda': {reason}")
     _ffi.require_kernel()
@@ -136,8 +136,10 @@ def mla_decode(
       ``quantize_kv``; d_qk 576 only), read as ``dequantize_kv`` reads it
       (in float32) and then attended with the same math as a bf16 cache: a
       NaN or infinite scale makes its entry a NaN key (NaN rows for the
-      query rows that see it). The CUDA kernel does not take it yet:
-      ``backend=None`` runs the reference, ``backend="cuda"`` raises.
+      query rows that see it). The CUDA kernel takes it with bfloat16 q
+      (it dequantizes each block to bfloat16, which is exact for the
+      power-of-two scales ``quantize_kv`` writes); with float16 q
+      ``backend=None`` runs the reference and ``backend="cuda"`` raises.
     block_table: int32 [b, max_pages]: the page ids of each sequence, in
       order. Any id may appear in any row (shared prefixes, permuted pools).
     cache_seqlens: int32 [b]: tokens in the cache per sequence, the s_q new
@@ -190,8 +192,9 @@ def mla_decode(
     ValueError: wrong rank, mismatched or unsupported dimensions (also a
       table of more than 2**31 - 1 tokens or a cache of more pages, or an
       FP8 cache not 656 wide or with d_qk other than 576), a softmax_scale
-      out of range, unknown backend (or ``"cuda"`` with an FP8 cache), or
-      a plan built for other shapes, page size or head_dim_v.
+      out of range, unknown backend (or ``"cuda"`` with an FP8 cache and
+      q not bfloat16), or a plan built for other shapes, page size or
+      head_dim_v.
     RuntimeError: ``backend="cuda"`` where the kernel cannot run.
   """
   shapes = _validation.validate(

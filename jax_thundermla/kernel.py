@@ -18,13 +18,14 @@ HEAD_DIM_V = isa.HEAD_DIM_V
 HEAD_DIM_QK = isa.HEAD_DIM_V + isa.ROPE_DIM
 
 
-def unsupported_reason(*, head_dim_v: int, d_qk: int,
-                       fp8: bool = False) -> str | None:
+def unsupported_reason(*, head_dim_v: int, d_qk: int, fp8: bool = False,
+                       q_dtype=jnp.bfloat16) -> str | None:
   """Why the kernel cannot run these shapes or this cache (``fp8``: an FP8
-  cache), or None."""
-  if fp8:
-    return ("the CUDA kernel does not take an FP8 (uint8) kv_cache yet;"
-            " pass backend='reference' (backend=None picks it)")
+  cache, which it dequantizes to bfloat16: q must be bfloat16), or None."""
+  if fp8 and jnp.dtype(q_dtype) != jnp.bfloat16:
+    return (f"the CUDA kernel takes an FP8 (uint8) kv_cache with bfloat16 q"
+            f" only, got q of dtype {jnp.dtype(q_dtype).name}; pass"
+            f" backend='reference' (backend=None picks it)")
   if head_dim_v != HEAD_DIM_V or d_qk != HEAD_DIM_QK:
     return (f"the CUDA kernel supports head_dim_v={HEAD_DIM_V} (d_qk="
             f"{HEAD_DIM_QK}) only, got head_dim_v={head_dim_v}")
@@ -49,7 +50,10 @@ def mla_decode_cuda(q: jax.Array, kv_cache: jax.Array,
 
   Args:
     q: [b, s_q, h_q, 576] bf16/fp16.
-    kv_cache: [num_pages, page_size, h_kv, 576], q's dtype.
+    kv_cache: [num_pages, page_size, h_kv, 576], q's dtype; or an FP8
+      cache, uint8 [num_pages, page_size, h_kv, 656] (``fp8_cache``), with
+      bfloat16 q: the kernel dequantizes each block as ``dequantize_kv``
+      does.
     block_table: int32 [b, max_pages].
     cache_seqlens: int32 [b].
     plan: a DecodePlan, or None to plan on the device from
@@ -71,10 +75,12 @@ def mla_decode_cuda(q: jax.Array, kv_cache: jax.Array,
     with ``jax_thundermla.profiling.decode_timings``).
 
   Raises:
-    ValueError: an FP8 cache, or head dims the kernel does not take.
+    ValueError: an FP8 cache with q not bfloat16, or head dims the kernel
+      does not take.
   """
   reason = unsupported_reason(head_dim_v=head_dim_v, d_qk=q.shape[-1],
-                              fp8=fp8_cache.is_fp8_cache(kv_cache))
+                              fp8=fp8_cache.is_fp8_cache(kv_cache),
+                              q_dtype=q.dtype)
   if reason is not None:
     raise ValueError(reason)
   if _ffi.extension_available():

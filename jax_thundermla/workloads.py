@@ -76,6 +76,15 @@ class Workload:
     return (kv + rows * self.d_qk + rows * self.d_v) * 2
 
   @property
+  def bytes_moved_fp8(self) -> int:
+    """The same with an FP8 cache (``isa.FP8_ENTRY_BYTES`` per token and KV
+    head; q and out stay 16-bit)."""
+    from jax_thundermla import isa  # pylint: disable=g-import-not-at-top
+    rows = self.batch * self.s_q * self.h_q
+    kv = sum(self.seqlens) * self.h_kv * isa.FP8_ENTRY_BYTES
+    return kv + (rows * self.d_qk + rows * self.d_v) * 2
+
+  @property
   def flops(self) -> int:
     """Matrix FLOPs of QK^T and PV over every cached token."""
     return 2 * self.s_q * self.h_q * sum(self.seqlens) * (self.d_qk + self.d_v)

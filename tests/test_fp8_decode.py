@@ -1,8 +1,11 @@
-"""mla_decode over an FP8 (uint8, 656-byte) cache: the reference path.
+"""mla_decode over an FP8 (uint8, 656-byte) cache: the reference path, and
+the CUDA kernel (bfloat16 q) where a GPU runs it.
 
 Semantics: the cache is read as ``dequantize_kv`` reads it, then the same
 math as a bf16 cache; the error bound against a float64 oracle on the
-dequantized cache is the bf16 path's.
+dequantized cache is the bf16 path's. The kernel dequantizes each block to
+bfloat16 exactly (power-of-two scales), so on the GPU it equals the kernel
+on the dequantized bf16 cache bit for bit.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import pytest
 import jax_thundermla as tmla
 from jax_thundermla import api
 
-from conftest import assert_decode_close, numpy_mla_decode
+from conftest import assert_decode_close, numpy_mla_decode, requires_gpu
 
 B, H_Q, D_V, D_QK, PAGE, PAGES, MAX_PAGES = 4, 4, 512, 576, 16, 12, 3
 SCALE = 0.07
@@ -140,41 +143,87 @@ def test_non_finite_scales_give_nan_rows_of_the_sequences_that_see_them():
 
 def test_backend_choice():
   q, cache, table, lens = fp8_inputs(4)
-  ref = decode(q, cache, table, lens, backend="reference")
-  auto = decode(q, cache, table, lens)
-  np.testing.assert_array_equal(np.asarray(ref[0], np.float32),
-                                np.asarray(auto[0], np.float32))
-  with pytest.raises(ValueError, match="FP8.*backend='reference'"):
-    decode(q, cache, table, lens, backend="cuda")
+  ref_out, ref_lse = decode(q, cache, table, lens, backend="reference")
+  out, lse = decode(q, cache, table, lens)  # the kernel where a GPU runs it
+  want_out, want_lse = oracle(q, cache, table, lens, causal=True)
+  for o, l in ((ref_out, ref_lse), (out, lse)):
+    assert_decode_close(o, l, want_out, want_lse)
+  with pytest.raises(ValueError,
+                     match="FP8.*bfloat16.*float16.*backend='reference'"):
+    decode(q.astype(jnp.float16), cache, table, lens, backend="cuda")
 
 
-def test_backend_none_runs_the_reference_even_where_the_kernel_runs(
-    monkeypatch):
+@pytest.mark.parametrize("q_dtype,impl", [(jnp.bfloat16, "kernel"),
+                                          (jnp.float16, "reference")])
+def test_backend_none_runs_the_kernel_for_bfloat16_q(monkeypatch, q_dtype,
+                                                      impl):
   monkeypatch.setattr(api._ffi, "gpu_available", lambda: True)
   monkeypatch.setattr(api._ffi, "kernel_available", lambda: True)
   monkeypatch.setattr(api._ffi, "warn_about_install", lambda: None)
-  q, cache, table, lens = fp8_inputs(4)
+  q, cache, table, lens = fp8_inputs(4, q_dtype=q_dtype)
   shapes = api._validation.validate(q, cache, table, lens, head_dim_v=D_V,
                                     softmax_scale=SCALE, causal=True)
   assert shapes.fp8_cache
-  assert api._resolve_backend(None, shapes) == "reference"
-  bf16 = api._validation.validate(q, tmla.dequantize_kv(cache), table, lens,
-                                  head_dim_v=D_V, softmax_scale=SCALE,
-                                  causal=True)
-  assert api._resolve_backend(None, bf16) == "kernel"
+  assert api._resolve_backend(None, shapes) == impl
 
 
-def test_cuda_lowering_runs_the_reference():
-  """jax.export for cpu and cuda: no kernel call in an FP8 program."""
-  args = fp8_inputs(5)
+@pytest.mark.parametrize("q_dtype,kernel", [(jnp.bfloat16, True),
+                                            (jnp.float16, False)])
+def test_cuda_lowering(q_dtype, kernel):
+  """jax.export for cpu and cuda: the kernel in the cuda lowering of a
+  bfloat16 program, the reference in a float16 one; the cpu lowering runs
+  here."""
+  args = fp8_inputs(5, q_dtype=q_dtype)
   exported = jax.export.export(
       jax.jit(decode), platforms=("cpu", "cuda"),
       disabled_checks=tmla.export_safety_checks())(*args)
-  assert "tmla_mla_decode" not in exported.mlir_module()
+  assert ("tmla_mla_decode" in exported.mlir_module()) == kernel
+  if jax.default_backend() != "cpu":
+    return
   out, lse = jax.export.deserialize(exported.serialize()).call(*args)
   want_out, want_lse = decode(*args)
   np.testing.assert_array_equal(np.asarray(out, np.float32),
                                 np.asarray(want_out, np.float32))
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("s_q,h_q,h_kv,page,causal", [
+    (1, 16, 1, 64, False),
+    pytest.param(2, 16, 1, 16, True, marks=pytest.mark.quick),
+    (4, 32, 2, 48, True), (1, 128, 1, 256, True)])
+def test_kernel_equals_the_bf16_kernel_on_the_dequantized_cache(
+    s_q, h_q, h_kv, page, causal):
+  """Same plans (the device plan and a host plan with splits and merges),
+  same bf16 values in the stages: the same bits out."""
+  rng = np.random.default_rng(s_q * 1000 + h_q + page)
+  lens = np.array([1, 0, 3 * page + 5, 700, 64, 2000, 130], np.int32)
+  b, max_pages = len(lens), -(-int(lens.max()) // page) + 1
+  pages = b * max_pages + 3
+  q = jnp.asarray(rng.standard_normal((b, s_q, h_q, D_QK)), jnp.bfloat16)
+  kv = rng.standard_normal((pages, page, h_kv, D_QK)) * rng.choice(
+      [0.01, 1.0, 30.0], (pages, page, h_kv, 1))
+  cache = np.array(tmla.quantize_kv(jnp.asarray(kv, jnp.bfloat16)))
+  cache[-1] = POISON  # a page no table holds
+  table = rng.permutation(pages - 1)[:b * max_pages].reshape(b, max_pages)
+  table = jnp.asarray(table, jnp.int32)
+  cache = jnp.asarray(cache)
+  deq = tmla.dequantize_kv(cache, jnp.bfloat16)
+  host_plan = tmla.plan_decode(lens, s_q=s_q, h_q=h_q, h_kv=h_kv,
+                               page_size=page, num_sms=24)
+  for plan in (None, host_plan):
+    fn = jax.jit(lambda q, c, t, l, plan=plan: decode(
+        q, c, t, l, causal=causal, plan=plan, backend="cuda"))
+    out, lse = fn(q, cache, table, jnp.asarray(lens))
+    want_out, want_lse = fn(q, deq, table, jnp.asarray(lens))
+    np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                  np.asarray(want_out, np.float32))
+    np.testing.assert_array_equal(np.asarray(lse), np.asarray(want_lse))
+  want = numpy_mla_decode(
+      np.asarray(q, np.float64), np.asarray(deq, np.float64),
+      np.asarray(table), lens, head_dim_v=D_V, softmax_scale=SCALE,
+      causal=causal)
+  assert_decode_close(out, lse, *want)
 
 
 def test_vmap_and_host_plan():

@@ -71,21 +71,28 @@ ffi::Error Decode(cudaStream_t stream, int32_t device, float softmax_scale,
       seqlens.dimensions().size() != 1 ||
       plan_seqlens.dimensions().size() != 1 || id.size() != 3) {
     return Invalid("expected q [b, s_q, h_q, 576], kv_cache [pages, "
-                   "page_size, h_kv, 576], block_table [b, max_pages], "
-                   "seqlens [b], plan_seqlens [b], instructions [ctas, n, "
-                   "16]");
+                   "page_size, h_kv, 576] (or uint8 [pages, page_size, h_kv, "
+                   "656], FP8), block_table [b, max_pages], seqlens [b], "
+                   "plan_seqlens [b], instructions [ctas, n, 16]");
   }
   const int64_t batch = qd[0], s_q = qd[1], h_q = qd[2];
   const int64_t num_pages = kd[0], page_size = kd[1], h_kv = kd[2];
-  if (q.element_type() != kv_cache.element_type() ||
-      out->element_type() != q.element_type() ||
+  const bool kv_fp8 = kv_cache.element_type() == ffi::DataType::U8;
+  if (kv_fp8 ? q.element_type() != ffi::DataType::BF16
+             : q.element_type() != kv_cache.element_type()) {
+    return Invalid(kv_fp8 ? "an FP8 (uint8) kv_cache needs q of dtype bf16"
+                          : "q and kv_cache must share dtype bf16 or f16");
+  }
+  if (out->element_type() != q.element_type() ||
       (q.element_type() != ffi::DataType::BF16 &&
        q.element_type() != ffi::DataType::F16)) {
-    return Invalid("q, kv_cache and out must share dtype bf16 or f16");
+    return Invalid("q and out must share dtype bf16 or f16");
   }
-  if (qd[3] != config::kHeadDimQK || kd[3] != config::kHeadDimQK) {
-    return Invalid("head dims must be 576, got q " + Dims(qd) +
-                   " kv_cache " + Dims(kd));
+  const int64_t entry = kv_fp8 ? isa::kFp8EntryBytes : config::kHeadDimQK;
+  if (qd[3] != config::kHeadDimQK || kd[3] != entry) {
+    return Invalid("head dims must be 576 (an FP8 cache's entries " +
+                   std::to_string(isa::kFp8EntryBytes) + " bytes), got q " +
+                   Dims(qd) + " kv_cache " + Dims(kd));
   }
   if (h_kv < 1 || h_q % h_kv != 0 || page_size % isa::kPageSizeMultiple ||
       page_size < isa::kPageSizeMultiple ||
@@ -149,7 +156,8 @@ ffi::Error Decode(cudaStream_t stream, int32_t device, float softmax_scale,
   p.causal = causal;
   p.timings = timings;
   p.scale_log2 = softmax_scale * 1.4426950408889634f;
-  launch.kv_cache = kv_cache.untyped_data();
+  p.kv = kv_cache.untyped_data();
+  launch.kv_fp8 = kv_fp8;
   launch.dtype = q.element_type() == ffi::DataType::BF16
                      ? tmla::ElementType::kBFloat16
                      : tmla::ElementType::kFloat16;
@@ -199,7 +207,7 @@ auto BindDecode() {
       .Attr<int32_t>("num_slots")
       .Attr<int32_t>("num_counters")
       .Arg<ffi::AnyBuffer>()           // q: [b, s_q, h_q, 576]
-      .Arg<ffi::AnyBuffer>()           // kv_cache: [pages, ps, h_kv, 576]
+      .Arg<ffi::AnyBuffer>()           // kv_cache: [pages, ps, h_kv, 576|656]
       .Arg<ffi::Buffer<ffi::S32>>()    // block_table: [b, max_pages]
       .Arg<ffi::Buffer<ffi::S32>>()    // seqlens: [b]
       .Arg<ffi::Buffer<ffi::S32>>()    // plan_seqlens: [b], planned lengths

@@ -1,6 +1,8 @@
 // Stand-alone test of the MLA decode megakernel, no JAX: random paged
 // inputs (NaN in every unused slot and page, permuted tables, bad page ids
-// in the padding), a simple split plan built here, a float64 CPU reference.
+// in the padding), a simple split plan built here, a float64 CPU reference;
+// the FP8 cases quantize the cache here (isa.h's 656-byte entries, 0xFF in
+// every unused slot and page) and check against the dequantized values.
 // Small enough to run under compute-sanitizer. Exit status 0 = all passed.
 //
 //   nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
@@ -17,6 +19,7 @@
 #include <vector>
 
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include "config.h"
@@ -48,7 +51,39 @@ struct Case {
   int num_ctas;
   int reduce_rows;   // rows of one REDUCE of a split tile (its merge is
                      // spread over several REDUCEs by rows)
+  bool fp8 = false;  // an FP8 cache
 };
+
+// One token's FP8 entry from its 576 values (FlashMLA's quantizer: per
+// 128-value group the smallest power-of-two scale >= amax / 448, at least
+// 2^-13); the values become what the entry dequantizes to. Non-finite
+// values (unused slots) leave the entry all 0xFF (NaN values and scales).
+void QuantizeEntry(float* v, uint8_t* entry) {
+  for (int d = 0; d < kHeadDimQK; ++d) {
+    if (!std::isfinite(v[d])) return;
+  }
+  for (int g = 0; g < isa::kFp8NumScales; ++g) {
+    float* x = v + g * isa::kFp8ScaleGroup;
+    float amax = 0.f;
+    for (int k = 0; k < isa::kFp8ScaleGroup; ++k) {
+      amax = std::max(amax, std::fabs(x[k]));
+    }
+    const float scale = std::ldexp(
+        1.f, static_cast<int>(std::ceil(std::log2(std::max(amax / 448.f,
+                                                           0x1p-13f)))));
+    for (int k = 0; k < isa::kFp8ScaleGroup; ++k) {
+      const __nv_fp8_e4m3 e(x[k] / scale);
+      entry[g * isa::kFp8ScaleGroup + k] = e.__x;
+      x[k] = static_cast<float>(e) * scale;
+    }
+    std::memcpy(entry + isa::kFp8ScalesOffset + 4 * g, &scale, 4);
+  }
+  for (int d = 0; d < tmla::config::kRopeDim; ++d) {
+    const __nv_bfloat16 r = __float2bfloat16(v[kHeadDimV + d]);
+    std::memcpy(entry + isa::kFp8RopeOffset + 2 * d, &r, 2);
+    v[kHeadDimV + d] = __bfloat162float(r);
+  }
+}
 
 struct Plan {
   std::vector<int32_t> words;  // [num_ctas, max_instructions, 16]
@@ -181,6 +216,13 @@ bool RunCase(const Case& c, std::mt19937& rng) {
     kv16[i] = __float2bfloat16(kv[i]);
     kv[i] = __bfloat162float(kv16[i]);
   }
+  std::vector<uint8_t> kv8;
+  if (c.fp8) {
+    kv8.assign(kv.size() / kHeadDimQK * isa::kFp8EntryBytes, 0xFF);
+    for (size_t t = 0; t < kv.size() / kHeadDimQK; ++t) {
+      QuantizeEntry(&kv[t * kHeadDimQK], &kv8[t * isa::kFp8EntryBytes]);
+    }
+  }
   const Plan plan = BuildPlan(c);
   const size_t out_elems = static_cast<size_t>(batch) * c.s_q * c.h_q * kHeadDimV;
   const size_t lse_elems = static_cast<size_t>(batch) * c.h_q * c.s_q;
@@ -189,7 +231,8 @@ bool RunCase(const Case& c, std::mt19937& rng) {
 
   tmla::MlaDecodeLaunch l{};
   auto* d_q = ToDevice(q16);
-  auto* d_kv = ToDevice(kv16);
+  void* d_kv = c.fp8 ? static_cast<void*>(ToDevice(kv8))
+                     : static_cast<void*>(ToDevice(kv16));
   auto* d_table = ToDevice(table);
   auto* d_lens = ToDevice(std::vector<int32_t>(c.lens.begin(), c.lens.end()));
   auto* d_ins = ToDevice(plan.words);
@@ -226,8 +269,9 @@ bool RunCase(const Case& c, std::mt19937& rng) {
   p.causal = c.causal;
   const float scale = 1.0f / std::sqrt(static_cast<float>(kHeadDimQK));
   p.scale_log2 = scale * 1.4426950408889634f;
-  l.kv_cache = d_kv;
+  p.kv = d_kv;
   l.dtype = tmla::ElementType::kBFloat16;
+  l.kv_fp8 = c.fp8;
   l.num_ctas = c.num_ctas;
   CHECK_CUDA(tmla::LaunchMlaDecode(l, nullptr));
   CHECK_CUDA(cudaDeviceSynchronize());
@@ -283,7 +327,7 @@ bool RunCase(const Case& c, std::mt19937& rng) {
   }
   const double rel = std::sqrt(err2 / std::max(ref2, 1e-30));
   const bool ok = pattern_ok && rel <= 1e-2 && lse_err <= 1e-3;
-  std::printf("case %-10s ctas %3d slots %3d: out rel err %.2e, lse err %.2e, %s\n",
+  std::printf("case %-12s ctas %3d slots %3d: out rel err %.2e, lse err %.2e, %s\n",
               c.name, c.num_ctas, plan.num_slots, rel, lse_err,
               ok ? "ok" : "MISMATCH");
   for (void* ptr : {static_cast<void*>(d_q), static_cast<void*>(d_kv),
@@ -308,6 +352,9 @@ int main(int argc, char** argv) {
       {"spread1", {3000, 40}, 1, 16, 64, false, 128, 24, 1},
       {"spread3", {2500, 333}, 4, 16, 64, true, 192, 16, 3},
       {"spread5", {900, 20}, 1, 128, 48, true, 320, 20, 5},
+      {"fp8_ragged", {70, 0, 1, 300}, 2, 16, 16, true, 1 << 20, 8, 64, true},
+      {"fp8_split", {2000, 65, 129}, 1, 16, 64, false, 256, 16, 64, true},
+      {"fp8_heads128", {900, 20}, 1, 128, 48, true, 320, 20, 5, true},
   };
   int failures = 0, run = 0;
   for (const Case& c : cases) {
