@@ -52,6 +52,7 @@ static_assert((kLaunchRegisters - kProducerRegisters) * kWarpgroupThreads >=
 // Named barriers (0 is __syncthreads).
 constexpr int kBarConsumers = 1;  // both consumer warpgroups
 constexpr int kBarConsumer0 = 2;  // consumer warpgroup c uses 2 + c
+constexpr int kBarConverters = 4;  // an FP8 cache's converter threads
 
 // Shared memory plan (bytes from a 1024-byte aligned base).
 // A column block: 64 columns (128 bytes, one swizzle row) of every row.

@@ -4,12 +4,15 @@
 //
 // Per block, the producer's TMA brings the four 128-value latent groups of
 // every token as four 8 KB boxes of e4m3 bytes (64 tokens x 128 bytes,
-// 128-byte swizzled) into the stage's column blocks 4-7, and the bf16 rope
-// values straight into column block 8, where the consumers read them; the
-// boxes complete on the stage's `raw` mbarrier. The converter (warps 2-3 of
-// the producer warpgroup, one thread per token row) then writes each
-// token's 512 latent values as bf16, value * its group's scale, into column
-// blocks 0-7 (the layout of a bf16 cache's stage) and arrives on `full`.
+// 128-byte swizzled) into the stage's column blocks 4-7, the bf16 rope
+// values straight into column block 8, where the consumers read them, and
+// the tokens' scales (16 bytes each, unswizzled) to the start of column
+// block 3; all complete on the stage's `raw` mbarrier. The converter (warps
+// 2-3 of the producer warpgroup, one thread per token row) reads its
+// token's scales, meets the others at a named barrier (column block 3 is
+// overwritten next), writes each token's 512 latent values as bf16, value *
+// its group's scale, into column blocks 0-7 (the layout of a bf16 cache's
+// stage) and arrives on `full`, each thread for its own writes.
 //
 // In place without a barrier: token row r's e4m3 group g is row r of
 // column block 4 + g, which is part of row r's own bf16 footprint (row r of
@@ -48,12 +51,18 @@ static_assert(isa::kFp8RopeOffset + config::kRopeDim * 2 ==
 constexpr int kLatentColBlocks = config::kHeadDimV / config::kColBlock;  // 8
 constexpr int kStagingColBlock = kLatentColBlocks - kGroups;            // 4
 constexpr int kRopeColBlock = kLatentColBlocks;                         // 8
-// Boxes per chunk of tokens: the latent groups and the rope values.
+// Column block whose first bytes hold the block's scales until converted.
+constexpr int kScaleColBlock = kStagingColBlock - 1;                     // 3
+constexpr int kScaleBytes = kGroups * 4;  // per token
+static_assert(isa::kFp8ScalesOffset == kGroups * isa::kFp8ScaleGroup &&
+                  config::kBlockTokens * kScaleBytes <=
+                      config::kKvColBlockBytes,
+              "a block's scales fit the start of one column block");
+// 128-byte boxes per chunk of tokens: the latent groups and the rope.
 constexpr int kBoxes = kGroups + 1;
 // Converter threads: one per token row of a block, warps 2-3 of the
 // producer warpgroup (warp 0's lane 0 issues the TMA).
 constexpr int kConverterThreads = config::kBlockTokens;
-constexpr int kConverterWarps = kConverterThreads / 32;
 constexpr int kFirstConverterThread =
     config::kWarpgroupThreads - kConverterThreads;
 static_assert(kFirstConverterThread >= 32,
@@ -63,12 +72,14 @@ static_assert(kFirstConverterThread >= 32,
 // boxes (chunks of the block inside the range).
 __device__ __forceinline__ void LoadBlock(const MlaDecodeParams& p,
                                           const CUtensorMap* kv_map,
+                                          const CUtensorMap* scale_map,
                                           const Instruction& in,
                                           const int32_t* row, int loaded,
                                           const Smem& smem, int stage,
                                           uint64_t policy) {
   const int chunk = p.chunk_tokens;
-  const uint32_t bytes = loaded * kBoxes * chunk * config::kSwizzleBytes;
+  const uint32_t bytes =
+      loaded * chunk * (kBoxes * config::kSwizzleBytes + kScaleBytes);
   ptx::MbarArriveExpectTx(&smem.raw[stage], bytes);
   uint8_t* dst_stage = smem.Stage(stage);
   constexpr int kMaxChunks = config::kBlockTokens / config::kMinChunkTokens;
@@ -85,6 +96,10 @@ __device__ __forceinline__ void LoadBlock(const MlaDecodeParams& p,
     ptx::TmaLoad3d(dst + kRopeColBlock * config::kKvColBlockBytes, kv_map,
                    isa::kFp8RopeOffset, in.kv_head, row[c], &smem.raw[stage],
                    policy);
+    ptx::TmaLoad3d(dst_stage + kScaleColBlock * config::kKvColBlockBytes +
+                       c * chunk * kScaleBytes,
+                   scale_map, isa::kFp8ScalesOffset, in.kv_head, row[c],
+                   &smem.raw[stage], policy);
   }
 }
 
@@ -189,25 +204,14 @@ __device__ __forceinline__ void DequantizeRow(uint8_t* stage, int r,
   }
 }
 
-// Scales of token row r of a block whose chunk holding r starts at cache
-// row `chunk_row` (the out-of-range row when its page is invalid: TMA
-// zero-filled it, and zero scales keep it zero). A non-finite scale makes
-// its whole group NaN, as dequantize_kv reads it.
-__device__ __forceinline__ void LoadScales(const MlaDecodeParams& p,
-                                           const Instruction& in,
-                                           int32_t cache_row,
+// Token row r's scales, landed by TMA at the start of column block 3 (zero
+// for a chunk of an invalid page, which TMA zero-filled). A non-finite
+// scale makes its whole group NaN, as dequantize_kv reads it.
+__device__ __forceinline__ void ReadScales(const uint8_t* stage, int r,
                                            float (&scale)[kGroups]) {
-  static_assert(kGroups == 4 && isa::kFp8ScalesOffset % 16 == 0 &&
-                    isa::kFp8EntryBytes % 16 == 0,
-                "a token's scales are one aligned float4");
-  float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-  if (cache_row < p.num_pages * p.page_size) {
-    s = __ldg(reinterpret_cast<const float4*>(
-        static_cast<const uint8_t*>(p.kv) +
-        (static_cast<int64_t>(cache_row) * p.h_kv + in.kv_head) *
-            isa::kFp8EntryBytes +
-        isa::kFp8ScalesOffset));
-  }
+  static_assert(kGroups == 4, "a token's scales are one float4");
+  const float4 s = *reinterpret_cast<const float4*>(
+      stage + kScaleColBlock * config::kKvColBlockBytes + r * kScaleBytes);
   const float v[kGroups] = {s.x, s.y, s.z, s.w};
 #pragma unroll
   for (int g = 0; g < kGroups; ++g) {
@@ -219,47 +223,35 @@ __device__ __forceinline__ void LoadScales(const MlaDecodeParams& p,
 // dequantizes every block it loaded, one token row per thread (`r`).
 __device__ __forceinline__ void RunConverter(const MlaDecodeParams& p,
                                              const Smem& smem, int r) {
-  const int lane = r % 32;
   // Row r lies in the TMA chunk of rows [r_chunk, r_chunk + chunk_tokens)
   // of each block (chunk_tokens divides 64: a power of two).
-  const int r_in_chunk = r & (p.chunk_tokens - 1);
-  const int r_chunk = r - r_in_chunk;
-  const uint32_t page_size = p.page_size;
+  const int r_chunk = r & ~(p.chunk_tokens - 1);
   int block_counter = 0;
   for (int i = 0; i < p.max_instructions; ++i) {
     const Instruction in = Instruction::Fetch(p, blockIdx.x, i);
     if (in.opcode == isa::kOpStop) break;
     if (in.opcode != isa::kOpPartial || !in.Valid(p)) continue;
     const KvRange range = KvRange::Of(in, p, config::kBlockTokens);
-    const int32_t* table =
-        p.block_table + static_cast<int64_t>(in.batch) * p.max_pages;
     for (int b = 0; b < range.num_blocks; ++b, ++block_counter) {
       const int stage = StageOf(block_counter);
       // The chunk was loaded when its first token is inside the range
-      // (BlockRows::Read); tokens are >= 0 here.
-      const uint32_t first = range.first + b * config::kBlockTokens + r_chunk;
-      const bool loaded = static_cast<int>(first) < range.hi;
-      float scale[kGroups];
-      if (loaded) {
-        const int32_t page = __ldg(table + first / page_size);
-        const int32_t cache_row =
-            page >= 0 && page < p.num_pages
-                ? page * p.page_size + static_cast<int>(first % page_size) +
-                      r_in_chunk
-                : p.num_pages * p.page_size;
-        LoadScales(p, in, cache_row, scale);
-      }
+      // (BlockRows::Read).
+      const bool loaded =
+          range.first + b * config::kBlockTokens + r_chunk < range.hi;
       ptx::MbarWait(&smem.raw[stage], PhaseOf(block_counter));
       // Implied by raw (the producer waited for it before its copies), and
       // said here so that the consumers' last writes to the stage are seen
       // ordered before this thread's.
       ptx::MbarWait(&smem.empty[stage], PhaseOf(block_counter) ^ 1);
       uint8_t* kv = smem.Stage(stage);
+      float scale[kGroups];
+      ReadScales(kv, r, scale);
+      // Every row's scales are read before column block 3 is written.
+      ptx::BarSync(config::kBarConverters, kConverterThreads);
       if (loaded) DequantizeRow(kv, r, scale);
       // The consumers' wgmma (async proxy) reads what this thread wrote.
       ptx::FenceProxyAsync();
-      __syncwarp();
-      if (lane == 0) ptx::MbarArrive(&smem.full[stage]);
+      ptx::MbarArrive(&smem.full[stage]);
     }
   }
 }

@@ -88,12 +88,12 @@ __device__ __forceinline__ void RunConsumer(const MlaDecodeParams& p,
 template <typename T, bool kTiming, bool kFp8>
 __global__ void __launch_bounds__(config::kThreads, 1)
     MlaDecodeKernel(const __grid_constant__ MlaDecodeParams p,
-                    const __grid_constant__ CUtensorMap kv_map) {
+                    const __grid_constant__ KvMaps maps) {
   extern __shared__ uint8_t smem_raw[];
   const Smem smem = Smem::Carve(smem_raw);
   if (threadIdx.x == 0) {
     for (int s = 0; s < config::kStages; ++s) {
-      ptx::MbarInit(&smem.full[s], kFp8 ? fp8::kConverterWarps : 1);
+      ptx::MbarInit(&smem.full[s], kFp8 ? fp8::kConverterThreads : 1);
       ptx::MbarInit(&smem.empty[s], config::kNumConsumers);
       ptx::MbarInit(&smem.raw[s], 1);
     }
@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(config::kThreads, 1)
   const int thread_in_wg = threadIdx.x % config::kWarpgroupThreads;
   if (warpgroup == 0) {
     ptx::SetMaxRegistersDec<config::kProducerRegisters>();
-    if (thread_in_wg == 0) RunProducer<kFp8>(p, &kv_map, smem);
+    if (thread_in_wg == 0) RunProducer<kFp8>(p, &maps, smem);
     if constexpr (kFp8) {
       static_assert(std::is_same_v<T, __nv_bfloat16>,
                     "an FP8 cache dequantizes to bf16");

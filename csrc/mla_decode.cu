@@ -59,8 +59,30 @@ cudaError_t EncodeKvMap(const MlaDecodeLaunch& l, CUtensorMap* map) {
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+// An FP8 cache's scales: 16-byte boxes (the entry's 4 float32 scales) x 1
+// head x chunk_tokens tokens, unswizzled.
+cudaError_t EncodeScaleMap(const MlaDecodeLaunch& l, CUtensorMap* map) {
+  auto encode = TensorMapEncoder();
+  if (encode == nullptr) return cudaErrorSymbolNotFound;
+  const MlaDecodeParams& p = l.params;
+  const uint64_t entry = isa::kFp8EntryBytes;
+  const cuuint64_t dims[3] = {
+      static_cast<cuuint64_t>(entry), static_cast<cuuint64_t>(p.h_kv),
+      static_cast<cuuint64_t>(p.num_pages) * p.page_size};
+  const cuuint64_t strides[2] = {entry, entry * p.h_kv};
+  const cuuint32_t box[3] = {isa::kFp8NumScales * 4, 1,
+                             static_cast<cuuint32_t>(p.chunk_tokens)};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  const CUresult r = encode(
+      map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<void*>(p.kv), dims,
+      strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
 template <typename T, bool kTiming, bool kFp8 = false>
-cudaError_t Launch(const MlaDecodeLaunch& l, const CUtensorMap& map,
+cudaError_t Launch(const MlaDecodeLaunch& l, const KvMaps& maps,
                    cudaStream_t stream) {
   auto kernel = MlaDecodeKernel<T, kTiming, kFp8>;
   cudaError_t status = cudaFuncSetAttribute(
@@ -68,7 +90,7 @@ cudaError_t Launch(const MlaDecodeLaunch& l, const CUtensorMap& map,
       config::kSmemBytes);
   if (status != cudaSuccess) return status;
   kernel<<<l.num_ctas, config::kThreads, config::kSmemBytes, stream>>>(
-      l.params, map);
+      l.params, maps);
   return cudaGetLastError();
 }
 
@@ -78,9 +100,14 @@ cudaError_t LaunchMlaDecode(const MlaDecodeLaunch& l, cudaStream_t stream) {
   MlaDecodeLaunch launch = l;
   launch.params.chunk_tokens =
       std::gcd(launch.params.page_size, config::kBlockTokens);
-  CUtensorMap map;
-  cudaError_t status = EncodeKvMap(launch, &map);
+  KvMaps maps;
+  cudaError_t status = EncodeKvMap(launch, &maps.kv);
   if (status != cudaSuccess) return status;
+  maps.scales = maps.kv;
+  if (launch.kv_fp8) {
+    status = EncodeScaleMap(launch, &maps.scales);
+    if (status != cudaSuccess) return status;
+  }
   if (launch.params.num_counters > 0) {
     status = cudaMemsetAsync(launch.params.counters, 0,
                              sizeof(int32_t) * launch.params.num_counters,
@@ -92,15 +119,15 @@ cudaError_t LaunchMlaDecode(const MlaDecodeLaunch& l, cudaStream_t stream) {
   if (launch.kv_fp8) {
     if (!bf16) return cudaErrorInvalidValue;
     return launch.params.timings != nullptr
-               ? Launch<__nv_bfloat16, true, true>(launch, map, stream)
-               : Launch<__nv_bfloat16, false, true>(launch, map, stream);
+               ? Launch<__nv_bfloat16, true, true>(launch, maps, stream)
+               : Launch<__nv_bfloat16, false, true>(launch, maps, stream);
   }
   if (launch.params.timings != nullptr) {
-    return bf16 ? Launch<__nv_bfloat16, true>(launch, map, stream)
-                : Launch<__half, true>(launch, map, stream);
+    return bf16 ? Launch<__nv_bfloat16, true>(launch, maps, stream)
+                : Launch<__half, true>(launch, maps, stream);
   }
-  return bf16 ? Launch<__nv_bfloat16, false>(launch, map, stream)
-              : Launch<__half, false>(launch, map, stream);
+  return bf16 ? Launch<__nv_bfloat16, false>(launch, maps, stream)
+              : Launch<__half, false>(launch, maps, stream);
 }
 
 }  // namespace tmla

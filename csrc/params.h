@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include <cuda.h>
+
 namespace tmla {
 
 struct MlaDecodeParams {
@@ -34,6 +36,13 @@ struct MlaDecodeParams {
   int32_t chunk_tokens;  // TMA box height: gcd(page_size, 64)
   int32_t causal;
   float scale_log2;  // softmax_scale * log2(e)
+};
+
+// The kernel's tensor maps: the cache's boxes and, for an FP8 cache, its
+// scales (16 bytes of each entry; a copy of `kv` otherwise).
+struct KvMaps {
+  CUtensorMap kv;
+  CUtensorMap scales;
 };
 
 }  // namespace tmla

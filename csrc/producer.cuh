@@ -85,9 +85,11 @@ __device__ __forceinline__ uint64_t KvPolicy(const MlaDecodeParams& p) {
 // barrier and the converter completes `full`.
 template <bool kFp8>
 __device__ __forceinline__ void RunProducer(const MlaDecodeParams& p,
-                                            const CUtensorMap* kv_map,
+                                            const KvMaps* maps,
                                             const Smem& smem) {
+  const CUtensorMap* kv_map = &maps->kv;
   ptx::PrefetchTensorMap(kv_map);
+  if constexpr (kFp8) ptx::PrefetchTensorMap(&maps->scales);
   const uint64_t policy = KvPolicy(p);
   int block_counter = 0;
   Instruction in = Instruction::Fetch(p, blockIdx.x, 0);
@@ -103,8 +105,8 @@ __device__ __forceinline__ void RunProducer(const MlaDecodeParams& p,
         // The first pass over a stage finds it free (parity trick).
         ptx::MbarWait(&smem.empty[stage], PhaseOf(block_counter) ^ 1);
         if constexpr (kFp8) {
-          fp8::LoadBlock(p, kv_map, in, rows.row, rows.loaded, smem, stage,
-                         policy);
+          fp8::LoadBlock(p, kv_map, &maps->scales, in, rows.row, rows.loaded,
+                         smem, stage, policy);
         } else {
           LoadBlock(p, kv_map, in, rows, smem, stage, policy);
         }
