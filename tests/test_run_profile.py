@@ -54,3 +54,19 @@ def test_cost_model_flag_rejects_bad_fields_before_timing(value, message):
   assert run.returncode != 0
   assert "--cost_model: " in run.stderr and message in run.stderr, (
       run.stderr[-2000:])
+
+
+
+def test_fp8_dtype_runs_over_an_fp8_cache():
+  """--dtype=fp8: bfloat16 q over quantize_kv's cache of the same data."""
+  run = _run("--dtype=fp8")
+  assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+  assert any(l.split()[:2] == ["custom", "xla"] for l in run.stdout.splitlines())
+
+
+def test_fp8_bytes_count_the_656_byte_entries():
+  import jax_thundermla.workloads as wl  # pylint: disable=g-import-not-at-top
+  w = wl.Workload(name="x", seqlens=(100, 300), s_q=2, h_q=16)
+  rows = 2 * 2 * 16
+  assert w.bytes_moved == (400 * 576 + rows * (576 + 512)) * 2
+  assert w.bytes_moved_fp8 == 400 * 656 + rows * (576 + 512) * 2
