@@ -12,7 +12,7 @@ namespace tmla {
 
 struct MlaDecodeParams {
   const void* q;                // T [batch, s_q, h_q, 576]
-  const void* kv;               // the K/V cache (its FP8 scales are read here)
+  const void* kv;               // the K/V cache, read through the tensor maps
   const int32_t* block_table;   // [batch, max_pages]
   const int32_t* seqlens;       // [batch]
   const int32_t* plan_seqlens;  // [batch]: lengths the instructions are for

@@ -68,21 +68,24 @@ class Workload:
   def softmax_scale(self) -> float:
     return self.d_qk ** -0.5
 
+  def _bytes_moved(self, kv_entry_bytes: int) -> int:
+    """KV read once (``kv_entry_bytes`` per token and KV head), 16-bit q
+    read and out written."""
+    rows = self.batch * self.s_q * self.h_q
+    kv = sum(self.seqlens) * self.h_kv * kv_entry_bytes
+    return kv + (rows * self.d_qk + rows * self.d_v) * 2
+
   @property
   def bytes_moved(self) -> int:
     """Fewest bytes a decode must move (KV read once, q read, out written)."""
-    rows = self.batch * self.s_q * self.h_q
-    kv = sum(self.seqlens) * self.h_kv * self.d_qk
-    return (kv + rows * self.d_qk + rows * self.d_v) * 2
+    return self._bytes_moved(self.d_qk * 2)
 
   @property
   def bytes_moved_fp8(self) -> int:
     """The same with an FP8 cache (``isa.FP8_ENTRY_BYTES`` per token and KV
     head; q and out stay 16-bit)."""
     from jax_thundermla import isa  # pylint: disable=g-import-not-at-top
-    rows = self.batch * self.s_q * self.h_q
-    kv = sum(self.seqlens) * self.h_kv * isa.FP8_ENTRY_BYTES
-    return kv + (rows * self.d_qk + rows * self.d_v) * 2
+    return self._bytes_moved(isa.FP8_ENTRY_BYTES)
 
   @property
   def flops(self) -> int:
