@@ -18,8 +18,9 @@
 // PARTIAL: attention of one tile over the KV tokens [kv_start, kv_end) of
 //   sequence b (causal masking per row when the kernel runs causal). With
 //   dst_slot == kFinalOutput it writes out/lse directly (the range must then
-//   be the whole sequence); otherwise it writes an fp32 partial into slot
-//   dst_slot of the workspace.
+//   be the whole sequence); otherwise it writes a partial (O / l in the
+//   element type of out, the LSE in fp32) into slot dst_slot of the
+//   workspace.
 // REDUCE: LSE-weighted merge of the num_src partials in slots
 //   [src_slot, src_slot + num_src) into dst_slot (final output or a slot);
 //   1 <= num_src <= kMaxReduceInputs. Its rows may be any run of its
@@ -32,7 +33,9 @@
 // is visible (release), GPU scope. -1 means "none" for both.
 //
 // Workspace: one buffer of 4-byte words, in this order
-//   partial O    fp32 [num_slots, kTileRows, d_v]
+//   partial O    [num_slots, kTileRows, d_v] of the 16-bit element type
+//                of q and out (two per word): a convex combination of V
+//                rows, rounded once as the final output is
 //   partial LSE  fp32 [num_slots, kTileRows], base-2 log units
 //                (log2 of the sum of 2^(score * scale * log2(e)));
 //                -inf for a row that saw no key
@@ -115,9 +118,10 @@ constexpr int32_t kFinalOutput = -1;
 constexpr int32_t kNoCounter = -1;
 
 // Workspace layout (see the top of this file), in 4-byte words from its
-// start, for num_slots slots of head_dim_v columns; partial O starts at 0.
+// start, for num_slots slots of head_dim_v (even) columns; partial O
+// starts at 0.
 constexpr int64_t WorkspacePartialLse(int64_t num_slots, int64_t head_dim_v) {
-  return num_slots * kTileRows * head_dim_v;
+  return num_slots * kTileRows * head_dim_v / 2;
 }
 constexpr int64_t WorkspaceCounters(int64_t num_slots, int64_t head_dim_v) {
   return WorkspacePartialLse(num_slots, head_dim_v) + num_slots * kTileRows;

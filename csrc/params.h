@@ -19,7 +19,7 @@ struct MlaDecodeParams {
   const int32_t* instructions;  // [num_ctas, max_instructions, 16]
   void* out;                    // T [batch, s_q, h_q, 512]
   float* lse;                   // [batch, h_q, s_q], natural log
-  float* partial_o;             // [num_slots, 64, 512]
+  void* partial_o;              // T [num_slots, 64, 512]
   float* partial_lse;           // [num_slots, 64], base 2
   int32_t* counters;            // [num_counters]
   int32_t* timings;             // [num_ctas, max_instructions, 9] or null

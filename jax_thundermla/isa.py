@@ -66,7 +66,8 @@ class WorkspaceLayout:
   """Where each part of the workspace starts, in 4-byte words.
 
   Mirrors ``WorkspacePartialLse``/``WorkspaceCounters``/``WorkspaceWords`` of
-  ``csrc/isa.h`` (partial O starts at word 0).
+  ``csrc/isa.h`` (partial O, two 16-bit elements per word, starts at
+  word 0).
 
   Attributes:
     partial_lse: first word of partial LSE ``[num_slots, TILE_ROWS]``.
@@ -82,7 +83,7 @@ class WorkspaceLayout:
 def workspace_layout(num_slots: int, num_counters: int,
                      head_dim_v: int) -> WorkspaceLayout:
   """The workspace layout for these capacities (see `WorkspaceLayout`)."""
-  partial_lse = num_slots * TILE_ROWS * head_dim_v
+  partial_lse = num_slots * TILE_ROWS * head_dim_v // 2
   counters = partial_lse + num_slots * TILE_ROWS
   return WorkspaceLayout(partial_lse, counters, counters + num_counters)
 

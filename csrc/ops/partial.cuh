@@ -40,12 +40,18 @@ struct Pack2<__nv_bfloat16> {
     const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
     return *reinterpret_cast<const uint32_t*>(&v);
   }
+  static __device__ __forceinline__ float2 Unpack(uint32_t x) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x));
+  }
 };
 template <>
 struct Pack2<__half> {
   static __device__ __forceinline__ uint32_t Of(float a, float b) {
     const __half2 v = __floats2half2_rn(a, b);
     return *reinterpret_cast<const uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ float2 Unpack(uint32_t x) {
+    return __half22float2(*reinterpret_cast<const __half2*>(&x));
   }
 };
 
@@ -259,8 +265,8 @@ __device__ __forceinline__ void QuadTranspose(uint32_t (&a)[4], int quad) {
   }
 }
 
-// Writes this consumer's 64 x 256 slice of O (scaled per row) to the final
-// output (T) or to a partial slot (fp32).
+// Writes this consumer's 64 x 256 slice of O (scaled per row, as T) to the
+// final output or to a partial slot.
 template <typename T>
 __device__ __forceinline__ void StoreO(const MlaDecodeParams& p,
                                        const Instruction& in,
@@ -268,47 +274,37 @@ __device__ __forceinline__ void StoreO(const MlaDecodeParams& p,
                                        const Fragment& f, float scale0,
                                        float scale1, int consumer) {
   const RowMap map{p.h_q / p.h_kv};
-  const int col0 = consumer * config::kColsPerConsumer + f.col;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int r = half ? f.r1 : f.r0;
     const bool live = r < in.num_rows;
     const float scale = half ? scale1 : scale0;
-    if (in.dst_slot == isa::kFinalOutput) {
-      // Every lane shuffles; a quad shares its row, so lives or not as one.
-      const int r_live = live ? r : 0;
-      const int64_t row =
-          (static_cast<int64_t>(in.batch) * p.s_q + map.Token(in, r_live)) *
-              p.h_q + map.Head(in, r_live);
-      // Each group of 4 column chunks of 8 is transposed over the row's 4
-      // lanes, so that a lane stores one whole chunk (16 bytes) and the
-      // quad 64 contiguous bytes: 4-byte stores, 16 bytes per row per
-      // instruction, leave half of each sector to merge in L2.
-      const int quad = f.col / 2;  // lane % 4
-      uint4* dst = reinterpret_cast<uint4*>(
-          static_cast<T*>(p.out) + row * config::kHeadDimV +
-          consumer * config::kColsPerConsumer);
+    // Every lane shuffles; a quad shares its row, so lives or not as one.
+    const int r_live = live ? r : 0;
+    const int64_t row =
+        in.dst_slot == isa::kFinalOutput
+            ? (static_cast<int64_t>(in.batch) * p.s_q +
+               map.Token(in, r_live)) * p.h_q + map.Head(in, r_live)
+            : static_cast<int64_t>(in.dst_slot) * config::kTileRows + r_live;
+    T* base = static_cast<T*>(in.dst_slot == isa::kFinalOutput ? p.out
+                                                               : p.partial_o);
+    // Each group of 4 column chunks of 8 is transposed over the row's 4
+    // lanes, so that a lane stores one whole chunk (16 bytes) and the quad
+    // 64 contiguous bytes: 4-byte stores, 16 bytes per row per instruction,
+    // leave half of each sector to merge in L2.
+    const int quad = f.col / 2;  // lane % 4
+    uint4* dst = reinterpret_cast<uint4*>(
+        base + row * config::kHeadDimV + consumer * config::kColsPerConsumer);
 #pragma unroll
-      for (int g = 0; g < 8; ++g) {
-        uint32_t a[4];
+    for (int g = 0; g < 8; ++g) {
+      uint32_t a[4];
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const int i = (4 * g + k) * 4 + 2 * half;
-          a[k] = Pack2<T>::Of(o[i] * scale, o[i + 1] * scale);
-        }
-        QuadTranspose(a, quad);
-        if (live) dst[4 * g + quad] = make_uint4(a[0], a[1], a[2], a[3]);
+      for (int k = 0; k < 4; ++k) {
+        const int i = (4 * g + k) * 4 + 2 * half;
+        a[k] = Pack2<T>::Of(o[i] * scale, o[i + 1] * scale);
       }
-    } else if (live) {
-      float2* dst = reinterpret_cast<float2*>(
-          p.partial_o +
-          (static_cast<int64_t>(in.dst_slot) * config::kTileRows + r) *
-              config::kHeadDimV + col0);
-#pragma unroll
-      for (int i = 0; i < 128; i += 4) {
-        dst[(i / 4) * 4] = make_float2(o[i + 2 * half] * scale,
-                                       o[i + 2 * half + 1] * scale);
-      }
+      QuadTranspose(a, quad);
+      if (live) dst[4 * g + quad] = make_uint4(a[0], a[1], a[2], a[3]);
     }
   }
 }

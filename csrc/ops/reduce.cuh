@@ -1,6 +1,7 @@
-// REDUCE: the LSE-weighted merge of partials (fp32 slots, base-2 LSE) into
-// the final output or another slot, by both consumers (256 threads). Each
-// thread owns one float4 column and keeps 16 loads in flight per batch,
+// REDUCE: the LSE-weighted merge of partials (slots of T, base-2 LSE) into
+// the final output or another slot, by both consumers (256 threads), in
+// fp32. Each thread owns a column of 4 elements and keeps 16 loads in
+// flight per batch,
 // issuing a batch's loads before its arithmetic. A REDUCE of up to 4 rows
 // splits its inputs between the consumers (consumer c merges inputs i with
 // i % 2 == c, then hands its merge to consumer 0 through shared memory, the
@@ -26,23 +27,16 @@ template <typename T>
 __device__ __forceinline__ void StoreReduced(const MlaDecodeParams& p,
                                              const Instruction& in, int r,
                                              int col, float4 v) {
-  if (in.dst_slot == isa::kFinalOutput) {
-    const RowMap map{p.h_q / p.h_kv};
-    const int64_t row =
-        (static_cast<int64_t>(in.batch) * p.s_q + map.Token(in, r)) * p.h_q +
-        map.Head(in, r);
-    uint2 packed;
-    packed.x = Pack2<T>::Of(v.x, v.y);
-    packed.y = Pack2<T>::Of(v.z, v.w);
-    *reinterpret_cast<uint2*>(static_cast<T*>(p.out) +
-                              row * config::kHeadDimV + col) = packed;
-  } else {
-    *reinterpret_cast<float4*>(
-        p.partial_o + (static_cast<int64_t>(in.dst_slot) * config::kTileRows +
-                       in.slot_row + r) *
-                          config::kHeadDimV +
-        col) = v;
-  }
+  const RowMap map{p.h_q / p.h_kv};
+  const bool final = in.dst_slot == isa::kFinalOutput;
+  const int64_t row =
+      final ? (static_cast<int64_t>(in.batch) * p.s_q + map.Token(in, r)) *
+                      p.h_q + map.Head(in, r)
+            : static_cast<int64_t>(in.dst_slot) * config::kTileRows +
+                  in.slot_row + r;
+  T* base = static_cast<T*>(final ? p.out : p.partial_o);
+  *reinterpret_cast<uint2*>(base + row * config::kHeadDimV + col) =
+      make_uint2(Pack2<T>::Of(v.x, v.y), Pack2<T>::Of(v.z, v.w));
 }
 
 // Running LSE-weighted merge of one row's float4 column, base 2. Branch
@@ -114,17 +108,19 @@ struct MergeHandoff {
 constexpr int64_t kSlotStride =
     static_cast<int64_t>(config::kTileRows) * config::kHeadDimV;
 
-// Where a REDUCE reads: this thread's float4 column of its first source
-// slot's row slot_row, and that slot's LSE of the same row.
+// Where a REDUCE reads: this thread's column of 4 elements of its first
+// source slot's row slot_row, and that slot's LSE of the same row.
+template <typename T>
 struct ReduceSources {
-  const float* o;
+  const T* o;
   const float* lse;
 
   static __device__ __forceinline__ ReduceSources Of(const MlaDecodeParams& p,
                                                      const Instruction& in,
                                                      int col) {
     return ReduceSources{
-        p.partial_o + static_cast<int64_t>(in.src_slot()) * kSlotStride +
+        static_cast<const T*>(p.partial_o) +
+            static_cast<int64_t>(in.src_slot()) * kSlotStride +
             static_cast<int64_t>(in.slot_row) * config::kHeadDimV + col,
         p.partial_lse +
             static_cast<int64_t>(in.src_slot()) * config::kTileRows +
@@ -135,13 +131,13 @@ struct ReduceSources {
 // Adds inputs i0, i0 + stride, ... (kInputsAtOnce of them, those below
 // num_src) of rows r0 .. r0 + kRowsAtOnce (those below num_rows) to
 // `merge`: all the batch's loads are issued before its arithmetic.
-template <int kRowsAtOnce, int kInputsAtOnce>
-__device__ __forceinline__ void MergeBatch(const ReduceSources& src,
+template <typename T, int kRowsAtOnce, int kInputsAtOnce>
+__device__ __forceinline__ void MergeBatch(const ReduceSources<T>& src,
                                            int num_rows, int num_src, int r0,
                                            int i0, int stride,
                                            Merge (&merge)[kRowsAtOnce]) {
   float lse[kInputsAtOnce][kRowsAtOnce];
-  float4 v[kInputsAtOnce][kRowsAtOnce];
+  uint2 v[kInputsAtOnce][kRowsAtOnce];
 #pragma unroll
   for (int j = 0; j < kInputsAtOnce; ++j) {
 #pragma unroll
@@ -151,15 +147,19 @@ __device__ __forceinline__ void MergeBatch(const ReduceSources& src,
       const int r = live ? r0 + k : 0;
       lse[j][k] = live ? __ldcg(src.lse + i * config::kTileRows + r)
                        : -INFINITY;
-      v[j][k] = live ? __ldcg(reinterpret_cast<const float4*>(
+      v[j][k] = live ? __ldcg(reinterpret_cast<const uint2*>(
                            src.o + i * kSlotStride + r * config::kHeadDimV))
-                     : make_float4(0.f, 0.f, 0.f, 0.f);
+                     : make_uint2(0u, 0u);
     }
   }
 #pragma unroll
   for (int j = 0; j < kInputsAtOnce; ++j) {
 #pragma unroll
-    for (int k = 0; k < kRowsAtOnce; ++k) merge[k].Add(lse[j][k], v[j][k]);
+    for (int k = 0; k < kRowsAtOnce; ++k) {
+      const float2 lo = Pack2<T>::Unpack(v[j][k].x);
+      const float2 hi = Pack2<T>::Unpack(v[j][k].y);
+      merge[k].Add(lse[j][k], make_float4(lo.x, lo.y, hi.x, hi.y));
+    }
   }
 }
 
@@ -195,11 +195,11 @@ __device__ __forceinline__ void ReduceSplitInputs(const MlaDecodeParams& p,
                 "one float4 column per thread of a consumer");
   const MergeHandoff handoff = MergeHandoff::In(smem);
   const int col = thread_in_wg * 4;
-  const ReduceSources src = ReduceSources::Of(p, in, col);
+  const ReduceSources<T> src = ReduceSources<T>::Of(p, in, col);
   Merge merge[kRowsAtOnce];
   for (int i0 = consumer; i0 < in.num_src();
        i0 += kInputStride * kInputsAtOnce) {
-    MergeBatch<kRowsAtOnce, kInputsAtOnce>(src, in.num_rows, in.num_src(), 0,
+    MergeBatch<T, kRowsAtOnce, kInputsAtOnce>(src, in.num_rows, in.num_src(), 0,
                                            i0, kInputStride, merge);
   }
   // Consumer 0 is done with the query tile's buffer (its cp.async loads
@@ -238,12 +238,12 @@ __device__ __forceinline__ void ReduceSplitRows(const MlaDecodeParams& p,
                                                 int consumer,
                                                 int thread_in_wg) {
   const int col = thread_in_wg * 4;
-  const ReduceSources src = ReduceSources::Of(p, in, col);
+  const ReduceSources<T> src = ReduceSources<T>::Of(p, in, col);
   for (int r0 = consumer * kRowsAtOnce; r0 < in.num_rows;
        r0 += config::kNumConsumers * kRowsAtOnce) {
     Merge merge[kRowsAtOnce];
     for (int i0 = 0; i0 < in.num_src(); i0 += kInputsAtOnce) {
-      MergeBatch<kRowsAtOnce, kInputsAtOnce>(src, in.num_rows, in.num_src(), r0,
+      MergeBatch<T, kRowsAtOnce, kInputsAtOnce>(src, in.num_rows, in.num_src(), r0,
                                              i0, 1, merge);
     }
 #pragma unroll
