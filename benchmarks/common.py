@@ -20,6 +20,21 @@ IMPLS = ("none", "none_scan", "device", "balanced", "static", "makespan",
 SCAN_IMPLS = ("none_scan", "makespan_scan")
 
 
+def random_workloads(batches) -> list[Workload]:
+  """Per batch size two workloads (s_q=4, h_q=16 and s_q=1, h_q=128) of
+  lengths drawn in [0, 8192) but the first, 65536 (the planners' random
+  cases)."""
+  rng = np.random.default_rng(0)
+  out = []
+  for b in batches:
+    lens = rng.integers(0, 8192, b)
+    lens[0] = 65536
+    for s_q, h_q in ((4, 16), (1, 128)):
+      out.append(Workload(f"b{b}_s{s_q}_h{h_q}", tuple(int(n) for n in lens),
+                          s_q=s_q, h_q=h_q))
+  return out
+
+
 def make_step(w: Workload, impl: str, cost_model=None):
   """A jitted decode step over the caches (a list; for SCAN_IMPLS one
   stacked array), and its extra argument. Host plans are priced with

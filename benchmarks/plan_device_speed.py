@@ -27,7 +27,9 @@ from jax_thundermla.plan import device_ffi
 from jax_thundermla.plan import plan_decode
 from jax_thundermla.plan import plan_on_device
 from jax_thundermla.plan.plan import default_num_sms
-from jax_thundermla.workloads import WORKLOADS, Workload
+from jax_thundermla.workloads import WORKLOADS
+
+import common
 
 _WORKLOADS = flags.DEFINE_list("workloads", sorted(WORKLOADS),
                                "Workloads to plan.")
@@ -37,18 +39,6 @@ _BATCHES = flags.DEFINE_list(
     " s_q=1, h_q=128).")
 _CALLS = flags.DEFINE_integer("calls", 50, "Traced plans per cell.")
 _SCHEDULERS = ("compiled", "balanced")
-
-
-def _random_workloads() -> list[Workload]:
-  rng = np.random.default_rng(0)
-  out = []
-  for b in (int(x) for x in _BATCHES.value):
-    lens = rng.integers(0, 8192, b)
-    lens[0] = 65536
-    for s_q, h_q in ((4, 16), (1, 128)):
-      out.append(Workload(f"b{b}_s{s_q}_h{h_q}", tuple(int(n) for n in lens),
-                          s_q=s_q, h_q=h_q))
-  return out
 
 
 def main(argv):
@@ -65,7 +55,9 @@ def main(argv):
   print("| workload | b | items | compiled µs | kernels | balanced µs |"
         " kernels | layout | predicted / host makespan |")
   print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
-  for w in [WORKLOADS[n] for n in _WORKLOADS.value] + _random_workloads():
+  batches = [int(x) for x in _BATCHES.value]
+  for w in ([WORKLOADS[n] for n in _WORKLOADS.value]
+            + common.random_workloads(batches)):
     lens = jnp.asarray(np.asarray(w.seqlens, np.int32))
     max_seqlen = w.max_pages() * w.page_size
     cells = []

@@ -16,6 +16,12 @@
 // others wait at one, fail the plan: on a GPU they hang or are undefined.
 // tests/test_plan_emulated.py builds it as a shared library (a host C++
 // compiler, no CUDA) and calls TmlaPlanEmulated.
+//
+// Built with -fsanitize-coverage=trace-pc it also measures the plan's
+// serial depth (TmlaEmulationDepth; benchmarks/plan_depth.py): the block
+// barriers, and per phase between two barriers the most basic blocks (of
+// the -O0 host code, an instruction proxy) and shuffles of any thread,
+// summed over the phases. Without the flag the counts stay 0.
 #include <execinfo.h>
 #include <ucontext.h>
 
@@ -67,9 +73,35 @@ struct Block {
   std::vector<int> warp_arrived;
   std::vector<const void*> warp_site;
   std::vector<uint64_t> words;
+  // Serial depth: per thread the basic blocks and shuffles of this phase;
+  // the barriers and the phases' maxima summed.
+  std::vector<int64_t> phase_blocks, phase_shuffles;
+  int64_t barriers = 0, depth_blocks = 0, depth_shuffles = 0;
 };
 
 Block* block = nullptr;
+// Whether the planner's code (not the emulation's) is running: its basic
+// blocks count towards the serial depth, in phase_blocks (of the running
+// block: the coverage callback calls no instrumented code).
+bool counting = false;
+int64_t* phase_blocks = nullptr;
+
+// Adds the phase's maxima to the depth and starts the next phase.
+void EndPhase(Block& b) {
+  b.depth_blocks +=
+      *std::max_element(b.phase_blocks.begin(), b.phase_blocks.end());
+  b.depth_shuffles +=
+      *std::max_element(b.phase_shuffles.begin(), b.phase_shuffles.end());
+  std::fill(b.phase_blocks.begin(), b.phase_blocks.end(), 0);
+  std::fill(b.phase_shuffles.begin(), b.phase_shuffles.end(), 0);
+}
+
+// Pauses the depth count while the emulation runs for the planner.
+struct NotCounted {
+  bool was = counting;
+  NotCounted() { counting = false; }
+  ~NotCounted() { counting = was; }
+};
 
 Thread& Current() { return block->thread[block->current]; }
 
@@ -84,7 +116,9 @@ void Fail(const std::string& what) {
 
 void Entry() {
   Block& b = *block;
+  counting = true;
   b.body(b.current);
+  counting = false;
   Current().done = true;
   if (b.arrived > 0) Fail("exits while others wait at a barrier");
   if (b.warp_arrived[b.current / 32] > 0) {
@@ -92,6 +126,9 @@ void Entry() {
   }
   Yield();
 }
+
+// Serial depth of the last Run: barriers, basic blocks, shuffles.
+int64_t last_depth[3] = {0, 0, 0};
 
 // Runs body(tid) for threads threads; *error: the first failure, or "".
 void Run(int threads, Order order, uint32_t seed,
@@ -106,6 +143,9 @@ void Run(int threads, Order order, uint32_t seed,
   b.warp_arrived.assign(threads / 32, 0);
   b.warp_site.assign(threads / 32, nullptr);
   b.words.assign(threads, 0);
+  b.phase_blocks.assign(threads, 0);
+  b.phase_shuffles.assign(threads, 0);
+  phase_blocks = b.phase_blocks.data();
   block = &b;
   for (int t = 0; t < threads; ++t) {
     Thread& x = b.thread[t];
@@ -131,6 +171,10 @@ void Run(int threads, Order order, uint32_t seed,
       swapcontext(&b.scheduler, &b.thread[t].context);
     }
   }
+  EndPhase(b);
+  last_depth[0] = b.barriers;
+  last_depth[1] = b.depth_blocks;
+  last_depth[2] = b.depth_shuffles;
   *error = b.error;
   block = nullptr;
 }
@@ -152,6 +196,8 @@ int BlockBarrier(int predicate, const void* site) {
     b.arrived = 0;
     b.counts[(generation + 1) & 1] = 0;
     ++b.generation;
+    ++b.barriers;
+    EndPhase(b);
   }
   while (b.generation == generation) Yield();
   Yield();
@@ -182,6 +228,7 @@ template <typename T>
 T Exchange(T v, int from, const void* site) {
   static_assert(sizeof(T) <= sizeof(uint64_t));
   Block& b = *block;
+  ++b.phase_shuffles[b.current];
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
   b.words[b.current] = bits;
@@ -218,17 +265,29 @@ inline const void* Path() {
 }
 }  // namespace emu
 
-TMLA_EMU_CALL void __syncthreads() { emu::BlockBarrier(0, emu::Path()); }
+// Counts a basic block of the planner's code (with -fsanitize-coverage).
+extern "C" __attribute__((no_sanitize_coverage)) void
+__sanitizer_cov_trace_pc() {
+  if (emu::counting) ++emu::phase_blocks[emu::block->current];
+}
+
+TMLA_EMU_CALL void __syncthreads() {
+  const emu::NotCounted paused;
+  emu::BlockBarrier(0, emu::Path());
+}
 TMLA_EMU_CALL int __syncthreads_count(int predicate) {
+  const emu::NotCounted paused;
   return emu::BlockBarrier(predicate, emu::Path());
 }
 template <typename T>
 TMLA_EMU_CALL T __shfl_sync(unsigned, T v, int from, int width = 32) {
+  const emu::NotCounted paused;
   return emu::Exchange(v, (emu::Lane() & ~(width - 1)) + (from & (width - 1)),
                        TMLA_EMU_SITE);
 }
 template <typename T>
 TMLA_EMU_CALL T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
+  const emu::NotCounted paused;
   const int lane = emu::Lane();
   const int from = lane ^ mask;
   return emu::Exchange(
@@ -238,6 +297,7 @@ TMLA_EMU_CALL T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
 template <typename T>
 TMLA_EMU_CALL T __shfl_up_sync(unsigned, T v, unsigned delta,
                                int width = 32) {
+  const emu::NotCounted paused;
   const int lane = emu::Lane();
   const int from = lane - static_cast<int>(delta);
   return emu::Exchange(v, from < (lane & ~(width - 1)) ? lane : from,
@@ -268,6 +328,12 @@ std::string last_error;
 
 // The failure of the last TmlaPlanEmulated, or "".
 extern "C" const char* TmlaEmulationError() { return last_error.c_str(); }
+
+// The serial depth of the last TmlaPlanEmulated (see the top of the file):
+// out[0] barriers, out[1] basic blocks, out[2] shuffles.
+extern "C" void TmlaEmulationDepth(int64_t* out) {
+  for (int k = 0; k < 3; ++k) out[k] = emu::last_depth[k];
+}
 
 // Plans as the device planner would: the arguments as planner.h's
 // PlannerParams (prices in ns, input_ns[kInputPrices]); the outputs as
