@@ -133,26 +133,44 @@ TMLA_HD inline int64_t GroupSum(int64_t v, int width) {
 }
 
 // Inclusive sum (or, with is_min, minimum) of x over the lanes up to this
-// one (device); x on the host.
-TMLA_HD inline int64_t LaneScan(int64_t x, bool is_min) {
+// one in aligned groups of `width` lanes (a power of two <= 32; device); x
+// on the host.
+TMLA_HD inline int64_t LaneScan(int64_t x, bool is_min, int width = 32) {
 #if defined(__CUDA_ARCH__)
-  const int lane = threadIdx.x & 31;
+  const int lane = threadIdx.x & (width - 1);
   TMLA_NO_UNROLL
-  for (int off = 1; off < 32; off <<= 1) {
-    const int64_t y = __shfl_up_sync(~0u, x, off);
+  for (int off = 1; off < width; off <<= 1) {
+    const int64_t y = __shfl_up_sync(~0u, x, off, width);
     if (lane >= off) x = is_min ? Min64(x, y) : x + y;
   }
 #else
   (void)is_min;
+  (void)width;
 #endif
   return x;
 }
 
-// x of the warp's last lane (device); x on the host.
-TMLA_HD inline int64_t LastLane(int64_t x) {
+// The sum (or, with is_min, minimum) of x over the lanes of its group of
+// `width` before this one: 0 (kNever) in the group's first lane and on the
+// host.
+TMLA_HD inline int64_t LaneScanExclusive(int64_t x, bool is_min, int width) {
+  const int64_t none = is_min ? kNever : 0;
 #if defined(__CUDA_ARCH__)
-  return __shfl_sync(~0u, x, 31);
+  const int64_t y = __shfl_up_sync(~0u, LaneScan(x, is_min, width), 1, width);
+  return (threadIdx.x & (width - 1)) == 0 ? none : y;
 #else
+  (void)x;
+  (void)width;
+  return none;
+#endif
+}
+
+// x of the last lane of its group of `width` (device); x on the host.
+TMLA_HD inline int64_t LastLane(int64_t x, int width) {
+#if defined(__CUDA_ARCH__)
+  return __shfl_sync(~0u, x, width - 1, width);
+#else
+  (void)width;
   return x;
 #endif
 }
@@ -212,49 +230,49 @@ TMLA_HD inline Reduced Reduce(Ctx& c, int64_t a, int64_t b, bool a_max,
 
 // In-place inclusive prefix sums of `count` (<= 4) arrays a_k[0, n_k) at
 // once, two barriers for all; tmp holds 32 * count words. Each thread scans
-// its Run of each array, the runs' totals are scanned by warp shuffles and
-// every warp scans the warps' totals itself. A thread may have written its
-// runs just before the call; anything else needs a barrier.
+// its Run of each array and the runs' totals by warp shuffles; after the
+// first barrier each warp sums the totals of the warps before it. A thread
+// may have written its runs just before the call; anything else needs a
+// barrier.
 TMLA_SHARED_CODE TMLA_HD inline void ScanArrays(
     int tid, int nt, int count, int64_t* a0, int n0, int64_t* a1, int n1,
     int64_t* a2, int n2, int64_t* a3, int n3, int64_t* tmp) {
   const Ctx c{tid, nt};
+  int64_t* const arrays[4] = {a0, a1, a2, a3};
+  const int sizes[4] = {n0, n1, n2, n3};
 #if defined(__CUDA_ARCH__)
-  const int lane = tid & 31, warp = tid >> 5, warps = nt >> 5;
+  const int lane = tid & 31, warp = tid >> 5;
+  // Per array: the totals of the runs of the warp's lanes before this one.
+  int64_t lanes_before[4];
   TMLA_NO_UNROLL
-  for (int pass = 0; pass < 2; ++pass) {
+  for (int k = 0; k < count; ++k) {
+    int64_t* a = arrays[k];
+    const Run r(c, sizes[k]);
+    int64_t own = 0;
     TMLA_NO_UNROLL
-    for (int k = 0; k < count; ++k) {
-      int64_t* a = k == 0 ? a0 : (k == 1 ? a1 : (k == 2 ? a2 : a3));
-      const Run r(c, k == 0 ? n0 : (k == 1 ? n1 : (k == 2 ? n2 : n3)));
-      int64_t own = 0;
-      if (pass == 0) {
-        TMLA_NO_UNROLL
-        for (int i = r.lo; i < r.hi; ++i) a[i] = (own += a[i]);
-      } else if (r.hi > r.lo) {
-        own = a[r.hi - 1];
-      }
-      const int64_t x = LaneScan(own, false);
-      if (pass == 0) {
-        if (lane == 31) tmp[32 * k + warp] = x;
-        continue;
-      }
-      const int64_t t = LaneScan(lane < warps ? tmp[32 * k + lane] : 0, false);
-      const int64_t carry = __shfl_sync(~0u, t, (warp + 31) & 31);
-      const int64_t before = x - own + (warp ? carry : 0);
-      TMLA_NO_UNROLL
-      for (int i = r.lo; i < r.hi; ++i) a[i] += before;
-    }
-    __syncthreads();
+    for (int i = r.lo; i < r.hi; ++i) a[i] = (own += a[i]);
+    const int64_t x = LaneScan(own, false);
+    lanes_before[k] = x - own;
+    if (lane == 31) tmp[32 * k + warp] = x;
   }
+  __syncthreads();
+  TMLA_NO_UNROLL
+  for (int k = 0; k < count; ++k) {
+    int64_t* a = arrays[k];
+    const Run r(c, sizes[k]);
+    const int64_t before =
+        lanes_before[k] +
+        GroupSum(lane < warp ? tmp[32 * k + lane] : 0, 32);
+    TMLA_NO_UNROLL
+    for (int i = r.lo; i < r.hi; ++i) a[i] += before;
+  }
+  __syncthreads();
 #else
   (void)c;
   (void)tmp;
   for (int k = 0; k < count; ++k) {
-    int64_t* a = k == 0 ? a0 : (k == 1 ? a1 : (k == 2 ? a2 : a3));
-    const int n = k == 0 ? n0 : (k == 1 ? n1 : (k == 2 ? n2 : n3));
     int64_t sum = 0;
-    for (int i = 0; i < n; ++i) a[i] = (sum += a[i]);
+    for (int i = 0; i < sizes[k]; ++i) arrays[k][i] = (sum += arrays[k][i]);
   }
 #endif
 }

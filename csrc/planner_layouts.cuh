@@ -32,26 +32,47 @@ TMLA_HD inline Measure MeasureA(Ctx& c, const Items& it, const Scratch& s) {
   const int n = it.n, S = p.num_sms;
   const int top = static_cast<int>(Max64(1, Min64(S - n + 1, it.max_pages)));
   // best[i * top + k]: the shortest path of item i in at most k + 1 pieces
-  // (prefix minimum of PathA over the piece counts), kLanes piece counts at
-  // a time. lo: the largest of the items' shortest paths. Every entry is at
-  // most the item's cost (k = 0), below 2^31.
+  // (prefix minimum of PathA over the piece counts). A group of `lanes` lanes
+  // fills a row (lanes <= top, and the groups cover the items at once where
+  // they can): each lane a run of `per` piece counts, its prefix minimum,
+  // then the minimum of the lanes before it (a shuffle scan). Every lane of
+  // a warp takes each step, with or without an item. lo: the largest of the
+  // items' shortest paths. Every entry is at most the item's cost (k = 0),
+  // below 2^31.
   int32_t* best = s.best;
   int64_t lo = kLowest;
-  const int lane = c.tid & (kLanes - 1);
+  int lanes = kLanes;
+  while (lanes > 1 && (lanes > top || int64_t{n} * lanes > c.nt)) {
+    lanes >>= 1;
+  }
+  const int lane = c.tid & (lanes - 1), per = (top + lanes - 1) / lanes;
+  const int k0 = MinInt(top, lane * per), k1 = MinInt(top, k0 + per);
+  const int per_warp = kLanes / lanes;  // groups
   TMLA_NO_UNROLL
-  for (int i = c.tid / kLanes; i < n; i += c.nt / kLanes) {
-    int64_t carry = kNever;
-    TMLA_NO_UNROLL
-    for (int base = 0; base < top; base += kLanes) {
-      const int k = base + lane;
-      const int64_t path =
-          k < top ? PathA(p, s.pages[i], it.page_ns(i), it.rows(i), k + 1)
-                  : kNever;
-      const int64_t v = LaneScan(Min64(path, carry), true);
-      if (k < top) best[i * top + k] = static_cast<int32_t>(v);
-      carry = LastLane(v);
+  for (int first = c.tid / kLanes * per_warp; first < n;
+       first += c.nt / kLanes * per_warp) {
+    const int i = first + (c.tid & (kLanes - 1)) / lanes;
+    int64_t own = kNever;
+    if (i < n) {
+      int32_t* row = best + i * top;
+      const int64_t pages = s.pages[i], page_ns = it.page_ns(i);
+      const int rows = it.rows(i);
+      TMLA_NO_UNROLL
+      for (int k = k0; k < k1; ++k) {
+        own = Min64(own, PathA(p, pages, page_ns, rows, k + 1));
+        row[k] = static_cast<int32_t>(own);
+      }
     }
-    lo = Max64(lo, carry);
+    const int64_t before = LaneScanExclusive(own, true, lanes);
+    const int64_t shortest = LastLane(Min64(own, before), lanes);
+    if (i < n) {
+      int32_t* row = best + i * top;
+      TMLA_NO_UNROLL
+      for (int k = k0; k < k1; ++k) {
+        row[k] = static_cast<int32_t>(Min64(row[k], before));
+      }
+      lo = Max64(lo, shortest);
+    }
   }
   lo = Reduce(c, 0, lo, false, s.red).max;
   // Leading entries of item i's row (which does not increase) above t.
