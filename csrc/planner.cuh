@@ -578,17 +578,32 @@ struct Items {
   }
 };
 
+// Stores row w at position pos of list sm unless the list is full.
+TMLA_HD inline void StoreRow(const PlannerParams& p, int64_t sm, int64_t pos,
+                             const int32_t* w) {
+  if (pos >= p.capacity) return;
+  int32_t* dst_row =
+      p.instructions + (sm * p.capacity + pos) * isa::kInstructionWords;
+#if defined(__CUDA_ARCH__)
+  // Rows are 64 bytes, so 16-byte aligned in the 16-byte aligned tensor.
+  static_assert(isa::kInstructionWords % 4 == 0);
+  for (int f = 0; f < isa::kInstructionWords; f += 4) {
+    *reinterpret_cast<int4*>(dst_row + f) =
+        make_int4(w[f], w[f + 1], w[f + 2], w[f + 3]);
+  }
+#else
+  for (int f = 0; f < isa::kInstructionWords; ++f) dst_row[f] = w[f];
+#endif
+}
+
 // Writes one instruction row of item `item` at position pos of list sm:
 // words 5 and 6 are a PARTIAL's KV range or a REDUCE's first slot and
 // inputs; lo is the first row (0 for a PARTIAL) and num the rows.
-TMLA_HD inline void WriteRow(const Items& it, int64_t sm,
-                                              int64_t pos,
+TMLA_HD inline void WriteRow(const Items& it, int64_t sm, int64_t pos,
                              int item, int32_t opcode, int64_t w5, int64_t w6,
                              int64_t lo, int64_t num, int64_t dst,
                              int64_t signal, int64_t wait, int64_t count,
                              int64_t cost) {
-  const PlannerParams& p = it.p;
-  if (pos >= p.capacity) return;
   int32_t w[isa::kInstructionWords] = {};
   w[isa::kFieldOpcode] = opcode;
   w[isa::kFieldBatch] = it.seq(item);
@@ -604,26 +619,15 @@ TMLA_HD inline void WriteRow(const Items& it, int64_t sm,
   w[isa::kFieldWaitCount] = static_cast<int32_t>(count);
   w[isa::kFieldCost] = static_cast<int32_t>(cost);
   w[isa::kFieldSlotRow] = static_cast<int32_t>(lo);
-  if (opcode == isa::kOpStop) {
-    for (int f = 0; f < isa::kInstructionWords; ++f) w[f] = 0;
-  }
-  int32_t* dst_row =
-      p.instructions + (sm * p.capacity + pos) * isa::kInstructionWords;
-#if defined(__CUDA_ARCH__)
-  // Rows are 64 bytes, so 16-byte aligned in the 16-byte aligned tensor.
-  static_assert(isa::kInstructionWords % 4 == 0);
-  for (int f = 0; f < isa::kInstructionWords; f += 4) {
-    *reinterpret_cast<int4*>(dst_row + f) =
-        make_int4(w[f], w[f + 1], w[f + 2], w[f + 3]);
-  }
-#else
-  for (int f = 0; f < isa::kInstructionWords; ++f) dst_row[f] = w[f];
-#endif
+  StoreRow(it.p, sm, pos, w);
 }
 
-// Ends list sm at position pos (an all-zero row) unless it is full.
+// Ends list sm at position pos (an all-zero row: kOpStop) unless it is
+// full.
 TMLA_HD inline void WriteStop(const Items& it, int64_t sm, int64_t pos) {
-  WriteRow(it, sm, pos, 0, isa::kOpStop, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  static_assert(isa::kOpStop == 0);
+  const int32_t zero[isa::kInstructionWords] = {};
+  StoreRow(it.p, sm, pos, zero);
 }
 
 // The PARTIAL of item pages [page0, page1), writing slot dst (or the final
