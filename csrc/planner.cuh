@@ -228,51 +228,62 @@ TMLA_HD inline Reduced Reduce(Ctx& c, int64_t a, int64_t b, bool a_max,
   return ReduceWords(a, b, a_max, buf, c.tid, c.nt);
 }
 
+// Up to four arrays a_k[0, n_k), taken in turn: `a` and `n` are the front
+// one's, and Next() moves the next one to the front. Registers, where an
+// array of pointers indexed by k would live in local memory.
+struct ArrayQueue {
+  int64_t *a, *a1, *a2, *a3;
+  int n, n1, n2, n3;
+  TMLA_HD void Next() {
+    a = a1, a1 = a2, a2 = a3;
+    n = n1, n1 = n2, n2 = n3;
+  }
+};
+
 // In-place inclusive prefix sums of `count` (<= 4) arrays a_k[0, n_k) at
-// once, two barriers for all; tmp holds 32 * count words. Each thread scans
-// its Run of each array and the runs' totals by warp shuffles; after the
-// first barrier each warp sums the totals of the warps before it. A thread
-// may have written its runs just before the call; anything else needs a
-// barrier.
+// once, two barriers for all; tmp holds 32 * count words. Before the first
+// barrier each thread scans its Run of each array, scans the runs' totals
+// by warp shuffles and adds the warp's lanes before it to its run; after
+// it, each warp sums the totals of the warps before it and adds them.
+// Nothing passes from one phase to the next in registers. A thread may have
+// written its runs just before the call; anything else needs a barrier.
 TMLA_SHARED_CODE TMLA_HD inline void ScanArrays(
     int tid, int nt, int count, int64_t* a0, int n0, int64_t* a1, int n1,
     int64_t* a2, int n2, int64_t* a3, int n3, int64_t* tmp) {
   const Ctx c{tid, nt};
-  int64_t* const arrays[4] = {a0, a1, a2, a3};
-  const int sizes[4] = {n0, n1, n2, n3};
+  const ArrayQueue all{a0, a1, a2, a3, n0, n1, n2, n3};
 #if defined(__CUDA_ARCH__)
   const int lane = tid & 31, warp = tid >> 5;
-  // Per array: the totals of the runs of the warp's lanes before this one.
-  int64_t lanes_before[4];
+  ArrayQueue q = all;
   TMLA_NO_UNROLL
-  for (int k = 0; k < count; ++k) {
-    int64_t* a = arrays[k];
-    const Run r(c, sizes[k]);
+  for (int k = 0; k < count; ++k, q.Next()) {
+    const Run r(c, q.n);
     int64_t own = 0;
     TMLA_NO_UNROLL
-    for (int i = r.lo; i < r.hi; ++i) a[i] = (own += a[i]);
+    for (int i = r.lo; i < r.hi; ++i) own += q.a[i];
     const int64_t x = LaneScan(own, false);
-    lanes_before[k] = x - own;
     if (lane == 31) tmp[32 * k + warp] = x;
+    int64_t sum = x - own;  // the runs of the warp's lanes before this one
+    TMLA_NO_UNROLL
+    for (int i = r.lo; i < r.hi; ++i) q.a[i] = (sum += q.a[i]);
   }
   __syncthreads();
+  q = all;
   TMLA_NO_UNROLL
-  for (int k = 0; k < count; ++k) {
-    int64_t* a = arrays[k];
-    const Run r(c, sizes[k]);
-    const int64_t before =
-        lanes_before[k] +
-        GroupSum(lane < warp ? tmp[32 * k + lane] : 0, 32);
+  for (int k = 0; k < count; ++k, q.Next()) {
+    const Run r(c, q.n);
+    const int64_t before = GroupSum(lane < warp ? tmp[32 * k + lane] : 0, 32);
     TMLA_NO_UNROLL
-    for (int i = r.lo; i < r.hi; ++i) a[i] += before;
+    for (int i = r.lo; i < r.hi; ++i) q.a[i] += before;
   }
   __syncthreads();
 #else
   (void)c;
   (void)tmp;
-  for (int k = 0; k < count; ++k) {
+  ArrayQueue q = all;
+  for (int k = 0; k < count; ++k, q.Next()) {
     int64_t sum = 0;
-    for (int i = 0; i < sizes[k]; ++i) arrays[k][i] = (sum += arrays[k][i]);
+    for (int i = 0; i < q.n; ++i) q.a[i] = (sum += q.a[i]);
   }
 #endif
 }
