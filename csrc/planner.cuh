@@ -132,6 +132,17 @@ TMLA_HD inline int64_t GroupSum(int64_t v, int width) {
   return v;
 }
 
+// Minimum of v over the warp's lanes (device); v on the host.
+TMLA_HD inline int64_t WarpMin(int64_t v) {
+#if defined(__CUDA_ARCH__)
+  TMLA_NO_UNROLL
+  for (int off = 16; off > 0; off >>= 1) {
+    v = Min64(v, __shfl_xor_sync(~0u, v, off));
+  }
+#endif
+  return v;
+}
+
 // Inclusive sum (or, with is_min, minimum) of x over the lanes up to this
 // one in aligned groups of `width` lanes (a power of two <= 32; device); x
 // on the host.

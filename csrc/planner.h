@@ -15,7 +15,8 @@
 //      worth of items to the least loaded SMs", the rest poured into the SMs
 //      up to one common level (prefix sums over the SMs' room).
 // A layout is measured only if it could win: B not when A's makespan is at
-// most the mean load (the items' total cost over the SMs) or the plan has
+// most the mean load (the items' total cost over the SMs) or the shortest
+// path B's quota allows an item of the longest sequence, or the plan has
 // one item, C not when the best so far is at most its lower bound (the
 // mean load or the costliest item) or items <= SMs (A is then never
 // worse). Ties go to the earlier layout, so the plan is the one the three

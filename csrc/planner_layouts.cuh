@@ -297,6 +297,59 @@ TMLA_HD inline Measure MeasureB(Ctx& c, const Items& it, const Scratch& s) {
   return m;
 }
 
+// A lower bound of MeasureB's makespan, from one item of the longest
+// sequence, its first tile: P = it.max_pages pages at price u each, r rows.
+// In k pieces the item ends no earlier than
+//   path(1) = its cost, fixed + P u (its SM's load), and for k >= 2
+//   path(k) = fixed + ceil(P / k) u + reduce_fixed + k input_ns[ceil(r / c)]:
+// its longest piece holds at least ceil(P / k) pages and every piece is in
+// the item's ready time (a piece but the first is the first on its SM: it
+// ends at its own cost; the first ends with its SM's load), and of its
+// c = max(1, min(k - 1, r)) REDUCE runs, each placed after the ready time,
+// one has ceil(r / c) rows. So the makespan is at least the least path(k)
+// over the k that B can give the item, which the quota bounds. With
+// fu = max(1, fixed), the item's run of weights starts at some w0 and its
+// pieces after the first start at the boundaries (t + 1) q inside (a, a +
+// L], a = w0 + fu and L = (P - 1) u (a boundary cuts at page ceil(((t + 1)
+// q - a) / u), which must be in (0, P)); q = ceil(W / S) with W the weights'
+// sum, between the items' work (sum of fu + pages price) and that plus n
+// floors (floor = ceil(work / (kAlpha n)), as in MeasureB): q_lo <= q <=
+// q_hi. Such an interval holds at most ceil(L / q) multiples of q, and the
+// pages cut are distinct: k <= min(1 + ceil(L / q_lo), P, S). If u <= q_lo,
+// each of those boundaries cuts: its piece starts at a + (cut) u in
+// [(t + 1) q, (t + 1) q + u), on SM t + 1, where the item's previous piece
+// is on SM t at most (the one of the boundary before it, or the first
+// piece, which starts below (t + 1) q); (a, a + L] holds at least
+// floor(L / q) multiples, so k >= 1 + floor(L / q_hi). Groups of kLanes
+// lanes share the k (every warp computes the bound; no barrier).
+TMLA_HD inline int64_t LowerBoundB(const Ctx& c, const Items& it) {
+  const PlannerParams& p = it.p;
+  const int n = it.n;
+  const bool full = p.num_tiles > 1;
+  const int64_t u = full ? p.page_ns_full : p.page_ns_last;
+  const int64_t r = full ? isa::kTileRows : p.last_tile_rows;
+  const int64_t pages = it.max_pages;
+  const int64_t fu = Max64(1, p.partial_fixed_ns);
+  const int64_t floor = CeilDiv(it.work, int64_t{kAlpha} * n);
+  const int64_t q_lo = CeilDiv(it.work, p.num_sms);
+  const int64_t q_hi = CeilDiv(it.work + n * floor, p.num_sms);
+  const int64_t span = Max64(pages - 1, 0) * u;
+  const int64_t k_hi = Min64(Min64(p.num_sms, Max64(pages, 1)),
+                             1 + CeilDiv(span, q_lo));
+  const int64_t k_lo = u <= q_lo ? 1 + Div64(span, q_hi) : 1;
+  int64_t least = kNever;
+  TMLA_NO_UNROLL
+  for (int64_t k = k_lo + (c.tid & (kLanes - 1)); k <= k_hi; k += kLanes) {
+    int64_t path = p.partial_fixed_ns + CeilDiv(pages, k) * u;
+    if (k > 1) {
+      const int64_t runs = Max64(1, Min64(k - 1, r));
+      path += p.reduce_fixed_ns + k * p.input_ns[CeilDiv(r, runs)];
+    }
+    least = Min64(least, path);
+  }
+  return WarpMin(least);
+}
+
 TMLA_HD inline void EmitB(const Ctx& c, const Items& it, const Scratch& s) {
   const PlannerParams& p = it.p;
   const int n = it.n;
@@ -466,18 +519,14 @@ TMLA_HD inline void EmitC(const Ctx& c, const Items& it, const Scratch& s) {
   }
 }
 
-// The whole planner: clamp the lengths, price the items, measure the
-// layouts that can win, write the best one that fits the capacity and the
-// info words. A layout is measured only if its lower bound (the items'
-// total cost over the SMs; for layout C also the costliest item) is below
-// the best makespan measured before it: ties go to the layout measured
-// first, so the plan is the one the three measures would pick.
-TMLA_HD inline void Plan(Ctx& c, const PlannerParams& p, char* base,
-                         Carry* carry) {
-  Scratch s;
-  Items it(p, s);
-  const int n = it.n, S = p.num_sms;
-  Carve(base, SizesOf(n, S), p.batch, &s);
+// Carves the scratch from base, clamps the lengths (to s.len and
+// p.seqlens) and prices the items: their pages, and it.max_pages,
+// it.max_cost, it.work and it.total.
+TMLA_HD inline void PriceItems(Ctx& c, Items& it, Scratch& s, char* base,
+                               Carry* carry) {
+  const PlannerParams& p = it.p;
+  const int n = it.n;
+  Carve(base, SizesOf(n, p.num_sms), p.batch, &s);
   s.tmp = carry->tmp;
   s.red = carry->red;
   auto clamp = [&](int b) {
@@ -510,6 +559,21 @@ TMLA_HD inline void Plan(Ctx& c, const PlannerParams& p, char* base,
   it.max_cost = p.partial_fixed_ns + r.max * page_ns_most;
   it.work = r.sum;
   it.total = r.sum - n * (fu - p.partial_fixed_ns);
+}
+
+// The whole planner: clamp the lengths, price the items, measure the
+// layouts that can win, write the best one that fits the capacity and the
+// info words. A layout is measured only if its lower bound (the items'
+// total cost over the SMs; for layout B also LowerBoundB, for layout C the
+// costliest item) is below the best makespan measured before it: ties go
+// to the layout measured first, so the plan is the one the three measures
+// would pick.
+TMLA_HD inline void Plan(Ctx& c, const PlannerParams& p, char* base,
+                         Carry* carry) {
+  Scratch s;
+  Items it(p, s);
+  const int n = it.n, S = p.num_sms;
+  PriceItems(c, it, s, base, carry);
   // Any layout's busiest SM has at least the mean load.
   const int64_t mean = CeilDiv(it.total, S);
   Measure best;
@@ -529,7 +593,8 @@ TMLA_HD inline void Plan(Ctx& c, const PlannerParams& p, char* base,
   // input prices rise with the rows.
   const bool b_can_win = !(n == 1 && p.inputs_rise);
   Measure cut;
-  if (pick < 0 || (b_can_win && mean < best.makespan)) {
+  if (pick < 0 || (b_can_win && mean < best.makespan &&
+                   LowerBoundB(c, it) < best.makespan)) {
     cut = MeasureB(c, it, s);
     consider(1, cut);
   }

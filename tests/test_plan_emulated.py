@@ -44,7 +44,7 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
+def library(tmp_path_factory):
   cxx = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
   if cxx is None:
     pytest.skip("no host C++ compiler")
@@ -56,15 +56,22 @@ def emulated(tmp_path_factory):
        f"-I{CSRC}", str(CSRC / "tests" / "planner_emulation.cc"), "-o",
        str(lib)], check=True, capture_output=True)
   dll = ctypes.CDLL(str(lib))
-  fn = dll.TmlaPlanEmulated
   i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
-  fn.argtypes = [ptr, *[i32] * 8, *[i64] * 4, ptr, ptr, ptr, ptr, i32,
-                 ctypes.c_uint32]
-  fn.restype = ctypes.c_int
+  dll.TmlaPlanEmulated.argtypes = [ptr, *[i32] * 8, *[i64] * 4, ptr, ptr,
+                                   ptr, ptr, i32, ctypes.c_uint32]
+  dll.TmlaPlanEmulated.restype = ctypes.c_int
+  dll.TmlaLowerBoundB.argtypes = [ptr, *[i32] * 8, *[i64] * 4, ptr, ptr, ptr,
+                                  ptr, ptr]
+  dll.TmlaLowerBoundB.restype = ctypes.c_int
   dll.TmlaEmulationError.restype = ctypes.c_char_p
+  return dll
 
+
+@pytest.fixture(scope="module")
+def emulated(library):
   def plan(*args):
-    assert fn(*args) == 0, dll.TmlaEmulationError().decode()
+    assert library.TmlaPlanEmulated(*args) == 0, (
+        library.TmlaEmulationError().decode())
 
   return plan
 
@@ -133,3 +140,62 @@ def test_device_code_equals_host_code(emulated, case, order):
   np.testing.assert_array_equal(_live(ins), _live(host[0]))
   np.testing.assert_array_equal(seqlens, host[1])
   np.testing.assert_array_equal(info, host[2])
+
+
+BOUND_CASES = 40
+
+
+def _bound_cases():
+  """Shapes, lengths and prices (each drawn at random: fixed prices from 0,
+  input prices that may fall with the rows) for layout B's bound."""
+  rng = np.random.default_rng(7)
+  out = []
+  while len(out) < BOUND_CASES:
+    b = int(rng.choice([1, 2, 4, 16, 64, 132, 256]))
+    s_q, h_q = int(rng.integers(1, 17)), int(rng.choice([16, 128]))
+    h_kv = int(rng.choice([1, 1, 2]))
+    num_sms = int(rng.choice([4, 33, 132, 132, 256]))
+    page = int(rng.choice([16, 64, 256]))
+    rows = tile_rows(s_q, h_q, h_kv)
+    if b * h_kv * len(rows) > 1024:
+      continue
+    kind = rng.integers(0, 4)
+    if kind == 0:
+      lens = rng.integers(0, 70_000, b)
+    elif kind == 1:  # one huge sequence among short ones
+      lens = rng.integers(0, 2000, b)
+      lens[rng.integers(b)] = int(rng.integers(30_000, 300_000))
+    elif kind == 2:  # short: a page costs more than a quota of work
+      lens = rng.integers(0, 3 * page, b)
+    else:
+      lens = np.exp(rng.uniform(0, 12, b)).astype(np.int64)
+    fixed = [int(rng.choice([0, 1, 700, 2500])) for _ in range(2)]
+    page_ns = [int(rng.integers(1, 400)) for _ in range(2)]
+    input_ns = rng.integers(1, 300, isa.TILE_ROWS + 1)
+    if rng.random() < 0.5:
+      input_ns = np.sort(input_ns)
+    out.append((lens.astype(np.int32), h_kv, rows, num_sms, page, fixed,
+                page_ns, input_ns.astype(np.int64)))
+  return out
+
+
+@pytest.mark.parametrize("case", range(BOUND_CASES))
+def test_layout_b_lower_bound_is_at_most_its_makespan(library, case):
+  """The planner skips layout B when LowerBoundB reaches the best makespan
+  so far: the bound must hold for every input."""
+  lens, h_kv, rows, num_sms, page, fixed, page_ns, input_ns = (
+      _bound_cases()[case])
+  items = len(lens) * h_kv * len(rows)
+  ins = np.zeros((num_sms, 4 + 9 * items // num_sms, isa.INSTRUCTION_WORDS),
+                 np.int32)
+  seqlens = np.zeros(lens.shape, np.int32)
+  info = np.zeros(device_ffi.INFO_WORDS, np.int32)
+  out = np.zeros(2, np.int64)
+  status = library.TmlaLowerBoundB(
+      lens.ctypes.data, len(lens), h_kv, len(rows), rows[-1], num_sms,
+      ins.shape[1], page, 1 << 20, fixed[0], fixed[1], page_ns[0],
+      page_ns[1], input_ns.ctypes.data, ins.ctypes.data, seqlens.ctypes.data,
+      info.ctypes.data, out.ctypes.data)
+  assert status == 0, library.TmlaEmulationError().decode()
+  makespan, bound = out
+  assert bound <= makespan

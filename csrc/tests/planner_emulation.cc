@@ -335,18 +335,16 @@ extern "C" void TmlaEmulationDepth(int64_t* out) {
   for (int k = 0; k < 3; ++k) out[k] = emu::last_depth[k];
 }
 
-// Plans as the device planner would: the arguments as planner.h's
-// PlannerParams (prices in ns, input_ns[kInputPrices]); the outputs as
-// the FFI handler's. `order` (emu::Order) and, for a random order, `seed`
-// order the threads. Returns 0, or 1 if the threads failed
-// (TmlaEmulationError says how); the outputs are then incomplete.
-extern "C" int TmlaPlanEmulated(
+namespace {
+
+// planner.h's PlannerParams of TmlaPlanEmulated's arguments.
+plan::PlannerParams Params(
     const int32_t* lengths, int32_t batch, int32_t h_kv, int32_t num_tiles,
     int32_t last_tile_rows, int32_t num_sms, int32_t capacity,
     int32_t page_size, int32_t max_seqlen, int64_t partial_fixed_ns,
     int64_t reduce_fixed_ns, int64_t page_ns_full, int64_t page_ns_last,
     const int64_t* input_ns, int32_t* instructions, int32_t* seqlens,
-    int32_t* info, int32_t order, uint32_t seed) {
+    int32_t* info) {
   plan::PlannerParams p{};
   p.lengths = lengths;
   p.instructions = instructions;
@@ -366,21 +364,80 @@ extern "C" int TmlaPlanEmulated(
   p.page_ns_last = page_ns_last;
   for (int r = 0; r < plan::kInputPrices; ++r) p.input_ns[r] = input_ns[r];
   plan::SetDerived(&p);
-  const int64_t items = int64_t{batch} * h_kv * num_tiles;
+  return p;
+}
+
+// Runs body(c, scratch) in every thread of the block over fresh scratch;
+// returns 0, or 1 if the threads failed (last_error says how).
+template <typename Body>
+int RunBlock(const plan::PlannerParams& p, int32_t order, uint32_t seed,
+             const Body& body) {
+  const int64_t items = int64_t{p.batch} * p.h_kv * p.num_tiles;
   plan::Scratch sizes;
   // Scratch the planner reads before it writes shows up as garbage.
   std::vector<int64_t> scratch(
-      plan::Carve(nullptr, plan::SizesOf(items, num_sms),
+      plan::Carve(nullptr, plan::SizesOf(items, p.num_sms),
                   static_cast<int>(items), &sizes) / 8 + 1,
       int64_t{0x5a5a5a5a5a5a5a5a});
-  p.scratch = scratch.data();
   plan::Carry carry;
   std::string error;
   emu::Run(plan::kPlannerThreads, static_cast<emu::Order>(order), seed,
            [&](int tid) {
     plan::Ctx c{tid, plan::kPlannerThreads};
-    plan::Plan(c, p, reinterpret_cast<char*>(scratch.data()), &carry);
+    body(c, reinterpret_cast<char*>(scratch.data()), &carry);
   }, &error);
   last_error = error;
   return error.empty() ? 0 : 1;
+}
+
+}  // namespace
+
+// Plans as the device planner would: the arguments as planner.h's
+// PlannerParams (prices in ns, input_ns[kInputPrices]); the outputs as
+// the FFI handler's. `order` (emu::Order) and, for a random order, `seed`
+// order the threads. Returns 0, or 1 if the threads failed
+// (TmlaEmulationError says how); the outputs are then incomplete.
+extern "C" int TmlaPlanEmulated(
+    const int32_t* lengths, int32_t batch, int32_t h_kv, int32_t num_tiles,
+    int32_t last_tile_rows, int32_t num_sms, int32_t capacity,
+    int32_t page_size, int32_t max_seqlen, int64_t partial_fixed_ns,
+    int64_t reduce_fixed_ns, int64_t page_ns_full, int64_t page_ns_last,
+    const int64_t* input_ns, int32_t* instructions, int32_t* seqlens,
+    int32_t* info, int32_t order, uint32_t seed) {
+  const plan::PlannerParams p = Params(
+      lengths, batch, h_kv, num_tiles, last_tile_rows, num_sms, capacity,
+      page_size, max_seqlen, partial_fixed_ns, reduce_fixed_ns, page_ns_full,
+      page_ns_last, input_ns, instructions, seqlens, info);
+  return RunBlock(p, order, seed,
+                  [&](plan::Ctx& c, char* scratch, plan::Carry* carry) {
+    plan::Plan(c, p, scratch, carry);
+  });
+}
+
+// Layout B measured whatever the other layouts' makespans, for the
+// arguments of TmlaPlanEmulated (threads in thread order): out[0] its
+// makespan, out[1] LowerBoundB's bound of it. Returns as TmlaPlanEmulated.
+extern "C" int TmlaLowerBoundB(
+    const int32_t* lengths, int32_t batch, int32_t h_kv, int32_t num_tiles,
+    int32_t last_tile_rows, int32_t num_sms, int32_t capacity,
+    int32_t page_size, int32_t max_seqlen, int64_t partial_fixed_ns,
+    int64_t reduce_fixed_ns, int64_t page_ns_full, int64_t page_ns_last,
+    const int64_t* input_ns, int32_t* instructions, int32_t* seqlens,
+    int32_t* info, int64_t* out) {
+  const plan::PlannerParams p = Params(
+      lengths, batch, h_kv, num_tiles, last_tile_rows, num_sms, capacity,
+      page_size, max_seqlen, partial_fixed_ns, reduce_fixed_ns, page_ns_full,
+      page_ns_last, input_ns, instructions, seqlens, info);
+  return RunBlock(p, emu::kAscending, 0,
+                  [&](plan::Ctx& c, char* scratch, plan::Carry* carry) {
+    plan::Scratch s;
+    plan::Items it(p, s);
+    plan::PriceItems(c, it, s, scratch, carry);
+    const int64_t bound = plan::LowerBoundB(c, it);
+    const int64_t makespan = plan::MeasureB(c, it, s).makespan;
+    if (c.tid == 0) {
+      out[0] = makespan;
+      out[1] = bound;
+    }
+  });
 }
