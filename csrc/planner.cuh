@@ -469,7 +469,6 @@ struct Scratch {
   int32_t* b_ic;      // [S] per run boundary: the item it falls in
   int32_t* b_cut;     // [S] its cut page
   int32_t* b_smb;     // [S] SM of the piece it starts
-  int32_t* b_eff;     // [S] SM its piece counts as on
   int64_t* b_cuts;    // [S] 1 if it cuts, then inclusive scan
   int32_t* p_item;    // [n + S] per piece: item, first page, SM
   int32_t* p_page;    // [n + S]
@@ -540,7 +539,6 @@ TMLA_HD inline int64_t Carve(char* base, const Sizes& z, int batch,
   s->b_ic = take32(S);
   s->b_cut = take32(S);
   s->b_smb = take32(S);
-  s->b_eff = take32(S);
   s->b_cuts = take(S);
   s->p_item = take32(n + S);
   s->p_page = take32(n + S);

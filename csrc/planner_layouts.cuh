@@ -180,11 +180,14 @@ TMLA_HD inline Measure MeasureB(Ctx& c, const Items& it, const Scratch& s) {
     const int64_t w = Own(s.wend, i);
     return Div64(s.wend[i] - w + Min64(fu, w - 1), quota);
   };
-  // Run boundary t: the item it falls in (ic), the page it cuts at, the SM
-  // of the piece it starts (smb) and the SM that piece counts as on (eff).
-  const Run rb(c, S - 1);
-  TMLA_NO_UNROLL
-  for (int t = rb.lo; t < rb.hi; ++t) {
+  // Run boundary t: the item it falls in (ic), the page it cuts at (-1 for
+  // a boundary past every item: it never cuts), the SM of the piece it
+  // starts (smb) and the SM that piece counts as on (eff).
+  struct Boundary {
+    int ic;
+    int32_t cut, smb, eff;
+  };
+  auto place = [&](int t) {
     const int64_t bound = (t + 1) * quota;
     const int at = UpperBound(s.wend, n, bound);
     const int ic = at < n ? at : n - 1;
@@ -194,25 +197,28 @@ TMLA_HD inline Measure MeasureB(Ctx& c, const Items& it, const Scratch& s) {
     const int64_t cut = offset > 0 ? CeilDiv(offset, pu) : 0;
     const int64_t smb = Div64(
         begin + fu + Min64(cut, Max64(s.pages[ic] - 1, 0)) * pu, quota);
-    // A boundary past every item (at == n) never cuts: -1 marks it.
-    s.b_ic[t] = ic;
-    s.b_cut[t] = static_cast<int32_t>(at < n ? cut : -1);
-    s.b_smb[t] = static_cast<int32_t>(smb);
-    s.b_eff[t] = static_cast<int32_t>(cut > 0 ? smb : sm0(ic));
-  }
-  Sync();
+    return Boundary{ic, static_cast<int32_t>(at < n ? cut : -1),
+                    static_cast<int32_t>(smb),
+                    static_cast<int32_t>(cut > 0 ? smb : sm0(ic))};
+  };
   // A boundary cuts if it falls inside an item, strictly between its first
   // and last page, and starts a piece on another SM than the item's
-  // previous boundary (or its first piece).
+  // previous boundary (or its first piece). Each thread places the
+  // boundary before its run itself, so no barrier parts the two steps.
+  const Run rb(c, S - 1);
+  Boundary before{-1, 0, 0, 0};
+  if (rb.lo > 0 && rb.lo < rb.hi) before = place(rb.lo - 1);
   TMLA_NO_UNROLL
   for (int t = rb.lo; t < rb.hi; ++t) {
-    const int ic = s.b_ic[t];
-    const int64_t prev =
-        t > 0 && s.b_ic[t - 1] == ic ? s.b_eff[t - 1] : sm0(ic);
-    const bool valid = s.b_cut[t] > 0 && s.b_cut[t] < s.pages[ic] &&
-                       s.b_smb[t] != prev;
-    if (valid) AtomicAdd(&s.cuts_b[ic], 1);
+    const Boundary b = place(t);
+    s.b_ic[t] = b.ic;
+    s.b_cut[t] = b.cut;
+    s.b_smb[t] = b.smb;
+    const int64_t prev = before.ic == b.ic ? before.eff : sm0(b.ic);
+    const bool valid = b.cut > 0 && b.cut < s.pages[b.ic] && b.smb != prev;
+    if (valid) AtomicAdd(&s.cuts_b[b.ic], 1);
     s.b_cuts[t] = valid;
+    before = b;
   }
   Sync();
   // Pieces and cut items up to each item; cuts up to each boundary.

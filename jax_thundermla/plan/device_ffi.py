@@ -63,7 +63,7 @@ def available() -> bool:
 # - items)`` int32 entries. A test checks the bound against the extension's
 # exact count.
 _SCRATCH_WORDS_PER_ITEM = 16
-_SCRATCH_WORDS_PER_SM = 14
+_SCRATCH_WORDS_PER_SM = 13
 _SCRATCH_FIXED_WORDS = 1
 
 
