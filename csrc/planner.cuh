@@ -476,7 +476,8 @@ struct Scratch {
   int32_t* first_b;   // [S + 1] first piece of each SM
   int32_t* run_b;     // [S] 1 if the SM holds a REDUCE (B)
   int64_t* load;      // [S] per SM, its load (B's measure, then C's)
-  int64_t* rank;      // [S] its order by load, then first poured item
+  int64_t* rank;      // [S] C: loads after every other round, then first
+                      // poured item
   int64_t* c_cnt;     // [S] its items
   uint64_t* keys;     // [npad] items longest first
   int64_t* c_sm;      // [n] per item: SM and position (C); c_sm and c_pos

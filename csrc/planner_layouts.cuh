@@ -394,59 +394,100 @@ TMLA_HD inline Measure MeasureC(Ctx& c, const Items& it, const Scratch& s) {
   const PlannerParams& p = it.p;
   const int n = it.n, S = p.num_sms;
   constexpr uint64_t kIndexMask = 0xffffffffu;
+  // Thread i writes key i (i < nt), as Sort needs with no barrier.
   TMLA_NO_UNROLL
   for (int i = c.tid; i < n; i += c.nt) {
     s.keys[i] = ((kCostKeyBase - static_cast<uint64_t>(it.cost(i))) << 32) |
                 static_cast<uint64_t>(i);
   }
-  TMLA_NO_UNROLL
-  for (int sm = c.tid; sm < S; sm += c.nt) s.load[sm] = s.c_cnt[sm] = 0;
-  Sync();
   Sort(c, s.keys, reinterpret_cast<uint64_t*>(s.c_sm), n, NextPow2(n));
   auto item_at = [&](int at) {
     return static_cast<int>(s.keys[at] & kIndexMask);
   };
+  // Of the first S keys (costs that do not increase), those whose cost
+  // word (kCostKeyBase - cost) is below w.
+  auto below = [&](uint64_t w) {
+    int a = 0, b = S;
+    while (a < b) {
+      const int mid = (a + b) >> 1;
+      if (s.keys[mid] >> 32 < w) a = mid + 1; else b = mid;
+    }
+    return a;
+  };
+  // n > S: every round but the last gives S items.
   const int head = static_cast<int>(Min64(n, int64_t{kLptRounds} * S));
   const int rounds = static_cast<int>(CeilDiv(head, S));
-  // Groups of g lanes rank one SM each (S * g <= nt; the host: g = 1).
+  // Each phase of rounds writes the loads to one of two arrays and reads
+  // the other, the last one to s.load; with no item left, the SMs'
+  // makespan and longest list so far are the layout's.
+  auto loads = [&](int r) { return (rounds - r) & 1 ? s.rank : s.load; };
+  int64_t makespan = 0, longest = 0;
+  // Rounds 0 and 1 in one phase. In round 0 every load is 0: SM sm takes
+  // item sm, so the loads do not increase with the SM, and in round 1 the
+  // rank of SM sm (the SMs of smaller (load, index)) is the SMs of lower
+  // load, those past its cost's ties [a, e), plus the ties before it.
+  TMLA_NO_UNROLL
+  for (int sm = c.tid; sm < S; sm += c.nt) {
+    const int first = item_at(sm);
+    const uint64_t w = s.keys[sm] >> 32;
+    const int64_t rank = (S - below(w + 1)) + (sm - below(w));
+    int64_t load = it.cost(first), count = 1;
+    s.c_sm[first] = sm;
+    s.c_pos[first] = 0;
+    if (S + rank < head) {
+      const int item = item_at(static_cast<int>(S + rank));
+      s.c_sm[item] = sm;
+      s.c_pos[item] = 1;
+      load += it.cost(item);
+      count = 2;
+    }
+    loads(2)[sm] = load;
+    s.c_cnt[sm] = count;
+    makespan = Max64(makespan, load);
+    longest = Max64(longest, count);
+  }
+  // Rounds 2 on, one phase each: groups of g lanes rank one SM each (S * g
+  // <= nt; the host: g = 1) among the loads after the round before.
   int g = 1, log_g = 0;
   while (g < kLanes && 2 * g * S <= c.nt) g <<= 1, ++log_g;
   const int ranked = (S * g + kLanes - 1) / kLanes * kLanes;
   TMLA_NO_UNROLL
-  for (int r = 0; r < rounds; ++r) {
-    // In the first round every load is 0: SM sm has rank sm. After it, the
-    // rank of an SM is the number of SMs of smaller (load, index).
-    if (r > 0) {
-      TMLA_NO_UNROLL
-      for (int x = c.tid; x < ranked; x += c.nt) {
-        const int sm = x >> log_g, lane = x & (g - 1);
-        int64_t rank = 0;
-        if (sm < S) {
-          const int64_t mine = s.load[sm] * kMaxPlannerSms + sm;
-          TMLA_NO_UNROLL
-          for (int t = lane; t < S; t += g) {
-            rank += s.load[t] * kMaxPlannerSms + t < mine;
-          }
-        }
-        rank = GroupSum(rank, g);
-        if (sm < S && lane == 0) s.rank[sm] = rank;
-      }
-      Sync();
-    }
-    TMLA_NO_UNROLL
-    for (int sm = c.tid; sm < S; sm += c.nt) {
-      const int64_t at = int64_t{r} * S + (r > 0 ? s.rank[sm] : sm);
-      if (at >= head) continue;
-      const int item = item_at(static_cast<int>(at));
-      s.c_sm[item] = sm;
-      s.c_pos[item] = r;
-      s.load[sm] += it.cost(item);
-      s.c_cnt[sm] += 1;
-    }
+  for (int r = 2; r < rounds; ++r) {
+    const int64_t* before = loads(r);
+    int64_t* after = loads(r + 1);
     Sync();
+    makespan = longest = 0;
+    TMLA_NO_UNROLL
+    for (int x = c.tid; x < ranked; x += c.nt) {
+      const int sm = x >> log_g, lane = x & (g - 1);
+      int64_t rank = 0;
+      if (sm < S) {
+        const int64_t mine = before[sm] * kMaxPlannerSms + sm;
+        TMLA_NO_UNROLL
+        for (int t = lane; t < S; t += g) {
+          rank += before[t] * kMaxPlannerSms + t < mine;
+        }
+      }
+      rank = GroupSum(rank, g);
+      if (sm >= S || lane != 0) continue;
+      const int64_t at = int64_t{r} * S + rank;
+      int64_t load = before[sm], count = s.c_cnt[sm];
+      if (at < head) {
+        const int item = item_at(static_cast<int>(at));
+        s.c_sm[item] = sm;
+        s.c_pos[item] = r;
+        load += it.cost(item);
+        count += 1;
+      }
+      after[sm] = load;
+      s.c_cnt[sm] = count;
+      makespan = Max64(makespan, load);
+      longest = Max64(longest, count);
+    }
   }
   const int rest = n - head;
   if (rest > 0) {
+    Sync();
     const Run rr(c, rest);
     TMLA_NO_UNROLL
     for (int j = rr.lo; j < rr.hi; ++j) s.t_pre[j] = it.cost(item_at(head + j));
@@ -499,12 +540,12 @@ TMLA_HD inline Measure MeasureC(Ctx& c, const Items& it, const Scratch& s) {
       s.c_sm[item] = s.t_sm[j];
       s.c_pos[item] = rounds + j - s.rank[s.t_sm[j]];
     }
-  }
-  int64_t makespan = 0, longest = 0;
-  TMLA_NO_UNROLL
-  for (int sm = c.tid; sm < S; sm += c.nt) {
-    makespan = Max64(makespan, s.load[sm]);
-    longest = Max64(longest, s.c_cnt[sm]);
+    makespan = longest = 0;
+    TMLA_NO_UNROLL
+    for (int sm = c.tid; sm < S; sm += c.nt) {
+      makespan = Max64(makespan, s.load[sm]);
+      longest = Max64(longest, s.c_cnt[sm]);
+    }
   }
   const Reduced r = Reduce(c, makespan, longest, true, s.red);
   Measure m;
