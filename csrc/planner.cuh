@@ -58,6 +58,8 @@ constexpr int kLanes = 32;
 #else
 constexpr int kLanes = 1;
 #endif
+// Buckets of each round of layout A's end-time search (a multiple of 32).
+constexpr int kSearchBuckets = 256;
 
 TMLA_HD inline void Sync() {
 #if defined(__CUDA_ARCH__)
@@ -487,6 +489,7 @@ struct Scratch {
   int64_t* room;      // [S] prefix of the SMs' room below the level
   int64_t* tmp;       // [4 * 32] scan carries: Carry, not carved
   int64_t* red;       // [2 * 64] Reduce buffers: Carry, not carved
+  int32_t* hist;      // [3 * kSearchBuckets] A's search: Carry, not carved
 };
 
 // The words of the scans and reductions, apart from the carved scratch: in
@@ -495,6 +498,7 @@ struct Scratch {
 struct Carry {
   int64_t tmp[4 * 32];
   int64_t red[2 * 64];
+  int32_t hist[3 * kSearchBuckets];
 };
 
 struct Sizes {

@@ -37,10 +37,12 @@ TMLA_HD inline Measure MeasureA(Ctx& c, const Items& it, const Scratch& s) {
   // they can): each lane a run of `per` piece counts, its prefix minimum,
   // then the minimum of the lanes before it (a shuffle scan). Every lane of
   // a warp takes each step, with or without an item. lo: the largest of the
-  // items' shortest paths. Every entry is at most the item's cost (k = 0),
+  // items' shortest paths; hi: the largest entry of column kq = min(top -
+  // 1, floor(spare / n)). Every entry is at most the item's cost (k = 0),
   // below 2^31.
   int32_t* best = s.best;
-  int64_t lo = kLowest;
+  const int spare = S - n, kq = MinInt(top - 1, spare / n);
+  int64_t lo = kLowest, hi = kLowest;
   int lanes = kLanes;
   while (lanes > 1 && (lanes > top || int64_t{n} * lanes > c.nt)) {
     lanes >>= 1;
@@ -72,9 +74,15 @@ TMLA_HD inline Measure MeasureA(Ctx& c, const Items& it, const Scratch& s) {
         row[k] = static_cast<int32_t>(Min64(row[k], before));
       }
       lo = Max64(lo, shortest);
+      if (k0 <= kq && kq < k1) hi = Max64(hi, row[kq]);
     }
   }
-  lo = Reduce(c, 0, lo, false, s.red).max;
+  // The search's first histogram (below), cleared.
+  TMLA_NO_UNROLL
+  for (int j = c.tid; j < kSearchBuckets; j += c.nt) s.hist[j] = 0;
+  const Reduced bounds = Reduce(c, hi, lo, true, s.red);
+  lo = bounds.max;
+  hi = bounds.sum;
   // Leading entries of item i's row (which does not increase) above t.
   auto leading = [&](int i, int64_t t) {
     const int32_t* row = best + i * top;
@@ -85,22 +93,52 @@ TMLA_HD inline Measure MeasureA(Ctx& c, const Items& it, const Scratch& s) {
     }
     return a;
   };
-  // T: the smallest t >= lo with at most S - n entries above it. Every
-  // entry is at most the longest item's single piece (it.max_cost), so
-  // that bound passes; lo passes too when the rows' entries but their last
-  // (all above lo at most) number at most S - n. Groups of g threads share
-  // the items so that a lane makes at most about 8 probes per candidate.
-  int log_top = 1;
-  while ((1 << log_top) <= top) ++log_top;
-  const int g = GroupFor(n, log_top, 8);
-  const int64_t hi = int64_t{n} * (top - 1) <= S - n ? lo : it.max_cost;
-  const int64_t end = Search(c, g, lo, hi,
-                             [&](int64_t t, int lane, int width) {
-    int64_t count = 0;
+  // T: the smallest t >= lo with at most spare = S - n entries above it (the
+  // entries above t number sum_i leading(i, t)). hi passes: each row has
+  // at most kq <= spare / n entries above it. Each round splits [lo, hi] into
+  // kSearchBuckets buckets of 2^shift values and tests each bucket's last
+  // value but the last bucket's: every thread adds its entries to a
+  // histogram of their buckets (an entry past the last bucket to the last,
+  // one in the first bucket or below lo to none), and after one barrier
+  // every warp sums the entries above each test, keeping the first bucket
+  // whose test passes (the tests that fail come first). Three histograms
+  // in turn: a round fills one, clears the next and reads the one before
+  // it in the phase after its barrier.
+  const int64_t entries = int64_t{n} * top;
+  const int wl = c.tid & (kLanes - 1), held = kSearchBuckets / kLanes;
+  int64_t end = lo;
+  TMLA_NO_UNROLL
+  for (int round = 0; end < hi; ++round) {
+    int shift = 0;
+    while ((int64_t{kSearchBuckets} << shift) <= hi - end) ++shift;
+    int32_t* hist = s.hist + kSearchBuckets * (round % 3);
+    int32_t* next = s.hist + kSearchBuckets * ((round + 1) % 3);
     TMLA_NO_UNROLL
-    for (int i = lane; i < n; i += width) count += leading(i, t);
-    return GroupSum(count, width) <= S - n;
-  });
+    for (int j = c.tid; j < kSearchBuckets; j += c.nt) next[j] = 0;
+    TMLA_NO_UNROLL
+    for (int64_t e = c.tid; e < entries; e += c.nt) {
+      const int64_t bucket = (best[e] - end) >> shift;
+      if (bucket > 0) {
+        AtomicAdd(&hist[Min64(bucket, kSearchBuckets - 1)], 1);
+      }
+    }
+    Sync();
+    int64_t own = 0;
+    TMLA_NO_UNROLL
+    for (int j = wl * held; j < (wl + 1) * held; ++j) own += hist[j];
+    // Entries above bucket j's last value: in the buckets after it.
+    int64_t above = GroupSum(own, kLanes) - LaneScan(own, false);
+    int64_t fails = 0;
+    TMLA_NO_UNROLL
+    for (int j = (wl + 1) * held - 1; j >= wl * held; --j) {
+      const int64_t t = end + ((int64_t{j} + 1) << shift) - 1;
+      fails += j < kSearchBuckets - 1 && t < hi && above > spare;
+      above += hist[j];
+    }
+    const int64_t q = GroupSum(fails, kLanes);
+    hi = Min64(hi, end + ((q + 1) << shift) - 1);
+    end += q << shift;
+  }
   // Item i in leading(i, T) + 1 pieces; its pieces, slots and counter.
   const Run r(c, n);
   TMLA_NO_UNROLL
@@ -576,6 +614,7 @@ TMLA_HD inline void PriceItems(Ctx& c, Items& it, Scratch& s, char* base,
   Carve(base, SizesOf(n, p.num_sms), p.batch, &s);
   s.tmp = carry->tmp;
   s.red = carry->red;
+  s.hist = carry->hist;
   auto clamp = [&](int b) {
     const int32_t len = p.lengths[b];
     return len < 0 ? 0 : (len > p.max_seqlen ? p.max_seqlen : len);
