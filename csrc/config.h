@@ -43,11 +43,21 @@ constexpr int kRegisterFile = 65536;
 constexpr int kLaunchRegisters = kRegisterFile / kThreads / 8 * 8;  // 168
 constexpr int kProducerRegisters = 40;
 constexpr int kConsumerRegisters = 232;
-static_assert(kProducerRegisters % 8 == 0 && kConsumerRegisters % 8 == 0,
-              "setmaxnreg counts registers in units of 8");
-static_assert((kLaunchRegisters - kProducerRegisters) * kWarpgroupThreads >=
-                  (kConsumerRegisters - kLaunchRegisters) * kConsumerThreads,
-              "the consumers' registers must come from the producer's");
+// With an FP8 cache the producer warpgroup also dequantizes (fp8_kv.cuh):
+// it keeps more, for chunks converted side by side.
+constexpr int kFp8ProducerRegisters = 56;
+constexpr int kFp8ConsumerRegisters = 224;
+constexpr bool RegisterSplitFits(int producer, int consumer) {
+  return producer % 8 == 0 && consumer % 8 == 0 &&
+         (kLaunchRegisters - producer) * kWarpgroupThreads >=
+             (consumer - kLaunchRegisters) * kConsumerThreads;
+}
+// setmaxnreg counts registers in units of 8, and the consumers' registers
+// must come from the producer's.
+static_assert(RegisterSplitFits(kProducerRegisters, kConsumerRegisters) &&
+                  RegisterSplitFits(kFp8ProducerRegisters,
+                                    kFp8ConsumerRegisters),
+              "register split");
 
 // Named barriers (0 is __syncthreads).
 constexpr int kBarConsumers = 1;  // both consumer warpgroups

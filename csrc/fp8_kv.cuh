@@ -171,11 +171,16 @@ __device__ __forceinline__ bool Dequantize16Fast(const uint4& in,
 }
 
 // Token row r's 512 latent values: e4m3 in column blocks 4-7 -> bf16 in
-// column blocks 0-7 (order: see the top of this file).
+// column blocks 0-7 (order: see the top of this file). Two 16-byte chunks
+// at a time, their loads and conversions side by side (one thread's chain
+// of dependent operations is what bounds the conversion); the general path
+// takes a pair only when the fast one cannot.
 __device__ __forceinline__ void DequantizeRow(uint8_t* stage, int r,
                                               const float (&scale)[kGroups]) {
   constexpr int kChunks = config::kSwizzleBytes / 16;  // 8 per row
   constexpr int kInPerOut = kChunks / 2;  // e4m3 chunks per bf16 row
+  constexpr int kSideBySide = 2;
+  static_assert(kInPerOut % kSideBySide == 0, "whole pairs");
 #pragma unroll 1
   for (int j = 0; j < kLatentColBlocks; ++j) {
     const int g = j / 2;
@@ -190,16 +195,32 @@ __device__ __forceinline__ void DequantizeRow(uint8_t* stage, int r,
         stage + (kStagingColBlock + g) * config::kKvColBlockBytes;
     uint8_t* dst = stage + j * config::kKvColBlockBytes;
 #pragma unroll
-    for (int q = 0; q < kInPerOut; ++q) {
+    for (int q = 0; q < kInPerOut; q += kSideBySide) {
       const int k = (j % 2) * kInPerOut + q;  // e4m3 chunk of the group
-      const uint4 v =
-          *reinterpret_cast<const uint4*>(src + ptx::Swizzle128(r, k));
-      uint4 lo, hi;
-      if (scale2 == 0 || !Dequantize16Fast(v, scale2, lo, hi)) {
-        Dequantize16(v, s, lo, hi);
+      // Both chunks are read before any of the pair's writes, which land
+      // on chunks 2 q .. 2 q + 3 (the in-place order above holds).
+      uint4 v[kSideBySide];
+#pragma unroll
+      for (int c = 0; c < kSideBySide; ++c) {
+        v[c] = *reinterpret_cast<const uint4*>(src + ptx::Swizzle128(r, k + c));
       }
-      *reinterpret_cast<uint4*>(dst + ptx::Swizzle128(r, 2 * q)) = lo;
-      *reinterpret_cast<uint4*>(dst + ptx::Swizzle128(r, 2 * q + 1)) = hi;
+      uint4 lo[kSideBySide], hi[kSideBySide];
+      bool fast = scale2 != 0;
+#pragma unroll
+      for (int c = 0; c < kSideBySide; ++c) {
+        fast &= Dequantize16Fast(v[c], scale2, lo[c], hi[c]);
+      }
+      if (!fast) {
+#pragma unroll
+        for (int c = 0; c < kSideBySide; ++c) Dequantize16(v[c], s, lo[c], hi[c]);
+      }
+#pragma unroll
+      for (int c = 0; c < kSideBySide; ++c) {
+        *reinterpret_cast<uint4*>(dst + ptx::Swizzle128(r, 2 * (q + c))) =
+            lo[c];
+        *reinterpret_cast<uint4*>(dst + ptx::Swizzle128(r, 2 * (q + c) + 1)) =
+            hi[c];
+      }
     }
   }
 }

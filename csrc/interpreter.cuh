@@ -106,7 +106,8 @@ __global__ void __launch_bounds__(config::kThreads, 1)
   const int warpgroup = threadIdx.x / config::kWarpgroupThreads;
   const int thread_in_wg = threadIdx.x % config::kWarpgroupThreads;
   if (warpgroup == 0) {
-    ptx::SetMaxRegistersDec<config::kProducerRegisters>();
+    ptx::SetMaxRegistersDec<kFp8 ? config::kFp8ProducerRegisters
+                                  : config::kProducerRegisters>();
     if (thread_in_wg == 0) RunProducer<kFp8>(p, &maps, smem);
     if constexpr (kFp8) {
       static_assert(std::is_same_v<T, __nv_bfloat16>,
@@ -116,7 +117,8 @@ __global__ void __launch_bounds__(config::kThreads, 1)
       }
     }
   } else {
-    ptx::SetMaxRegistersInc<config::kConsumerRegisters>();
+    ptx::SetMaxRegistersInc<kFp8 ? config::kFp8ConsumerRegisters
+                                  : config::kConsumerRegisters>();
     RunConsumer<T, kTiming>(p, smem, warpgroup - 1, thread_in_wg);
   }
 }
