@@ -1,14 +1,13 @@
 // REDUCE: the LSE-weighted merge of partials (slots of T, base-2 LSE) into
 // the final output or another slot, by both consumers (256 threads), in
 // fp32. Each thread owns a column of 4 elements and keeps 16 loads in
-// flight per batch,
-// issuing a batch's loads before its arithmetic. A REDUCE of up to 4 rows
-// splits its inputs between the consumers (consumer c merges inputs i with
-// i % 2 == c, then hands its merge to consumer 0 through shared memory, the
-// query tile's buffer); a wider one splits its rows and needs no barrier,
-// so the stores of one batch of rows never wait. The column-0 threads
-// write the rows' LSEs. Partials are read through L2 (ld.global.cg), never
-// a stale L1 line.
+// flight per batch, issuing a batch's loads before its arithmetic. A
+// REDUCE of up to 4 rows splits its inputs between the consumers (consumer
+// c merges inputs i with i % 2 == c, then hands its merge to consumer 0
+// through shared memory, the query tile's buffer); a wider one splits its
+// rows and needs no barrier, so the stores of one batch of rows never wait.
+// The column-0 threads write the rows' LSEs. Partials are read through L2
+// (ld.global.cg), never a stale L1 line.
 #pragma once
 
 #include <cmath>
