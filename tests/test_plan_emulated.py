@@ -83,15 +83,22 @@ def _live(ins):
   return np.where(keep[..., None], ins, 0)
 
 
+def _draw_shape(rng, sms_choices):
+  """s_q, h_q, h_kv, num_sms (one of `sms_choices`) and page size of a
+  random case, drawn in that order."""
+  s_q, h_q = int(rng.integers(1, 17)), int(rng.choice([16, 128]))
+  h_kv = int(rng.choice([1, 1, 2]))
+  num_sms = int(rng.choice(sms_choices))
+  page = int(rng.choice([16, 64, 256]))
+  return s_q, h_q, h_kv, num_sms, page
+
+
 def _cases():
   rng = np.random.default_rng(31)
   out = []
   while len(out) < RANDOM_CASES:
     b = int(rng.choice([1, 1, 2, 3, 16, 64, 132, 200, 256]))
-    s_q, h_q = int(rng.integers(1, 17)), int(rng.choice([16, 128]))
-    h_kv = int(rng.choice([1, 1, 2]))
-    num_sms = int(rng.choice([1, 4, 33, 132, 132, 256]))
-    page = int(rng.choice([16, 64, 256]))
+    s_q, h_q, h_kv, num_sms, page = _draw_shape(rng, [1, 4, 33, 132, 132, 256])
     max_seqlen = int(rng.choice([1 << 20, 8192]))
     if b * h_kv * len(tile_rows(s_q, h_q, h_kv)) > 1024:
       continue
@@ -152,10 +159,7 @@ def _bound_cases():
   out = []
   while len(out) < BOUND_CASES:
     b = int(rng.choice([1, 2, 4, 16, 64, 132, 256]))
-    s_q, h_q = int(rng.integers(1, 17)), int(rng.choice([16, 128]))
-    h_kv = int(rng.choice([1, 1, 2]))
-    num_sms = int(rng.choice([4, 33, 132, 132, 256]))
-    page = int(rng.choice([16, 64, 256]))
+    s_q, h_q, h_kv, num_sms, page = _draw_shape(rng, [4, 33, 132, 132, 256])
     rows = tile_rows(s_q, h_q, h_kv)
     if b * h_kv * len(rows) > 1024:
       continue
