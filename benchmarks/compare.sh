@@ -4,7 +4,9 @@
 #   bash benchmarks/compare.sh [--check|--sanitize] [--timeline=W1,W3] \
 #     DIR [DIR...] -- [benchmarks/run.py flags...]
 # Each DIR is a copy of some version of the repository (for example
-# `git archive OLD | tar -x -C DIR`; `.` is this tree). Each is installed
+# `git archive OLD | tar -x -C DIR`; `.` is this tree), optionally with
+# kernel variants: `DIR::NAME=VALUE[,NAME=VALUE...]` builds a copy of DIR
+# with TMLA_KERNEL_DEFINES set (csrc/config.h lists them). Each is installed
 # apart (pip --target) and timed with its own benchmarks/run.py, in the
 # order given. --check first runs each version's stand-alone kernel test
 # (csrc/tests/kernel_test.cu) and compute-sanitizer memcheck on it;
@@ -28,8 +30,23 @@ while [ $# -gt 0 ]; do
   esac
 done
 dirs=()
+defines=()  # per version: its TMLA_KERNEL_DEFINES
+copies=$(mktemp -d)  # the copies of trees built with kernel variants
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do
-  dirs+=("$(cd "$1" && pwd)") || exit 2
+  dir=${1%%::*}
+  dir=$(cd "$dir" && pwd) || exit 2
+  variant=""
+  if [ "$1" != "${1#*::}" ]; then
+    variant=${1#*::}
+    variant=${variant//,/ }
+    copy="$copies/${#dirs[@]}"
+    mkdir -p "$copy"
+    tar -C "$dir" --exclude=./build --exclude=./.git --exclude=./device_out \
+      -cf - . | tar -C "$copy" -xf - || exit 2
+    dir=$copy
+  fi
+  dirs+=("$dir")
+  defines+=("$variant")
   shift
 done
 [ $# -gt 0 ] && shift
@@ -81,11 +98,13 @@ builds=()
 for i in "${!dirs[@]}"; do
   sites+=("$sites_root/$i")
   rm -rf "${sites[$i]}" && mkdir -p "${sites[$i]}"
-  timeout 600 python3 -m pip install --no-build-isolation --no-deps \
-    --target "${sites[$i]}" "${dirs[$i]}" >"$logs/build_$i.log" 2>&1 &
+  TMLA_KERNEL_DEFINES="${defines[$i]}" timeout 600 python3 -m pip install \
+    --no-build-isolation --no-deps --target "${sites[$i]}" "${dirs[$i]}" \
+    >"$logs/build_$i.log" 2>&1 &
   builds+=($!)
   if [ "$check" = 1 ]; then
-    timeout 600 bash benchmarks/kernel_test.sh "${dirs[$i]}" \
+    TMLA_KERNEL_DEFINES="${defines[$i]}" timeout 600 \
+      bash benchmarks/kernel_test.sh "${dirs[$i]}" \
       "$bins/kernel_test_$i" >"$logs/kernel_test_build_$i.log" 2>&1 &
     builds+=($!)
   fi
@@ -93,7 +112,7 @@ done
 for pid in "${builds[@]}"; do wait "$pid"; done
 for i in "${!dirs[@]}"; do
   dir=${dirs[$i]}
-  echo "== $i: $dir"
+  echo "== $i: $dir${defines[$i]:+ (${defines[$i]})}"
   if ! ls "${sites[$i]}"/jax_thundermla/_C*.so >/dev/null 2>&1; then
     tail -n 30 "$logs/build_$i.log"; continue
   fi
