@@ -59,6 +59,32 @@ static_assert(RegisterSplitFits(kProducerRegisters, kConsumerRegisters) &&
                                     kFp8ConsumerRegisters),
               "register split");
 
+// Kernel variants under measurement. Each macro defaults to the variant
+// measured fastest; a build with TMLA_KERNEL_DEFINES="NAME=1" in its
+// environment (CMakeLists.txt, benchmarks/kernel_test.sh) selects the other,
+// and benchmarks/compare.sh times both in one call.
+//  TMLA_SIGNAL_RELEASE: an instruction's signal is a barrier, then one
+//    thread's release fence and relaxed add, instead of a device-scope fence
+//    in every consumer thread before the barrier.
+//  TMLA_REDUCE_ONE_ROUND: a REDUCE issues its (row, input) loads, up to 32
+//    of 16 bytes per thread, before any arithmetic, instead of batches of 16
+//    loads of 8 bytes (ops/reduce.cuh, one_round).
+//  TMLA_REDUCE_BULK: a REDUCE's partial rows arrive in shared memory by
+//    bulk copies, one per thread (ops/reduce.cuh, bulk).
+#ifndef TMLA_SIGNAL_RELEASE
+#define TMLA_SIGNAL_RELEASE 0
+#endif
+#ifndef TMLA_REDUCE_ONE_ROUND
+#define TMLA_REDUCE_ONE_ROUND 0
+#endif
+#ifndef TMLA_REDUCE_BULK
+#define TMLA_REDUCE_BULK 0
+#endif
+constexpr bool kSignalRelease = TMLA_SIGNAL_RELEASE != 0;
+constexpr bool kReduceOneRound = TMLA_REDUCE_ONE_ROUND != 0;
+constexpr bool kReduceBulk = TMLA_REDUCE_BULK != 0;
+static_assert(!(kReduceOneRound && kReduceBulk), "one REDUCE variant at a time");
+
 // Named barriers (0 is __syncthreads).
 constexpr int kBarConsumers = 1;  // both consumer warpgroups
 constexpr int kBarConsumer0 = 2;  // consumer warpgroup c uses 2 + c
@@ -78,11 +104,12 @@ constexpr int kSmemKv = kSmemQ + kQBytes;
 constexpr int kSmemP = kSmemKv + kStages * kStageBytes;
 constexpr int kSmemRowScale = kSmemP + kPBytes;
 // mbarriers: full[kStages], empty[kStages], hand_full, hand_empty,
-// raw[kStages] (an FP8 cache's boxes landed, before dequantization).
+// raw[kStages] (an FP8 cache's boxes landed, before dequantization), merge
+// (a REDUCE's bulk copies landed, TMLA_REDUCE_BULK).
 constexpr int kSmemBarriers = kSmemRowScale + kTileRows * 4;
-constexpr int kNumMbarriers = 3 * kStages + 2;
+constexpr int kNumMbarriers = 3 * kStages + 3;
 // The next instruction's words, staged by consumer 0 during a PARTIAL.
-constexpr int kSmemNext = kSmemBarriers + kNumMbarriers * 8;
+constexpr int kSmemNext = kSmemBarriers + (kNumMbarriers * 8 + 15) / 16 * 16;
 constexpr int kSmemUsed = kSmemNext + isa::kInstructionWords * 4;
 constexpr int kSmemAlign = kSwizzleAtomBytes;
 constexpr int kSmemBytes = kSmemUsed + kSmemAlign;

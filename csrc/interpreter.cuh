@@ -39,16 +39,25 @@ __device__ __forceinline__ void Signal(const MlaDecodeParams& p,
                                        const Instruction& in,
                                        int consumer_thread) {
   if (!in.HasSignal(p)) return;
-  __threadfence();
-  ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
-  if (consumer_thread == 0) atomicAdd(p.counters + in.signal_counter, 1);
+  if constexpr (config::kSignalRelease) {
+    // The barrier orders every consumer thread's results before thread 0's
+    // release at GPU scope (cumulativity), so one fence suffices.
+    ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
+    if (consumer_thread == 0) {
+      ptx::ReleaseIncrementGpu(p.counters + in.signal_counter);
+    }
+  } else {
+    __threadfence();
+    ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
+    if (consumer_thread == 0) atomicAdd(p.counters + in.signal_counter, 1);
+  }
 }
 
 template <typename T, bool kTiming>
 __device__ __forceinline__ void RunConsumer(const MlaDecodeParams& p,
                                             const Smem& smem, int consumer,
                                             int thread_in_wg) {
-  Pipeline pipe{0, 0};
+  Pipeline pipe{0, 0, 0};
   // Consumer 0's first thread keeps the timing records.
   const bool timer = consumer == 0 && thread_in_wg == 0;
   // Whether consumer 0 already started loading the query tile of `in`.
@@ -72,7 +81,7 @@ __device__ __forceinline__ void RunConsumer(const MlaDecodeParams& p,
           }
           break;
         case isa::kOpReduce:
-          ops::Reduce<T>(p, in, smem, consumer, thread_in_wg);
+          ops::Reduce<T>(p, in, smem, consumer, thread_in_wg, pipe);
           marks.Computed();
           break;
       }
@@ -99,6 +108,7 @@ __global__ void __launch_bounds__(config::kThreads, 1)
     }
     ptx::MbarInit(smem.hand_full, config::kWarpgroupThreads);
     ptx::MbarInit(smem.hand_empty, config::kWarpgroupThreads);
+    ptx::MbarInit(smem.merge, 1);
     ptx::FenceMbarInit();
   }
   __syncthreads();

@@ -103,6 +103,17 @@ __device__ __forceinline__ void CpAsync16(void* dst, const void* src,
                : "memory");
 }
 
+// 1-D bulk copy of `bytes` (a multiple of 16, both addresses 16-byte
+// aligned) global -> shared, completing on `bar`.
+__device__ __forceinline__ void BulkLoad(void* dst, const void* src,
+                                         uint32_t bytes, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes "
+      "[%0], [%1], %2, [%3];" ::"r"(SmemAddr(dst)),
+      "l"(src), "r"(bytes), "r"(SmemAddr(bar))
+      : "memory");
+}
+
 __device__ __forceinline__ void CpAsyncWaitAll() {
   asm volatile("cp.async.wait_all;" ::: "memory");
 }
@@ -113,6 +124,12 @@ __device__ __forceinline__ void CpAsyncWaitAll() {
 // async-proxy accesses (wgmma operand reads, TMA writes).
 __device__ __forceinline__ void FenceProxyAsync() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+// The same for every state space: also orders what this thread observed of
+// global memory (an acquired counter's data) before its bulk copies' reads.
+__device__ __forceinline__ void FenceProxyAsyncAll() {
+  asm volatile("fence.proxy.async;" ::: "memory");
 }
 
 // Named barrier over `threads` threads (a multiple of 32). The non-aligned
@@ -147,6 +164,16 @@ __device__ __forceinline__ int32_t LoadAcquireGpu(const int32_t* p) {
                : "l"(p)
                : "memory");
   return v;
+}
+
+// Adds 1 to *p with release semantics at GPU scope: everything this thread
+// (and, through an earlier CTA barrier, its CTA) wrote before is visible to
+// a thread that observes the new value with LoadAcquireGpu.
+__device__ __forceinline__ void ReleaseIncrementGpu(int32_t* p) {
+  asm volatile(
+      "fence.acq_rel.gpu;\n"
+      "red.relaxed.gpu.global.add.s32 [%0], 1;" ::"l"(p)
+      : "memory");
 }
 
 // ---- wgmma ---------------------------------------------------------------

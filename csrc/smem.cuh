@@ -21,6 +21,9 @@ struct Smem {
   // An FP8 cache's e4m3 and rope boxes landed in the stage (fp8_kv.cuh);
   // `full` then follows the dequantization.
   uint64_t* raw;         // [kStages]
+  // A REDUCE's bulk copies landed (ops/reduce.cuh, bulk); one phase per
+  // round of copies.
+  uint64_t* merge;
   int32_t* next;         // [16]: words of the CTA's next instruction
 
   // `raw` is the dynamic shared array itself; offsetting it (rather than
@@ -41,6 +44,7 @@ struct Smem {
     m.hand_full = m.empty + config::kStages;
     m.hand_empty = m.hand_full + 1;
     m.raw = m.hand_empty + 1;
+    m.merge = m.raw + config::kStages;
     m.next = reinterpret_cast<int32_t*>(s + config::kSmemNext);
     return m;
   }
@@ -50,11 +54,13 @@ struct Smem {
   }
 };
 
-// A consumer's position in its two rings: KV blocks consumed, and P
-// hand-off rounds (identical in both consumers, which walk the same list).
+// A consumer's position in its rings: KV blocks consumed, P hand-off
+// rounds, and rounds of a REDUCE's bulk copies (identical in both
+// consumers, which walk the same list).
 struct Pipeline {
   int block_counter;
   int round;
+  int merge_round;
 };
 
 // Position of a pipeline step: stage buffer and mbarrier phase parity.

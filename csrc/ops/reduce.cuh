@@ -252,12 +252,491 @@ __device__ __forceinline__ void ReduceSplitRows(const MlaDecodeParams& p,
   }
 }
 
-// Each thread keeps 16 loads in flight per batch. Up to 4 rows, the two
+// Every consumer thread (t of 256), once the buffer at `w` is free: the
+// weights 2^(lse - LSE_row) of each (row, input) into `w`
+// ([num_rows][num_src], fp32) and the rows' LSEs into the output; `w` is
+// ready when it returns. Base 2: an input that saw no key (LSE -inf) weighs
+// 0, a row none of whose inputs saw a key has LSE -inf (final: +inf), and a
+// poisoned input (NaN) makes the row's LSE and output NaN.
+__device__ __forceinline__ void MergeWeights(const MlaDecodeParams& p,
+                                        const Instruction& in, float* w,
+                                        int t) {
+  const int n = in.num_src();
+  const int rows = in.num_rows;
+  const float* lse = p.partial_lse +
+                     static_cast<int64_t>(in.src_slot()) * config::kTileRows +
+                     in.slot_row;
+  for (int at = t; at < n * rows; at += config::kConsumerThreads) {
+    const int i = at / rows;
+    const int r = at - i * rows;
+    w[r * n + i] = __ldcg(lse + i * config::kTileRows + r);
+  }
+  ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
+  const int lane = t % 32;
+  for (int r = t / 32; r < rows; r += config::kConsumerThreads / 32) {
+    float* row = w + r * n;
+    float m = -INFINITY;
+    for (int i = lane; i < n; i += 32) m = fmaxf(m, row[i]);
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) {
+      m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+    }
+    const float base = m == -INFINITY ? 0.f : m;
+    float sum = 0.f;
+    for (int i = lane; i < n; i += 32) sum += exp2f(row[i] - base);
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffff, sum, o);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    for (int i = lane; i < n; i += 32) row[i] = exp2f(row[i] - base) * inv;
+    if (lane != 0) continue;
+    const float lse2 = sum > 0.f ? m + log2f(sum) : sum == 0.f ? -INFINITY : NAN;
+    if (in.dst_slot == isa::kFinalOutput) {
+      const RowMap map{p.h_q / p.h_kv};
+      p.lse[(static_cast<int64_t>(in.batch) * p.h_q + map.Head(in, r)) *
+                p.s_q + map.Token(in, r)] =
+          sum == 0.f ? INFINITY : lse2 * kLn2;
+    } else {
+      p.partial_lse[static_cast<int64_t>(in.dst_slot) * config::kTileRows +
+                    in.slot_row + r] = lse2;
+    }
+  }
+  ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
+}
+
+// ---- REDUCE in one round of loads (config::kReduceOneRound) -------------
+//
+// The 256 consumer threads form kGroups groups of 64; a thread owns 8
+// columns (one 16-byte load) of a row. With kGroups rows or more the groups
+// split the rows (group g merges rows g, g + kGroups, ...); with fewer they
+// split the inputs (group g merges inputs g, g + kGroups, ... of every row)
+// and hand their sums to group 0 through shared memory. Each thread first
+// issues up to kLoads of its (row, input) loads; while they are in flight
+// the inputs' LSEs go to shared memory, one warp per row turns them into
+// normalized weights 2^(lse - LSE_row) and writes the row's LSE, and then
+// the thread adds weight x value. More than kLoads pairs take more rounds.
+namespace one_round {
+
+constexpr int kGroups = 4;
+constexpr int kGroupThreads = config::kConsumerThreads / kGroups;  // 64
+constexpr int kCols = config::kHeadDimV / kGroupThreads;           // 8
+constexpr int kLoads = 32;
+static_assert(kCols == 8, "a thread's columns are one 16-byte load");
+// The query tile's buffer holds the weights, fp32 [num_rows][num_src], and,
+// when the groups split the inputs, the hand-off at kHandoffOffset, fp32
+// [kGroups - 1 groups][kGroups - 1 rows][kHeadDimV].
+constexpr int kHandoffOffset = 4096;
+static_assert(config::kTileRows * isa::kMaxReduceInputs * 4 <=
+                      config::kQBytes &&
+                  (kGroups - 1) * isa::kMaxReduceInputs * 4 <=
+                      kHandoffOffset &&
+                  kHandoffOffset + (kGroups - 1) * (kGroups - 1) *
+                                       config::kHeadDimV * 4 <=
+                      config::kQBytes,
+              "the weights and the hand-off fit the query tile's buffer");
+
+template <typename T>
+__device__ __forceinline__ uint4 Load8(const T* at) {
+  return __ldcg(reinterpret_cast<const uint4*>(at));
+}
+
+template <typename T>
+__device__ __forceinline__ void Fma8(float (&acc)[kCols], float w,
+                                     const uint4& v) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 x = Pack2<T>::Unpack(words[k]);
+    acc[2 * k] += w * x.x;
+    acc[2 * k + 1] += w * x.y;
+  }
+}
+
+// Row r's 8 columns from `col` of the REDUCE's output (final or slot).
+template <typename T>
+__device__ __forceinline__ void Store8(const MlaDecodeParams& p,
+                                       const Instruction& in, int r, int col,
+                                       const float (&v)[kCols]) {
+  const RowMap map{p.h_q / p.h_kv};
+  const bool final = in.dst_slot == isa::kFinalOutput;
+  const int64_t row =
+      final ? (static_cast<int64_t>(in.batch) * p.s_q + map.Token(in, r)) *
+                      p.h_q + map.Head(in, r)
+            : static_cast<int64_t>(in.dst_slot) * config::kTileRows +
+                  in.slot_row + r;
+  T* base = static_cast<T*>(final ? p.out : p.partial_o);
+  *reinterpret_cast<uint4*>(base + row * config::kHeadDimV + col) =
+      make_uint4(Pack2<T>::Of(v[0], v[1]), Pack2<T>::Of(v[2], v[3]),
+                 Pack2<T>::Of(v[4], v[5]), Pack2<T>::Of(v[6], v[7]));
+}
+
+// kGroups rows or more: group g merges rows g, g + kGroups, ..., a thread
+// walking its (row, input) pairs row by row, kLoads loads per round.
+template <typename T>
+__device__ __forceinline__ void ReduceRows(const MlaDecodeParams& p,
+                                           const Instruction& in,
+                                           const Smem& smem, int t) {
+  const int n = in.num_src();
+  const int g = t / kGroupThreads;
+  const int col = t % kGroupThreads * kCols;
+  const int pairs = (in.num_rows - g + kGroups - 1) / kGroups * n;
+  constexpr int kRowStep = kGroups * config::kHeadDimV;
+  float* w = reinterpret_cast<float*>(smem.q);
+  // Load cursor: the pair's row start and input; add cursor: its row and
+  // input.
+  const T* load_row = static_cast<const T*>(p.partial_o) +
+                      static_cast<int64_t>(in.src_slot()) * kSlotStride +
+                      static_cast<int64_t>(in.slot_row + g) *
+                          config::kHeadDimV + col;
+  const T* load_at = load_row;
+  int load_input = 0;
+  int add_row = g;
+  int add_input = 0;
+  float acc[kCols] = {};
+  for (int done = 0;; done += kLoads) {
+    uint4 v[kLoads];
+    // Branch free up to the stores, so that v stays in registers: a pair
+    // past the last loads nothing and weighs 0.
+#pragma unroll
+    for (int j = 0; j < kLoads; ++j) {
+      const bool live = done + j < pairs;
+      v[j] = live ? Load8(load_at) : make_uint4(0u, 0u, 0u, 0u);
+      const bool wrap = ++load_input == n;
+      load_input = wrap ? 0 : load_input;
+      load_row = wrap ? load_row + kRowStep : load_row;
+      load_at = wrap ? load_row : load_at + kSlotStride;
+    }
+    if (done == 0) {
+      // Consumer 0 is done with the query tile's buffer (its cp.async loads
+      // were waited for, its QK^T finished) before anyone writes there.
+      ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
+      MergeWeights(p, in, w, t);
+    }
+#pragma unroll
+    for (int j = 0; j < kLoads; ++j) {
+      const bool live = done + j < pairs;
+      Fma8<T>(acc, live ? w[add_row * n + add_input] : 0.f, v[j]);
+      if (live && add_input + 1 == n) {
+        Store8<T>(p, in, add_row, col, acc);
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) acc[c] = 0.f;
+      }
+      const bool wrap = ++add_input == n;
+      add_input = wrap ? 0 : add_input;
+      add_row = wrap ? add_row + kGroups : add_row;
+    }
+    if (done + kLoads >= pairs) break;
+  }
+}
+
+// Fewer than kGroups rows (kRows of them): group g merges inputs g,
+// g + kGroups, ... of every row, kLoads / kRows inputs per round, and
+// groups 1.. hand their sums to group 0, which writes.
+template <typename T, int kRows>
+__device__ __forceinline__ void ReduceInputs(const MlaDecodeParams& p,
+                                             const Instruction& in,
+                                             const Smem& smem, int t) {
+  static_assert(kRows < kGroups, "the hand-off holds kGroups - 1 rows");
+  constexpr int kPerRound = kLoads / kRows;
+  const int n = in.num_src();
+  const int g = t / kGroupThreads;
+  const int col = t % kGroupThreads * kCols;
+  const int mine = (n - g + kGroups - 1) / kGroups;  // inputs of group g
+  float* w = reinterpret_cast<float*>(smem.q);
+  float* handoff = reinterpret_cast<float*>(smem.q + kHandoffOffset);
+  const T* src = static_cast<const T*>(p.partial_o) +
+                 static_cast<int64_t>(in.src_slot() + g) * kSlotStride +
+                 static_cast<int64_t>(in.slot_row) * config::kHeadDimV + col;
+  float acc[kRows][kCols] = {};
+  for (int done = 0;; done += kPerRound) {
+    uint4 v[kPerRound][kRows];
+#pragma unroll
+    for (int j = 0; j < kPerRound; ++j) {
+      const bool live = done + j < mine;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        v[j][r] = live ? Load8(src + (done + j) * kGroups * kSlotStride +
+                               r * config::kHeadDimV)
+                       : make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+    if (done == 0) {
+      // Consumer 0 is done with the query tile's buffer (its cp.async loads
+      // were waited for, its QK^T finished) before anyone writes there.
+      ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
+      MergeWeights(p, in, w, t);
+    }
+#pragma unroll
+    for (int j = 0; j < kPerRound; ++j) {
+      const bool live = done + j < mine;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        Fma8<T>(acc[r], live ? w[r * n + g + (done + j) * kGroups] : 0.f,
+                v[j][r]);
+      }
+    }
+    if (done + kPerRound >= mine) break;
+  }
+  if (g > 0) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      float4* to = reinterpret_cast<float4*>(
+          handoff + ((g - 1) * (kGroups - 1) + r) * config::kHeadDimV + col);
+      to[0] = make_float4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+      to[1] = make_float4(acc[r][4], acc[r][5], acc[r][6], acc[r][7]);
+    }
+  }
+  ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
+  if (g == 0) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int from = 0; from < kGroups - 1; ++from) {
+        const float4* at = reinterpret_cast<const float4*>(
+            handoff + (from * (kGroups - 1) + r) * config::kHeadDimV + col);
+        const float4 lo = at[0];
+        const float4 hi = at[1];
+        acc[r][0] += lo.x;
+        acc[r][1] += lo.y;
+        acc[r][2] += lo.z;
+        acc[r][3] += lo.w;
+        acc[r][4] += hi.x;
+        acc[r][5] += hi.y;
+        acc[r][6] += hi.z;
+        acc[r][7] += hi.w;
+      }
+      Store8<T>(p, in, r, col, acc[r]);
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void Reduce(const MlaDecodeParams& p,
+                                       const Instruction& in, const Smem& smem,
+                                       int t) {
+  if (in.num_rows == 1) {
+    ReduceInputs<T, 1>(p, in, smem, t);
+  } else if (in.num_rows == 2) {
+    ReduceInputs<T, 2>(p, in, smem, t);
+  } else if (in.num_rows == 3) {
+    ReduceInputs<T, 3>(p, in, smem, t);
+  } else {
+    ReduceRows<T>(p, in, smem, t);
+  }
+  // Everyone is done with the weights and the hand-off before the next
+  // instruction writes the buffer.
+  ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
+}
+
+}  // namespace one_round
+
+// ---- REDUCE fed by bulk copies (config::kReduceBulk) ---------------------
+//
+// The REDUCE's (row, input) partial rows, 1 KB each, arrive in shared memory
+// by 1-D bulk copies, one per thread, up to kSlots per round: the query
+// tile's buffer holds kQSlots rows, the P buffer kPSlots more and, in its
+// last kilobyte, the weights (so num_rows x num_src <= kMaxWeights; a larger
+// REDUCE takes the path of loads). While the first round's copies are in
+// flight the LSEs become weights (MergeWeights). The threads then merge
+// from shared memory, 4 groups of 64 threads with 8 columns each: with
+// kGroups rows or more a round holds whole rows and the groups split them;
+// with fewer a round holds whole inputs, the groups split the inputs, and
+// they hand their sums to group 0, which writes.
+namespace bulk {
+
+using one_round::kCols;
+using one_round::kGroups;
+using one_round::kGroupThreads;
+constexpr int kRowBytes = config::kHeadDimV * 2;  // a 16-bit partial row
+constexpr int kWeightBytes = 1024;
+constexpr int kQSlots = config::kQBytes / kRowBytes;                   // 72
+constexpr int kPSlots = (config::kPBytes - kWeightBytes) / kRowBytes;  // 7
+constexpr int kSlots = kQSlots + kPSlots;
+constexpr int kMaxWeights = kWeightBytes / 4;
+static_assert(kSlots <= config::kConsumerThreads, "a copy per thread");
+static_assert((kGroups - 1) * (kGroups - 1) * config::kHeadDimV * 4 <=
+                  config::kQBytes,
+              "the groups' hand-off fits the query tile's buffer");
+
+__device__ __forceinline__ uint8_t* Slot(const Smem& smem, int s) {
+  return s < kQSlots ? smem.q + s * kRowBytes
+                     : smem.p + (s - kQSlots) * kRowBytes;
+}
+
+__device__ __forceinline__ float* Weights(const Smem& smem) {
+  return reinterpret_cast<float*>(smem.p + kPSlots * kRowBytes);
+}
+
+// Whether the REDUCE takes this path. A row's inputs then fit one round
+// when it has kGroups rows or more.
+__device__ __forceinline__ bool Fits(const Instruction& in) {
+  return in.num_rows * in.num_src() <= kMaxWeights;
+}
+static_assert(kMaxWeights / kGroups <= kSlots, "a row fits a round");
+
+// Starts a round of `count` copies: thread c copies partial row `row` of
+// input `input` into slot c. The buffers are free (the caller's barrier).
+template <typename T>
+__device__ __forceinline__ void IssueRound(const MlaDecodeParams& p,
+                                           const Instruction& in,
+                                           const Smem& smem, int t, int count,
+                                           int row, int input) {
+  // Orders the acquired partials and the buffers' earlier generic accesses
+  // before this thread's copy.
+  ptx::FenceProxyAsyncAll();
+  if (t == 0) ptx::MbarArriveExpectTx(smem.merge, count * kRowBytes);
+  if (t < count) {
+    const T* src = static_cast<const T*>(p.partial_o) +
+                   static_cast<int64_t>(in.src_slot() + input) * kSlotStride +
+                   static_cast<int64_t>(in.slot_row + row) * config::kHeadDimV;
+    ptx::BulkLoad(Slot(smem, t), src, kRowBytes, smem.merge);
+  }
+}
+
+__device__ __forceinline__ void WaitRound(const Smem& smem, Pipeline& pipe) {
+  ptx::MbarWait(smem.merge, pipe.merge_round & 1);
+  ++pipe.merge_round;
+}
+
+template <typename T>
+__device__ __forceinline__ void Fma8(float (&acc)[kCols], float w,
+                                     const uint8_t* slot, int col) {
+  one_round::Fma8<T>(acc, w, *reinterpret_cast<const uint4*>(slot + col * 2));
+}
+
+// kGroups rows or more: a round holds whole rows, slot rr * n + i holding
+// input i of row r0 + rr; group g merges rows r0 + g, r0 + g + kGroups, ...
+template <typename T>
+__device__ __forceinline__ void ReduceRows(const MlaDecodeParams& p,
+                                           const Instruction& in,
+                                           const Smem& smem, int t,
+                                           Pipeline& pipe) {
+  const int n = in.num_src();
+  const int g = t / kGroupThreads;
+  const int col = t % kGroupThreads * kCols;
+  const int rows_per_round = kSlots / n;
+  const float* w = Weights(smem);
+  for (int r0 = 0; r0 < in.num_rows; r0 += rows_per_round) {
+    const int rows = min(rows_per_round, in.num_rows - r0);
+    // Everyone is done with the buffers (the previous instruction's query
+    // tile and P, or the previous round's rows).
+    ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
+    const int rr = t / n;
+    IssueRound<T>(p, in, smem, t, rows * n, r0 + rr, t - rr * n);
+    if (r0 == 0) MergeWeights(p, in, Weights(smem), t);
+    WaitRound(smem, pipe);
+    for (int r = g; r < rows; r += kGroups) {
+      float acc[kCols] = {};
+      for (int i = 0; i < n; ++i) {
+        Fma8<T>(acc, w[(r0 + r) * n + i], Slot(smem, r * n + i), col);
+      }
+      one_round::Store8<T>(p, in, r0 + r, col, acc);
+    }
+  }
+}
+
+// Fewer than kGroups rows (kRows): a round holds whole inputs, slot
+// j * kRows + r holding row r of input i0 + j; group g merges the round's
+// inputs j = g, g + kGroups, ..., and groups 1.. hand their sums to group 0.
+template <typename T, int kRows>
+__device__ __forceinline__ void ReduceInputs(const MlaDecodeParams& p,
+                                             const Instruction& in,
+                                             const Smem& smem, int t,
+                                             Pipeline& pipe) {
+  static_assert(kRows < kGroups, "the hand-off holds kGroups - 1 rows");
+  constexpr int kInputsPerRound = kSlots / kRows;
+  const int n = in.num_src();
+  const int g = t / kGroupThreads;
+  const int col = t % kGroupThreads * kCols;
+  const float* w = Weights(smem);
+  float acc[kRows][kCols] = {};
+  for (int i0 = 0; i0 < n; i0 += kInputsPerRound) {
+    const int inputs = min(kInputsPerRound, n - i0);
+    ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
+    IssueRound<T>(p, in, smem, t, inputs * kRows, t % kRows, i0 + t / kRows);
+    if (i0 == 0) MergeWeights(p, in, Weights(smem), t);
+    WaitRound(smem, pipe);
+    for (int j = g; j < inputs; j += kGroups) {
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        Fma8<T>(acc[r], w[r * n + i0 + j], Slot(smem, j * kRows + r), col);
+      }
+    }
+  }
+  // The hand-off overwrites the rows' slots once every group has read them.
+  float* handoff = reinterpret_cast<float*>(smem.q);
+  ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
+  if (g > 0) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      float4* to = reinterpret_cast<float4*>(
+          handoff + ((g - 1) * (kGroups - 1) + r) * config::kHeadDimV + col);
+      to[0] = make_float4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+      to[1] = make_float4(acc[r][4], acc[r][5], acc[r][6], acc[r][7]);
+    }
+  }
+  ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
+  if (g != 0) return;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+    for (int from = 0; from < kGroups - 1; ++from) {
+      const float4* at = reinterpret_cast<const float4*>(
+          handoff + (from * (kGroups - 1) + r) * config::kHeadDimV + col);
+      const float4 lo = at[0];
+      const float4 hi = at[1];
+      acc[r][0] += lo.x;
+      acc[r][1] += lo.y;
+      acc[r][2] += lo.z;
+      acc[r][3] += lo.w;
+      acc[r][4] += hi.x;
+      acc[r][5] += hi.y;
+      acc[r][6] += hi.z;
+      acc[r][7] += hi.w;
+    }
+    one_round::Store8<T>(p, in, r, col, acc[r]);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void Reduce(const MlaDecodeParams& p,
+                                       const Instruction& in, const Smem& smem,
+                                       int t, Pipeline& pipe) {
+  if (in.num_rows == 1) {
+    ReduceInputs<T, 1>(p, in, smem, t, pipe);
+  } else if (in.num_rows == 2) {
+    ReduceInputs<T, 2>(p, in, smem, t, pipe);
+  } else if (in.num_rows == 3) {
+    ReduceInputs<T, 3>(p, in, smem, t, pipe);
+  } else {
+    ReduceRows<T>(p, in, smem, t, pipe);
+  }
+  // Everyone is done with the buffers before the next instruction writes
+  // them.
+  ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
+}
+
+}  // namespace bulk
+
+// Each thread keeps 16 loads in flight per batch (or, with
+// config::kReduceOneRound, one_round above; with config::kReduceBulk, bulk
+// above where the REDUCE fits it). Up to 4 rows, the two
 // consumers split the inputs (one hand-off); beyond, they split the rows.
 template <typename T>
 __device__ __forceinline__ void Reduce(const MlaDecodeParams& p,
                                        const Instruction& in, const Smem& smem,
-                                       int consumer, int thread_in_wg) {
+                                       int consumer, int thread_in_wg,
+                                       Pipeline& pipe) {
+  const int t = consumer * config::kWarpgroupThreads + thread_in_wg;
+  if constexpr (config::kReduceOneRound) {
+    one_round::Reduce<T>(p, in, smem, t);
+    return;
+  }
+  if constexpr (config::kReduceBulk) {
+    if (bulk::Fits(in)) {
+      bulk::Reduce<T>(p, in, smem, t, pipe);
+      return;
+    }
+  }
   if (in.num_rows == 1) {
     ReduceSplitInputs<T, 1>(p, in, smem, consumer, thread_in_wg);
   } else if (in.num_rows == 2) {

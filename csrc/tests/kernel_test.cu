@@ -352,6 +352,11 @@ int main(int argc, char** argv) {
       {"spread1", {3000, 40}, 1, 16, 64, false, 128, 24, 1},
       {"spread3", {2500, 333}, 4, 16, 64, true, 192, 16, 3},
       {"spread5", {900, 20}, 1, 128, 48, true, 320, 20, 5},
+      // REDUCEs of 2 rows x 3 inputs (fewer inputs than thread groups) and
+      // of 141 inputs x 1 and 8 rows (more loads than one round holds).
+      {"spread2", {300, 100}, 1, 16, 64, false, 128, 16, 2},
+      {"wide1", {141 * 32, 70}, 1, 16, 32, false, 32, 24, 1},
+      {"wide8", {141 * 32}, 1, 16, 32, true, 32, 24, 8},
       {"fp8_ragged", {70, 0, 1, 300}, 2, 16, 16, true, 1 << 20, 8, 64, true},
       {"fp8_split", {2000, 65, 129}, 1, 16, 64, false, 256, 16, 64, true},
       {"fp8_heads128", {900, 20}, 1, 128, 48, true, 320, 20, 5, true},
