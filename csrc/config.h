@@ -108,13 +108,18 @@ constexpr int kSmemRowScale = kSmemP + kPBytes;
 // (a REDUCE's bulk copies landed, TMLA_REDUCE_BULK).
 constexpr int kSmemBarriers = kSmemRowScale + kTileRows * 4;
 constexpr int kNumMbarriers = 3 * kStages + 3;
+// Where the producer's loads end, once it has issued its last one (int32,
+// Smem::producer_done).
+constexpr int kSmemProducerDone = kSmemBarriers + kNumMbarriers * 8;
 // The next instruction's words, staged by consumer 0 during a PARTIAL.
-constexpr int kSmemNext = kSmemBarriers + (kNumMbarriers * 8 + 15) / 16 * 16;
+constexpr int kSmemNext = (kSmemProducerDone + 4 + 15) / 16 * 16;
 constexpr int kSmemUsed = kSmemNext + isa::kInstructionWords * 4;
 constexpr int kSmemAlign = kSwizzleAtomBytes;
 constexpr int kSmemBytes = kSmemUsed + kSmemAlign;
 constexpr int kMaxSmemPerBlock = 232448;  // 227 KB opt-in limit of sm_90
 static_assert(kSmemBytes <= kMaxSmemPerBlock, "shared memory plan too big");
+static_assert(kSmemKv == kSmemQ + kQBytes,
+              "the query tile's buffer and the stages are one run of bytes");
 static_assert(kSmemNext % 16 == 0,
               "cp.async stages the next instruction's words in 16-byte pieces");
 static_assert(kSmemKv % kSwizzleAtomBytes == 0 &&

@@ -81,7 +81,7 @@ __device__ __forceinline__ void RunConsumer(const MlaDecodeParams& p,
           }
           break;
         case isa::kOpReduce:
-          ops::Reduce<T>(p, in, smem, consumer, thread_in_wg, pipe);
+          ops::Reduce<T>(p, in, i, smem, consumer, thread_in_wg, pipe);
           marks.Computed();
           break;
       }
@@ -109,6 +109,7 @@ __global__ void __launch_bounds__(config::kThreads, 1)
     ptx::MbarInit(smem.hand_full, config::kWarpgroupThreads);
     ptx::MbarInit(smem.hand_empty, config::kWarpgroupThreads);
     ptx::MbarInit(smem.merge, 1);
+    *smem.producer_done = 0;
     ptx::FenceMbarInit();
   }
   __syncthreads();

@@ -92,12 +92,14 @@ __device__ __forceinline__ void RunProducer(const MlaDecodeParams& p,
   if constexpr (kFp8) ptx::PrefetchTensorMap(&maps->scales);
   const uint64_t policy = KvPolicy(p);
   int block_counter = 0;
+  int last_loaded = -1;  // list position of the last PARTIAL loaded
   Instruction in = Instruction::Fetch(p, blockIdx.x, 0);
   for (int i = 0; i < p.max_instructions; ++i) {
     if (in.opcode == isa::kOpStop) break;
     const Instruction next = Instruction::Fetch(
         p, blockIdx.x, i + 1 < p.max_instructions ? i + 1 : i);
     if (in.opcode == isa::kOpPartial && in.Valid(p)) {
+      last_loaded = i;
       const KvRange range = KvRange::Of(in, p, config::kBlockTokens);
       for (int b = 0; b < range.num_blocks; ++b, ++block_counter) {
         const int stage = StageOf(block_counter);
@@ -113,6 +115,10 @@ __device__ __forceinline__ void RunProducer(const MlaDecodeParams& p,
       }
     }
     in = next;
+  }
+  // No load follows (ops/reduce.cuh's bulk REDUCE may then use the stages).
+  if constexpr (config::kReduceBulk) {
+    *reinterpret_cast<volatile int32_t*>(smem.producer_done) = last_loaded + 2;
   }
 }
 

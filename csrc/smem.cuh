@@ -24,6 +24,11 @@ struct Smem {
   // A REDUCE's bulk copies landed (ops/reduce.cuh, bulk); one phase per
   // round of copies.
   uint64_t* merge;
+  // 0 while the producer runs; once it has issued its last load, 2 + the
+  // list position of the last PARTIAL it loaded (1 if none). Past that
+  // position, once the consumers are done with its blocks, the stages stay
+  // free.
+  int32_t* producer_done;
   int32_t* next;         // [16]: words of the CTA's next instruction
 
   // `raw` is the dynamic shared array itself; offsetting it (rather than
@@ -45,6 +50,7 @@ struct Smem {
     m.hand_empty = m.hand_full + 1;
     m.raw = m.hand_empty + 1;
     m.merge = m.raw + config::kStages;
+    m.producer_done = reinterpret_cast<int32_t*>(s + config::kSmemProducerDone);
     m.next = reinterpret_cast<int32_t*>(s + config::kSmemNext);
     return m;
   }

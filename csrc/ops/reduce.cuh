@@ -532,10 +532,11 @@ __device__ __forceinline__ void Reduce(const MlaDecodeParams& p,
 // ---- REDUCE fed by bulk copies (config::kReduceBulk) ---------------------
 //
 // The REDUCE's (row, input) partial rows, 1 KB each, arrive in shared memory
-// by 1-D bulk copies, one per thread, up to kSlots per round: the query
-// tile's buffer holds kQSlots rows, the P buffer kPSlots more and, in its
-// last kilobyte, the weights (so num_rows x num_src <= kMaxWeights; a larger
-// REDUCE takes the path of loads). While the first round's copies are in
+// by 1-D bulk copies, one per thread, as many per round as there are slots:
+// the query tile's buffer holds kQSlots rows (with the stages after it
+// kRunSlotsFree, when no PARTIAL's load follows in the CTA's list), the P
+// buffer kPSlots more and, in its last kilobyte, the weights (so num_rows x
+// num_src <= kMaxWeights; a larger REDUCE takes the path of loads). While the first round's copies are in
 // flight the LSEs become weights (MergeWeights). The threads then merge
 // from shared memory, 4 groups of 64 threads with 8 columns each: with
 // kGroups rows or more a round holds whole rows and the groups split them;
@@ -550,17 +551,44 @@ constexpr int kRowBytes = config::kHeadDimV * 2;  // a 16-bit partial row
 constexpr int kWeightBytes = 1024;
 constexpr int kQSlots = config::kQBytes / kRowBytes;                   // 72
 constexpr int kPSlots = (config::kPBytes - kWeightBytes) / kRowBytes;  // 7
-constexpr int kSlots = kQSlots + kPSlots;
+constexpr int kRunSlotsFree =
+    (config::kQBytes + config::kStages * config::kStageBytes) / kRowBytes;
 constexpr int kMaxWeights = kWeightBytes / 4;
-static_assert(kSlots <= config::kConsumerThreads, "a copy per thread");
+static_assert(kRunSlotsFree + kPSlots <= config::kConsumerThreads,
+              "a copy per thread");
 static_assert((kGroups - 1) * (kGroups - 1) * config::kHeadDimV * 4 <=
                   config::kQBytes,
               "the groups' hand-off fits the query tile's buffer");
 
-__device__ __forceinline__ uint8_t* Slot(const Smem& smem, int s) {
-  return s < kQSlots ? smem.q + s * kRowBytes
-                     : smem.p + (s - kQSlots) * kRowBytes;
-}
+// Where a round's rows land: `run` slots from the query tile's buffer on,
+// then the P buffer's.
+struct Slots {
+  uint8_t* q;
+  uint8_t* p;
+  int run;
+
+  // Every consumer thread, at the REDUCE at list position `index`, once
+  // both consumers are done with the instructions before it: a barrier that
+  // also tells all of them whether the stages are free.
+  static __device__ __forceinline__ Slots Claim(const Smem& smem, int index,
+                                                int t) {
+    bool free = false;
+    if (t == 0) {
+      const int32_t done =
+          *reinterpret_cast<volatile const int32_t*>(smem.producer_done);
+      free = done != 0 && done - 2 < index;
+    }
+    free = ptx::BarSyncOr(config::kBarConsumers, config::kConsumerThreads,
+                          free);
+    return Slots{smem.q, smem.p, free ? kRunSlotsFree : kQSlots};
+  }
+
+  __device__ __forceinline__ int Count() const { return run + kPSlots; }
+
+  __device__ __forceinline__ uint8_t* At(int s) const {
+    return s < run ? q + s * kRowBytes : p + (s - run) * kRowBytes;
+  }
+};
 
 __device__ __forceinline__ float* Weights(const Smem& smem) {
   return reinterpret_cast<float*>(smem.p + kPSlots * kRowBytes);
@@ -571,15 +599,16 @@ __device__ __forceinline__ float* Weights(const Smem& smem) {
 __device__ __forceinline__ bool Fits(const Instruction& in) {
   return in.num_rows * in.num_src() <= kMaxWeights;
 }
-static_assert(kMaxWeights / kGroups <= kSlots, "a row fits a round");
+static_assert(kMaxWeights / kGroups <= kQSlots + kPSlots, "a row fits a round");
 
 // Starts a round of `count` copies: thread c copies partial row `row` of
 // input `input` into slot c. The buffers are free (the caller's barrier).
 template <typename T>
 __device__ __forceinline__ void IssueRound(const MlaDecodeParams& p,
                                            const Instruction& in,
-                                           const Smem& smem, int t, int count,
-                                           int row, int input) {
+                                           const Smem& smem,
+                                           const Slots& slots, int t,
+                                           int count, int row, int input) {
   // Orders the acquired partials and the buffers' earlier generic accesses
   // before this thread's copy.
   ptx::FenceProxyAsyncAll();
@@ -588,7 +617,7 @@ __device__ __forceinline__ void IssueRound(const MlaDecodeParams& p,
     const T* src = static_cast<const T*>(p.partial_o) +
                    static_cast<int64_t>(in.src_slot() + input) * kSlotStride +
                    static_cast<int64_t>(in.slot_row + row) * config::kHeadDimV;
-    ptx::BulkLoad(Slot(smem, t), src, kRowBytes, smem.merge);
+    ptx::BulkLoad(slots.At(t), src, kRowBytes, smem.merge);
   }
 }
 
@@ -608,26 +637,27 @@ __device__ __forceinline__ void Fma8(float (&acc)[kCols], float w,
 template <typename T>
 __device__ __forceinline__ void ReduceRows(const MlaDecodeParams& p,
                                            const Instruction& in,
-                                           const Smem& smem, int t,
+                                           const Smem& smem,
+                                           const Slots& slots, int t,
                                            Pipeline& pipe) {
   const int n = in.num_src();
   const int g = t / kGroupThreads;
   const int col = t % kGroupThreads * kCols;
-  const int rows_per_round = kSlots / n;
+  const int rows_per_round = slots.Count() / n;
   const float* w = Weights(smem);
   for (int r0 = 0; r0 < in.num_rows; r0 += rows_per_round) {
     const int rows = min(rows_per_round, in.num_rows - r0);
-    // Everyone is done with the buffers (the previous instruction's query
-    // tile and P, or the previous round's rows).
-    ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
+    // Everyone is done with the previous round's rows (the first round's
+    // barrier is Slots::Claim's).
+    if (r0 > 0) ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
     const int rr = t / n;
-    IssueRound<T>(p, in, smem, t, rows * n, r0 + rr, t - rr * n);
+    IssueRound<T>(p, in, smem, slots, t, rows * n, r0 + rr, t - rr * n);
     if (r0 == 0) MergeWeights(p, in, Weights(smem), t);
     WaitRound(smem, pipe);
     for (int r = g; r < rows; r += kGroups) {
       float acc[kCols] = {};
       for (int i = 0; i < n; ++i) {
-        Fma8<T>(acc, w[(r0 + r) * n + i], Slot(smem, r * n + i), col);
+        Fma8<T>(acc, w[(r0 + r) * n + i], slots.At(r * n + i), col);
       }
       one_round::Store8<T>(p, in, r0 + r, col, acc);
     }
@@ -640,25 +670,27 @@ __device__ __forceinline__ void ReduceRows(const MlaDecodeParams& p,
 template <typename T, int kRows>
 __device__ __forceinline__ void ReduceInputs(const MlaDecodeParams& p,
                                              const Instruction& in,
-                                             const Smem& smem, int t,
+                                             const Smem& smem,
+                                             const Slots& slots, int t,
                                              Pipeline& pipe) {
   static_assert(kRows < kGroups, "the hand-off holds kGroups - 1 rows");
-  constexpr int kInputsPerRound = kSlots / kRows;
+  const int inputs_per_round = slots.Count() / kRows;
   const int n = in.num_src();
   const int g = t / kGroupThreads;
   const int col = t % kGroupThreads * kCols;
   const float* w = Weights(smem);
   float acc[kRows][kCols] = {};
-  for (int i0 = 0; i0 < n; i0 += kInputsPerRound) {
-    const int inputs = min(kInputsPerRound, n - i0);
-    ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
-    IssueRound<T>(p, in, smem, t, inputs * kRows, t % kRows, i0 + t / kRows);
+  for (int i0 = 0; i0 < n; i0 += inputs_per_round) {
+    const int inputs = min(inputs_per_round, n - i0);
+    if (i0 > 0) ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
+    IssueRound<T>(p, in, smem, slots, t, inputs * kRows, t % kRows,
+                  i0 + t / kRows);
     if (i0 == 0) MergeWeights(p, in, Weights(smem), t);
     WaitRound(smem, pipe);
     for (int j = g; j < inputs; j += kGroups) {
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
-        Fma8<T>(acc[r], w[r * n + i0 + j], Slot(smem, j * kRows + r), col);
+        Fma8<T>(acc[r], w[r * n + i0 + j], slots.At(j * kRows + r), col);
       }
     }
   }
@@ -673,6 +705,8 @@ __device__ __forceinline__ void ReduceInputs(const MlaDecodeParams& p,
       to[0] = make_float4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
       to[1] = make_float4(acc[r][4], acc[r][5], acc[r][6], acc[r][7]);
     }
+    // Before a later round of bulk copies overwrites the hand-off.
+    ptx::FenceProxyAsync();
   }
   ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
   if (g != 0) return;
@@ -697,18 +731,23 @@ __device__ __forceinline__ void ReduceInputs(const MlaDecodeParams& p,
   }
 }
 
+// The REDUCE at list position `index`.
 template <typename T>
 __device__ __forceinline__ void Reduce(const MlaDecodeParams& p,
-                                       const Instruction& in, const Smem& smem,
-                                       int t, Pipeline& pipe) {
+                                       const Instruction& in, int index,
+                                       const Smem& smem, int t,
+                                       Pipeline& pipe) {
+  // Everyone is done with the buffers (the previous instruction's query
+  // tile, P and blocks).
+  const Slots slots = Slots::Claim(smem, index, t);
   if (in.num_rows == 1) {
-    ReduceInputs<T, 1>(p, in, smem, t, pipe);
+    ReduceInputs<T, 1>(p, in, smem, slots, t, pipe);
   } else if (in.num_rows == 2) {
-    ReduceInputs<T, 2>(p, in, smem, t, pipe);
+    ReduceInputs<T, 2>(p, in, smem, slots, t, pipe);
   } else if (in.num_rows == 3) {
-    ReduceInputs<T, 3>(p, in, smem, t, pipe);
+    ReduceInputs<T, 3>(p, in, smem, slots, t, pipe);
   } else {
-    ReduceRows<T>(p, in, smem, t, pipe);
+    ReduceRows<T>(p, in, smem, slots, t, pipe);
   }
   // Everyone is done with the buffers before the next instruction writes
   // them.
@@ -721,11 +760,12 @@ __device__ __forceinline__ void Reduce(const MlaDecodeParams& p,
 // config::kReduceOneRound, one_round above; with config::kReduceBulk, bulk
 // above where the REDUCE fits it). Up to 4 rows, the two
 // consumers split the inputs (one hand-off); beyond, they split the rows.
+// The REDUCE `in` at list position `index`.
 template <typename T>
 __device__ __forceinline__ void Reduce(const MlaDecodeParams& p,
-                                       const Instruction& in, const Smem& smem,
-                                       int consumer, int thread_in_wg,
-                                       Pipeline& pipe) {
+                                       const Instruction& in, int index,
+                                       const Smem& smem, int consumer,
+                                       int thread_in_wg, Pipeline& pipe) {
   const int t = consumer * config::kWarpgroupThreads + thread_in_wg;
   if constexpr (config::kReduceOneRound) {
     one_round::Reduce<T>(p, in, smem, t);
@@ -733,7 +773,7 @@ __device__ __forceinline__ void Reduce(const MlaDecodeParams& p,
   }
   if constexpr (config::kReduceBulk) {
     if (bulk::Fits(in)) {
-      bulk::Reduce<T>(p, in, smem, t, pipe);
+      bulk::Reduce<T>(p, in, index, smem, t, pipe);
       return;
     }
   }

@@ -52,6 +52,10 @@ struct Case {
   int reduce_rows;   // rows of one REDUCE of a split tile (its merge is
                      // spread over several REDUCEs by rows)
   bool fp8 = false;  // an FP8 cache
+  // The PARTIALs of unsplit tiles go after the REDUCEs of their list (they
+  // wait for nothing, so no wait can block them): a REDUCE then has a
+  // PARTIAL's loads after it.
+  bool partials_after_reduces = false;
 };
 
 // One token's FP8 entry from its 576 values (FlashMLA's quantizer: per
@@ -91,8 +95,9 @@ struct Plan {
 };
 
 // Splits each (sequence, tile) into ranges of split_tokens; partials go
-// round-robin over the CTAs, every REDUCE after all partials of its CTA, so
-// no wait can block a partial.
+// round-robin over the CTAs, every REDUCE after all partials of its CTA (or
+// of split tiles, with partials_after_reduces), so no wait can block a
+// partial.
 Plan BuildPlan(const Case& c) {
   std::vector<std::vector<std::vector<int32_t>>> lists(c.num_ctas);
   std::vector<std::vector<int32_t>> reduces;
@@ -139,10 +144,15 @@ Plan BuildPlan(const Case& c) {
       }
     }
   }
-  // Move REDUCEs behind every PARTIAL of their list.
+  // Move REDUCEs behind every PARTIAL of their list (or of a split tile).
   for (auto& l : lists) {
-    std::stable_partition(l.begin(), l.end(), [](const auto& w) {
-      return w[isa::kFieldOpcode] == isa::kOpPartial;
+    std::stable_sort(l.begin(), l.end(), [&c](const auto& a, const auto& b) {
+      auto rank = [&c](const auto& w) {
+        if (w[isa::kFieldOpcode] == isa::kOpReduce) return 1;
+        const bool split = w[isa::kFieldDstSlot] != isa::kFinalOutput;
+        return c.partials_after_reduces && !split ? 2 : 0;
+      };
+      return rank(a) < rank(b);
     });
   }
   Plan plan;
@@ -357,6 +367,8 @@ int main(int argc, char** argv) {
       {"spread2", {300, 100}, 1, 16, 64, false, 128, 16, 2},
       {"wide1", {141 * 32, 70}, 1, 16, 32, false, 32, 24, 1},
       {"wide8", {141 * 32}, 1, 16, 32, true, 32, 24, 8},
+      {"reduce_first", {3000, 40, 100, 20, 1500, 70}, 1, 16, 64, false, 128,
+       8, 1, false, true},
       {"fp8_ragged", {70, 0, 1, 300}, 2, 16, 16, true, 1 << 20, 8, 64, true},
       {"fp8_split", {2000, 65, 129}, 1, 16, 64, false, 256, 16, 64, true},
       {"fp8_heads128", {900, 20}, 1, 128, 48, true, 320, 20, 5, true},
