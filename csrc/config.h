@@ -66,6 +66,9 @@ static_assert(RegisterSplitFits(kProducerRegisters, kConsumerRegisters) &&
 //  TMLA_SIGNAL_RELEASE: an instruction's signal is a barrier, then one
 //    thread's release fence and relaxed add, instead of a device-scope fence
 //    in every consumer thread before the barrier.
+//  TMLA_SIGNAL_BEFORE_Q: a PARTIAL that signals leaves the next PARTIAL's
+//    query tile to that PARTIAL instead of loading it under its own
+//    epilogue, where the loads sit beside its stores and fence.
 //  TMLA_REDUCE_ONE_ROUND: a REDUCE issues its (row, input) loads, up to 32
 //    of 16 bytes per thread, before any arithmetic, instead of batches of 16
 //    loads of 8 bytes (ops/reduce.cuh, one_round).
@@ -74,6 +77,9 @@ static_assert(RegisterSplitFits(kProducerRegisters, kConsumerRegisters) &&
 #ifndef TMLA_SIGNAL_RELEASE
 #define TMLA_SIGNAL_RELEASE 0
 #endif
+#ifndef TMLA_SIGNAL_BEFORE_Q
+#define TMLA_SIGNAL_BEFORE_Q 0
+#endif
 #ifndef TMLA_REDUCE_ONE_ROUND
 #define TMLA_REDUCE_ONE_ROUND 0
 #endif
@@ -81,6 +87,7 @@ static_assert(RegisterSplitFits(kProducerRegisters, kConsumerRegisters) &&
 #define TMLA_REDUCE_BULK 0
 #endif
 constexpr bool kSignalRelease = TMLA_SIGNAL_RELEASE != 0;
+constexpr bool kSignalBeforeQ = TMLA_SIGNAL_BEFORE_Q != 0;
 constexpr bool kReduceOneRound = TMLA_REDUCE_ONE_ROUND != 0;
 constexpr bool kReduceBulk = TMLA_REDUCE_BULK != 0;
 static_assert(!(kReduceOneRound && kReduceBulk), "one REDUCE variant at a time");

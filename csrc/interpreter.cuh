@@ -40,10 +40,12 @@ __device__ __forceinline__ void Signal(const MlaDecodeParams& p,
                                        int consumer_thread) {
   if (!in.HasSignal(p)) return;
   if constexpr (config::kSignalRelease) {
-    // The barrier orders every consumer thread's results before thread 0's
-    // release at GPU scope (cumulativity), so one fence suffices.
+    // The barrier orders every consumer thread's results before one
+    // thread's release at GPU scope (cumulativity), so one fence suffices.
+    // That thread is consumer 1's first: consumer 0's threads may have the
+    // next query tile's loads in flight.
     ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
-    if (consumer_thread == 0) {
+    if (consumer_thread == config::kWarpgroupThreads) {
       ptx::ReleaseIncrementGpu(p.counters + in.signal_counter);
     }
   } else {

@@ -557,7 +557,8 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
   // none reads the tile any more.
   const Instruction next =
       Instruction::Unpack(reinterpret_cast<const int4*>(smem.next), false);
-  const bool prefetch = next.opcode == isa::kOpPartial && next.Valid(p);
+  const bool prefetch = next.opcode == isa::kOpPartial && next.Valid(p) &&
+                        !(config::kSignalBeforeQ && in.HasSignal(p));
   // All have read the staged words before the next PARTIAL restages them,
   // and are done with the query tile.
   ptx::BarSync(config::kBarConsumer0, config::kWarpgroupThreads);
