@@ -74,6 +74,10 @@ static_assert(RegisterSplitFits(kProducerRegisters, kConsumerRegisters) &&
 //    loads of 8 bytes (ops/reduce.cuh, one_round).
 //  TMLA_REDUCE_BULK: a REDUCE's partial rows arrive in shared memory by
 //    bulk copies, one per thread (ops/reduce.cuh, bulk).
+//  TMLA_BOX_BARRIERS: with a 16-bit cache each of a stage's nine column
+//    blocks lands on its own mbarrier (Smem::box_full), so consumer 0's
+//    QK^T starts on the first to land and consumer 1 waits for its own V
+//    columns only.
 #ifndef TMLA_SIGNAL_RELEASE
 #define TMLA_SIGNAL_RELEASE 0
 #endif
@@ -86,10 +90,17 @@ static_assert(RegisterSplitFits(kProducerRegisters, kConsumerRegisters) &&
 #ifndef TMLA_REDUCE_BULK
 #define TMLA_REDUCE_BULK 0
 #endif
+#ifndef TMLA_BOX_BARRIERS
+#define TMLA_BOX_BARRIERS 0
+#endif
 constexpr bool kSignalRelease = TMLA_SIGNAL_RELEASE != 0;
 constexpr bool kSignalBeforeQ = TMLA_SIGNAL_BEFORE_Q != 0;
 constexpr bool kReduceOneRound = TMLA_REDUCE_ONE_ROUND != 0;
 constexpr bool kReduceBulk = TMLA_REDUCE_BULK != 0;
+constexpr bool kBoxBarriers = TMLA_BOX_BARRIERS != 0;
+// Whether a kernel's stages use box_full (an FP8 cache's converter keeps
+// completing `full`).
+constexpr bool BoxBarriers(bool fp8) { return kBoxBarriers && !fp8; }
 static_assert(!(kReduceOneRound && kReduceBulk), "one REDUCE variant at a time");
 
 // Named barriers (0 is __syncthreads).
@@ -112,9 +123,10 @@ constexpr int kSmemP = kSmemKv + kStages * kStageBytes;
 constexpr int kSmemRowScale = kSmemP + kPBytes;
 // mbarriers: full[kStages], empty[kStages], hand_full, hand_empty,
 // raw[kStages] (an FP8 cache's boxes landed, before dequantization), merge
-// (a REDUCE's bulk copies landed, TMLA_REDUCE_BULK).
+// (a REDUCE's bulk copies landed, TMLA_REDUCE_BULK), box_full[kStages]
+// [kNumColBlocks] (a column block landed, TMLA_BOX_BARRIERS).
 constexpr int kSmemBarriers = kSmemRowScale + kTileRows * 4;
-constexpr int kNumMbarriers = 3 * kStages + 3;
+constexpr int kNumMbarriers = 3 * kStages + 3 + kStages * kNumColBlocks;
 // Where the producer's loads end, once it has issued its last one (int32,
 // Smem::producer_done).
 constexpr int kSmemProducerDone = kSmemBarriers + kNumMbarriers * 8;

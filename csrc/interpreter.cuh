@@ -55,7 +55,7 @@ __device__ __forceinline__ void Signal(const MlaDecodeParams& p,
   }
 }
 
-template <typename T, bool kTiming>
+template <typename T, bool kTiming, bool kFp8>
 __device__ __forceinline__ void RunConsumer(const MlaDecodeParams& p,
                                             const Smem& smem, int consumer,
                                             int thread_in_wg) {
@@ -76,10 +76,11 @@ __device__ __forceinline__ void RunConsumer(const MlaDecodeParams& p,
       switch (in.opcode) {
         case isa::kOpPartial:
           if (consumer == 0) {
-            q_issued = ops::PartialSoftmaxConsumer<T>(
+            q_issued = ops::PartialSoftmaxConsumer<T, config::BoxBarriers(kFp8)>(
                 p, in, i, q_issued, smem, thread_in_wg, pipe, marks);
           } else {
-            ops::PartialPvConsumer<T>(p, in, smem, thread_in_wg, pipe);
+            ops::PartialPvConsumer<T, config::BoxBarriers(kFp8)>(p, in, smem,
+                                                      thread_in_wg, pipe);
           }
           break;
         case isa::kOpReduce:
@@ -111,6 +112,11 @@ __global__ void __launch_bounds__(config::kThreads, 1)
     ptx::MbarInit(smem.hand_full, config::kWarpgroupThreads);
     ptx::MbarInit(smem.hand_empty, config::kWarpgroupThreads);
     ptx::MbarInit(smem.merge, 1);
+    if constexpr (config::BoxBarriers(kFp8)) {
+      for (int b = 0; b < config::kStages * config::kNumColBlocks; ++b) {
+        ptx::MbarInit(&smem.box_full[b], 1);
+      }
+    }
     *smem.producer_done = 0;
     ptx::FenceMbarInit();
   }
@@ -132,7 +138,7 @@ __global__ void __launch_bounds__(config::kThreads, 1)
   } else {
     ptx::SetMaxRegistersInc<kFp8 ? config::kFp8ConsumerRegisters
                                   : config::kConsumerRegisters>();
-    RunConsumer<T, kTiming>(p, smem, warpgroup - 1, thread_in_wg);
+    RunConsumer<T, kTiming, kFp8>(p, smem, warpgroup - 1, thread_in_wg);
   }
 }
 

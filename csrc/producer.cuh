@@ -56,6 +56,25 @@ __device__ __forceinline__ void LoadBlock(const MlaDecodeParams& p,
                                           const Smem& smem, int stage,
                                           uint64_t policy) {
   const int chunk = p.chunk_tokens;
+  if constexpr (config::BoxBarriers(false)) {
+    // Column block by column block, each on its own barrier.
+    uint8_t* dst_stage = smem.Stage(stage);
+    const uint32_t box_bytes = rows.loaded * chunk * config::kSwizzleBytes;
+#pragma unroll 1
+    for (int j = 0; j < config::kNumColBlocks; ++j) {
+      uint64_t* bar = smem.BoxFull(stage, j);
+      ptx::MbarArriveExpectTx(bar, box_bytes);
+#pragma unroll
+      for (int c = 0; c < BlockRows::kMaxChunks; ++c) {
+        if (c >= rows.loaded) break;
+        ptx::TmaLoad3d(dst_stage + c * chunk * config::kSwizzleBytes +
+                           j * config::kKvColBlockBytes,
+                       kv_map, j * config::kColBlock, in.kv_head, rows.row[c],
+                       bar, policy);
+      }
+    }
+    return;
+  }
   const uint32_t bytes =
       rows.loaded * config::kNumColBlocks * chunk * config::kSwizzleBytes;
   ptx::MbarArriveExpectTx(&smem.full[stage], bytes);

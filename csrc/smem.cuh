@@ -24,6 +24,9 @@ struct Smem {
   // A REDUCE's bulk copies landed (ops/reduce.cuh, bulk); one phase per
   // round of copies.
   uint64_t* merge;
+  // [kStages][kNumColBlocks]: a stage's column block landed (a 16-bit cache
+  // with TMLA_BOX_BARRIERS; `full` is then unused).
+  uint64_t* box_full;
   // 0 while the producer runs; once it has issued its last load, 2 + the
   // list position of the last PARTIAL it loaded (1 if none). Past that
   // position, once the consumers are done with its blocks, the stages stay
@@ -50,6 +53,7 @@ struct Smem {
     m.hand_empty = m.hand_full + 1;
     m.raw = m.hand_empty + 1;
     m.merge = m.raw + config::kStages;
+    m.box_full = m.merge + 1;
     m.producer_done = reinterpret_cast<int32_t*>(s + config::kSmemProducerDone);
     m.next = reinterpret_cast<int32_t*>(s + config::kSmemNext);
     return m;
@@ -57,6 +61,10 @@ struct Smem {
 
   __device__ __forceinline__ uint8_t* Stage(int stage) const {
     return kv + stage * config::kStageBytes;
+  }
+
+  __device__ __forceinline__ uint64_t* BoxFull(int stage, int col_block) const {
+    return box_full + stage * config::kNumColBlocks + col_block;
   }
 };
 

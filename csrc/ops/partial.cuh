@@ -399,12 +399,30 @@ __device__ __forceinline__ void IssueNext(const MlaDecodeParams& p,
   ptx::CpAsync16(smem.next + 4 * thread_in_wg, src + thread_in_wg, exists);
 }
 
+// Waits until column blocks [first, last) of the stage of block
+// `block_counter` have landed: their own barriers with kBoxes
+// (config::BoxBarriers), else the stage's `full`.
+template <bool kBoxes>
+__device__ __forceinline__ void WaitColumns(const Smem& smem, int block_counter,
+                                            int first, int last) {
+  const int stage = StageOf(block_counter);
+  const uint32_t phase = PhaseOf(block_counter);
+  if constexpr (kBoxes) {
+    for (int j = first; j < last; ++j) {
+      ptx::MbarWaitWarp(smem.BoxFull(stage, j), phase);
+    }
+  } else {
+    ptx::MbarWaitWarp(&smem.full[stage], phase);
+  }
+}
+
 // Consumer 0: QK^T, softmax, P hand-off, its half of PV, LSE, for the
 // instruction `in` at position `index` of the CTA's list. The query tile is
 // already in flight when `q_issued`; once its last block is done it starts
 // loading the query tile of the next instruction when that is a PARTIAL
-// too, and returns whether it did.
-template <typename T, typename MarksT>
+// too, and returns whether it did. With kBoxes a whole block's QK^T starts
+// on its first column block and waits for each next one as it goes.
+template <typename T, bool kBoxes, typename MarksT>
 __device__ __forceinline__ bool PartialSoftmaxConsumer(
     const MlaDecodeParams& p, const Instruction& in, int index,
     bool q_issued, const Smem& smem, int thread_in_wg, Pipeline& pipe,
@@ -441,9 +459,12 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
     const int stage = StageOf(pipe.block_counter);
     const int block_start = range.first + b * config::kBlockTokens;
     uint8_t* kv = smem.Stage(stage);
-    ptx::MbarWaitWarp(&smem.full[stage], PhaseOf(pipe.block_counter));
+    const bool tail = valid_hi - block_start < config::kBlockTokens;
+    // A tail block is zeroed past its keys first, so it waits for all.
+    WaitColumns<kBoxes>(smem, pipe.block_counter, 0,
+                        tail ? config::kNumColBlocks : 1);
     if (b == 0) marks.Ready();
-    if (valid_hi - block_start < config::kBlockTokens) {
+    if (tail) {
       ZeroTail(kv, block_start, valid_hi, 0, thread_in_wg);
       ptx::FenceProxyAsync();
       ptx::BarSync(config::kBarConsumer0, config::kWarpgroupThreads);
@@ -454,6 +475,9 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
     ptx::WgmmaFence();
 #pragma unroll
     for (int ks = 0; ks < config::kHeadDimQK / 16; ++ks) {
+      if (kBoxes && !tail && ks > 0 && ks % 4 == 0) {
+        WaitColumns<kBoxes>(smem, pipe.block_counter, ks / 4, ks / 4 + 1);
+      }
       // 16 dims = 32 bytes of a swizzled row; 4 k-steps per column block.
       const uint32_t in_row = (ks % 4) * 32;
       wgmma::MmaM64N64K16<T>(
@@ -602,8 +626,9 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
   return prefetch;
 }
 
-// Consumer 1: its half of PV with consumer 0's P, then its half of O.
-template <typename T>
+// Consumer 1: its half of PV with consumer 0's P, then its half of O. With
+// kBoxes it waits for its own V columns only.
+template <typename T, bool kBoxes>
 __device__ __forceinline__ void PartialPvConsumer(const MlaDecodeParams& p,
                                                   const Instruction& in,
                                                   const Smem& smem,
@@ -624,7 +649,9 @@ __device__ __forceinline__ void PartialPvConsumer(const MlaDecodeParams& p,
     const int stage = StageOf(pipe.block_counter);
     const int block_start = range.first + b * config::kBlockTokens;
     uint8_t* kv = smem.Stage(stage);
-    ptx::MbarWaitWarp(&smem.full[stage], PhaseOf(pipe.block_counter));
+    constexpr int kFirstV = config::kColsPerConsumer / config::kColBlock;
+    WaitColumns<kBoxes>(smem, pipe.block_counter, kFirstV,
+                        kFirstV + config::kColsPerConsumer / config::kColBlock);
     if (valid_hi - block_start < config::kBlockTokens) {
       ZeroTail(kv, block_start, valid_hi, config::kColsPerConsumer,
                thread_in_wg);
