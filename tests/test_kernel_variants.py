@@ -1,6 +1,6 @@
 """The kernel variants of csrc/config.h: declared with their defaults, and
 all of them compile (where nvcc is present) without spilling in the kernels
-of a 16-bit cache.
+of a 16-bit cache and without serialized wgmma.
 
 A variant is a `TMLA_*` macro that selects other code for a kernel change
 whose speed is still being measured (docs/architecture.md); the package
@@ -76,7 +76,7 @@ _EXCLUSIVE = ("TMLA_REDUCE_ONE_ROUND", "TMLA_REDUCE_BULK")
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
-def test_each_variant_compiles_without_spills(tmp_path):
+def test_each_variant_compiles_without_spills_or_serialized_mma(tmp_path):
   # The defaults, and every variant on at once but for one of the mutually
   # exclusive pair each time: every variant is built, in two compiles.
   names = sorted(_variants())
@@ -89,6 +89,9 @@ def test_each_variant_compiles_without_spills(tmp_path):
         range(len(builds))))
   for name, result in results:
     assert result.returncode == 0, f"{name}:\n{result.stderr[-3000:]}"
+    # ptxas serializes wgmma when one sits on a path it deems divergent.
+    assert "wgmma.mma_async instructions are serialized" not in result.stderr, (
+        f"{name}:\n{result.stderr[-3000:]}")
     spills = _spills(result.stderr)
     # The six instantiations: two element types untimed and timed, and the
     # FP8 cache's two.

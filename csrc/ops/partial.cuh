@@ -475,8 +475,12 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
     ptx::WgmmaFence();
 #pragma unroll
     for (int ks = 0; ks < config::kHeadDimQK / 16; ++ks) {
-      if (kBoxes && !tail && ks > 0 && ks % 4 == 0) {
+      if (kBoxes && ks > 0 && ks % 4 == 0) {
+        // Unconditional (a tail block's columns have all landed: the wait
+        // returns at once), so that no MMA sits on a divergent path, which
+        // would make ptxas serialize them.
         WaitColumns<kBoxes>(smem, pipe.block_counter, ks / 4, ks / 4 + 1);
+        ptx::WgmmaFence();
       }
       // 16 dims = 32 bytes of a swizzled row; 4 k-steps per column block.
       const uint32_t in_row = (ks % 4) * 32;
