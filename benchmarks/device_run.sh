@@ -5,7 +5,8 @@
 #                                 [--sanitize]
 # --tests=gpu-quick runs the tests marked `quick` (every kernel feature, about
 # a minute on an H100); --stress=ARGS runs benchmarks/stress.py with ARGS
-# (e.g. --stress=--count=1000). Logs go to $OUT (or ./device_out) as
+# (e.g. --stress=--count=1000). TMLA_KERNEL_DEFINES in the environment builds
+# kernel variants (csrc/config.h). Logs go to $OUT (or ./device_out) as
 # build.log, tests.log, tests.xml, stress.log, bench.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+[ -n "${TMLA_KERNEL_DEFINES:-}" ] && echo "kernel variants: $TMLA_KERNEL_DEFINES"
 start=$(date +%s)
 if ! python3 -m pip install --no-build-isolation --no-deps -e . \
     >"$out/build.log" 2>&1; then
