@@ -69,11 +69,12 @@ static_assert(RegisterSplitFits(kProducerRegisters, kConsumerRegisters) &&
 //  TMLA_SIGNAL_BEFORE_Q: a PARTIAL that signals leaves the next PARTIAL's
 //    query tile to that PARTIAL instead of loading it under its own
 //    epilogue, where the loads sit beside its stores and fence.
-//  TMLA_REDUCE_ONE_ROUND: a REDUCE issues its (row, input) loads, up to 32
-//    of 16 bytes per thread, before any arithmetic, instead of batches of 16
-//    loads of 8 bytes (ops/reduce.cuh, one_round).
 //  TMLA_REDUCE_BULK: a REDUCE's partial rows arrive in shared memory by
 //    bulk copies, one per thread (ops/reduce.cuh, bulk).
+//  TMLA_PV_ASYNC: with a 16-bit cache, when the next block has landed,
+//    consumer 0 issues its QK^T before waiting for this block's P V (and
+//    releasing its stage), so the two queue back to back on the tensor
+//    cores.
 //  TMLA_BOX_BARRIERS: with a 16-bit cache each of a stage's nine column
 //    blocks lands on its own mbarrier (Smem::box_full), so consumer 0's
 //    QK^T starts on the first to land and consumer 1 waits for its own V
@@ -84,24 +85,23 @@ static_assert(RegisterSplitFits(kProducerRegisters, kConsumerRegisters) &&
 #ifndef TMLA_SIGNAL_BEFORE_Q
 #define TMLA_SIGNAL_BEFORE_Q 0
 #endif
-#ifndef TMLA_REDUCE_ONE_ROUND
-#define TMLA_REDUCE_ONE_ROUND 0
-#endif
 #ifndef TMLA_REDUCE_BULK
 #define TMLA_REDUCE_BULK 0
 #endif
 #ifndef TMLA_BOX_BARRIERS
 #define TMLA_BOX_BARRIERS 0
 #endif
+#ifndef TMLA_PV_ASYNC
+#define TMLA_PV_ASYNC 0
+#endif
 constexpr bool kSignalRelease = TMLA_SIGNAL_RELEASE != 0;
 constexpr bool kSignalBeforeQ = TMLA_SIGNAL_BEFORE_Q != 0;
-constexpr bool kReduceOneRound = TMLA_REDUCE_ONE_ROUND != 0;
 constexpr bool kReduceBulk = TMLA_REDUCE_BULK != 0;
 constexpr bool kBoxBarriers = TMLA_BOX_BARRIERS != 0;
+constexpr bool kPvAsync = TMLA_PV_ASYNC != 0;
 // Whether a kernel's stages use box_full (an FP8 cache's converter keeps
 // completing `full`).
 constexpr bool BoxBarriers(bool fp8) { return kBoxBarriers && !fp8; }
-static_assert(!(kReduceOneRound && kReduceBulk), "one REDUCE variant at a time");
 
 // Named barriers (0 is __syncthreads).
 constexpr int kBarConsumers = 1;  // both consumer warpgroups

@@ -59,7 +59,7 @@ template <typename T, bool kTiming, bool kFp8>
 __device__ __forceinline__ void RunConsumer(const MlaDecodeParams& p,
                                             const Smem& smem, int consumer,
                                             int thread_in_wg) {
-  Pipeline pipe{0, 0, 0};
+  Pipeline pipe{0, 0};
   // Consumer 0's first thread keeps the timing records.
   const bool timer = consumer == 0 && thread_in_wg == 0;
   // Whether consumer 0 already started loading the query tile of `in`.
@@ -76,7 +76,8 @@ __device__ __forceinline__ void RunConsumer(const MlaDecodeParams& p,
       switch (in.opcode) {
         case isa::kOpPartial:
           if (consumer == 0) {
-            q_issued = ops::PartialSoftmaxConsumer<T, config::BoxBarriers(kFp8)>(
+            q_issued = ops::PartialSoftmaxConsumer<
+                T, config::BoxBarriers(kFp8), config::kPvAsync && !kFp8>(
                 p, in, i, q_issued, smem, thread_in_wg, pipe, marks);
           } else {
             ops::PartialPvConsumer<T, config::BoxBarriers(kFp8)>(p, in, smem,
@@ -84,7 +85,7 @@ __device__ __forceinline__ void RunConsumer(const MlaDecodeParams& p,
           }
           break;
         case isa::kOpReduce:
-          ops::Reduce<T>(p, in, i, smem, consumer, thread_in_wg, pipe);
+          ops::Reduce<T>(p, in, i, smem, consumer, thread_in_wg);
           marks.Computed();
           break;
       }

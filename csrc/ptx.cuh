@@ -50,6 +50,21 @@ __device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
       : "memory");
 }
 
+// Whether the phase of parity `parity` has completed, without waiting.
+__device__ __forceinline__ bool MbarTest(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(done)
+      : "r"(SmemAddr(bar)), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
 // MbarWait for all lanes of a warp; leaves the warp converged for the
 // .sync.aligned instructions (wgmma) that follow.
 __device__ __forceinline__ void MbarWaitWarp(uint64_t* bar, uint32_t parity) {
@@ -188,6 +203,11 @@ __device__ __forceinline__ void WgmmaCommit() {
 
 __device__ __forceinline__ void WgmmaWaitAll() {
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+}
+
+// Waits until at most the most recent wgmma group is pending.
+__device__ __forceinline__ void WgmmaWaitAllButLast() {
+  asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
 }
 
 // Shared-memory matrix descriptor, 128-byte swizzle (layout type 1).

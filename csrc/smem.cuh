@@ -68,13 +68,11 @@ struct Smem {
   }
 };
 
-// A consumer's position in its rings: KV blocks consumed, P hand-off
-// rounds, and rounds of a REDUCE's bulk copies (identical in both
-// consumers, which walk the same list).
+// A consumer's position in its two rings: KV blocks consumed, and P
+// hand-off rounds (identical in both consumers, which walk the same list).
 struct Pipeline {
   int block_counter;
   int round;
-  int merge_round;
 };
 
 // Position of a pipeline step: stage buffer and mbarrier phase parity.

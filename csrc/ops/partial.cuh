@@ -218,8 +218,9 @@ __device__ __forceinline__ void AccumulatePv(float (&o)[128],
 }
 
 // Consumer 0's O[64 x 256] += P V with P from its registers (pk, see the
-// softmax) and V columns [0, 256) of the stage.
-template <typename T>
+// softmax) and V columns [0, 256) of the stage; with kWait false it
+// returns with the MMAs in flight (their wgmma group committed).
+template <typename T, bool kWait = true>
 __device__ __forceinline__ void AccumulatePvFromRegisters(
     float (&o)[128], const uint32_t (&pk)[kScoreRegs / 2],
     const uint8_t* stage) {
@@ -236,7 +237,7 @@ __device__ __forceinline__ void AccumulatePvFromRegisters(
         true);
   }
   ptx::WgmmaCommit();
-  ptx::WgmmaWaitAll();
+  if constexpr (kWait) ptx::WgmmaWaitAll();
 }
 
 // Transposes a 4 x 4 matrix of words held by the 4 lanes of a quad (lane
@@ -421,8 +422,10 @@ __device__ __forceinline__ void WaitColumns(const Smem& smem, int block_counter,
 // already in flight when `q_issued`; once its last block is done it starts
 // loading the query tile of the next instruction when that is a PARTIAL
 // too, and returns whether it did. With kBoxes a whole block's QK^T starts
-// on its first column block and waits for each next one as it goes.
-template <typename T, bool kBoxes, typename MarksT>
+// on its first column block and waits for each next one as it goes; with
+// kPvAsync (config::kPvAsync, a 16-bit cache) a block's P V is waited for
+// under the next block's QK^T when that block has landed.
+template <typename T, bool kBoxes, bool kPvAsync, typename MarksT>
 __device__ __forceinline__ bool PartialSoftmaxConsumer(
     const MlaDecodeParams& p, const Instruction& in, int index,
     bool q_issued, const Smem& smem, int thread_in_wg, Pipeline& pipe,
@@ -460,6 +463,19 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
     const int block_start = range.first + b * config::kBlockTokens;
     uint8_t* kv = smem.Stage(stage);
     const bool tail = valid_hi - block_start < config::kBlockTokens;
+    // With kPvAsync the previous block's P V may still run: it is waited for
+    // here if this block has not landed yet (its stage must go back to the
+    // producer before this wait), else under this block's QK^T.
+    bool pv_pending = kPvAsync && b > 0;
+    if (pv_pending && !ptx::MbarTest(kBoxes ? smem.BoxFull(stage, 0)
+                                             : &smem.full[stage],
+                                     PhaseOf(pipe.block_counter))) {
+      ptx::WgmmaWaitAll();
+      if (thread_in_wg == 0) {
+        ptx::MbarArrive(&smem.empty[StageOf(pipe.block_counter - 1)]);
+      }
+      pv_pending = false;
+    }
     // A tail block is zeroed past its keys first, so it waits for all.
     WaitColumns<kBoxes>(smem, pipe.block_counter, 0,
                         tail ? config::kNumColBlocks : 1);
@@ -492,6 +508,14 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
           ks > 0);
     }
     ptx::WgmmaCommit();
+    if (pv_pending) {
+      // The previous block's P V (the group before this QK^T's) is done:
+      // its stage goes back to the producer while this QK^T runs.
+      ptx::WgmmaWaitAllButLast();
+      if (thread_in_wg == 0) {
+        ptx::MbarArrive(&smem.empty[StageOf(pipe.block_counter - 1)]);
+      }
+    }
     ptx::WgmmaWaitAll();
     // Visible to this consumer's P V through the fence and barrier of the
     // P hand-off below.
@@ -575,8 +599,20 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
     }
 
     RescaleRows(o, alpha0, alpha1);
-    AccumulatePvFromRegisters<T>(o, pk, kv);
-    if (thread_in_wg == 0) ptx::MbarArrive(&smem.empty[stage]);
+    if constexpr (kPvAsync) {
+      // Waited for, and its stage released, under the next block's QK^T
+      // (or after the loop).
+      AccumulatePvFromRegisters<T, false>(o, pk, kv);
+    } else {
+      AccumulatePvFromRegisters<T>(o, pk, kv);
+      if (thread_in_wg == 0) ptx::MbarArrive(&smem.empty[stage]);
+    }
+  }
+  if constexpr (kPvAsync) {
+    ptx::WgmmaWaitAll();
+    if (range.num_blocks > 0 && thread_in_wg == 0) {
+      ptx::MbarArrive(&smem.empty[StageOf(pipe.block_counter - 1)]);
+    }
   }
 
   marks.Computed();

@@ -303,232 +303,6 @@ __device__ __forceinline__ void MergeWeights(const MlaDecodeParams& p,
   ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
 }
 
-// ---- REDUCE in one round of loads (config::kReduceOneRound) -------------
-//
-// The 256 consumer threads form kGroups groups of 64; a thread owns 8
-// columns (one 16-byte load) of a row. With kGroups rows or more the groups
-// split the rows (group g merges rows g, g + kGroups, ...); with fewer they
-// split the inputs (group g merges inputs g, g + kGroups, ... of every row)
-// and hand their sums to group 0 through shared memory. Each thread first
-// issues up to kLoads of its (row, input) loads; while they are in flight
-// the inputs' LSEs go to shared memory, one warp per row turns them into
-// normalized weights 2^(lse - LSE_row) and writes the row's LSE, and then
-// the thread adds weight x value. More than kLoads pairs take more rounds.
-namespace one_round {
-
-constexpr int kGroups = 4;
-constexpr int kGroupThreads = config::kConsumerThreads / kGroups;  // 64
-constexpr int kCols = config::kHeadDimV / kGroupThreads;           // 8
-constexpr int kLoads = 32;
-static_assert(kCols == 8, "a thread's columns are one 16-byte load");
-// The query tile's buffer holds the weights, fp32 [num_rows][num_src], and,
-// when the groups split the inputs, the hand-off at kHandoffOffset, fp32
-// [kGroups - 1 groups][kGroups - 1 rows][kHeadDimV].
-constexpr int kHandoffOffset = 4096;
-static_assert(config::kTileRows * isa::kMaxReduceInputs * 4 <=
-                      config::kQBytes &&
-                  (kGroups - 1) * isa::kMaxReduceInputs * 4 <=
-                      kHandoffOffset &&
-                  kHandoffOffset + (kGroups - 1) * (kGroups - 1) *
-                                       config::kHeadDimV * 4 <=
-                      config::kQBytes,
-              "the weights and the hand-off fit the query tile's buffer");
-
-template <typename T>
-__device__ __forceinline__ uint4 Load8(const T* at) {
-  return __ldcg(reinterpret_cast<const uint4*>(at));
-}
-
-template <typename T>
-__device__ __forceinline__ void Fma8(float (&acc)[kCols], float w,
-                                     const uint4& v) {
-  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const float2 x = Pack2<T>::Unpack(words[k]);
-    acc[2 * k] += w * x.x;
-    acc[2 * k + 1] += w * x.y;
-  }
-}
-
-// Row r's 8 columns from `col` of the REDUCE's output (final or slot).
-template <typename T>
-__device__ __forceinline__ void Store8(const MlaDecodeParams& p,
-                                       const Instruction& in, int r, int col,
-                                       const float (&v)[kCols]) {
-  const RowMap map{p.h_q / p.h_kv};
-  const bool final = in.dst_slot == isa::kFinalOutput;
-  const int64_t row =
-      final ? (static_cast<int64_t>(in.batch) * p.s_q + map.Token(in, r)) *
-                      p.h_q + map.Head(in, r)
-            : static_cast<int64_t>(in.dst_slot) * config::kTileRows +
-                  in.slot_row + r;
-  T* base = static_cast<T*>(final ? p.out : p.partial_o);
-  *reinterpret_cast<uint4*>(base + row * config::kHeadDimV + col) =
-      make_uint4(Pack2<T>::Of(v[0], v[1]), Pack2<T>::Of(v[2], v[3]),
-                 Pack2<T>::Of(v[4], v[5]), Pack2<T>::Of(v[6], v[7]));
-}
-
-// kGroups rows or more: group g merges rows g, g + kGroups, ..., a thread
-// walking its (row, input) pairs row by row, kLoads loads per round.
-template <typename T>
-__device__ __forceinline__ void ReduceRows(const MlaDecodeParams& p,
-                                           const Instruction& in,
-                                           const Smem& smem, int t) {
-  const int n = in.num_src();
-  const int g = t / kGroupThreads;
-  const int col = t % kGroupThreads * kCols;
-  const int pairs = (in.num_rows - g + kGroups - 1) / kGroups * n;
-  constexpr int kRowStep = kGroups * config::kHeadDimV;
-  float* w = reinterpret_cast<float*>(smem.q);
-  // Load cursor: the pair's row start and input; add cursor: its row and
-  // input.
-  const T* load_row = static_cast<const T*>(p.partial_o) +
-                      static_cast<int64_t>(in.src_slot()) * kSlotStride +
-                      static_cast<int64_t>(in.slot_row + g) *
-                          config::kHeadDimV + col;
-  const T* load_at = load_row;
-  int load_input = 0;
-  int add_row = g;
-  int add_input = 0;
-  float acc[kCols] = {};
-  for (int done = 0;; done += kLoads) {
-    uint4 v[kLoads];
-    // Branch free up to the stores, so that v stays in registers: a pair
-    // past the last loads nothing and weighs 0.
-#pragma unroll
-    for (int j = 0; j < kLoads; ++j) {
-      const bool live = done + j < pairs;
-      v[j] = live ? Load8(load_at) : make_uint4(0u, 0u, 0u, 0u);
-      const bool wrap = ++load_input == n;
-      load_input = wrap ? 0 : load_input;
-      load_row = wrap ? load_row + kRowStep : load_row;
-      load_at = wrap ? load_row : load_at + kSlotStride;
-    }
-    if (done == 0) {
-      // Consumer 0 is done with the query tile's buffer (its cp.async loads
-      // were waited for, its QK^T finished) before anyone writes there.
-      ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
-      MergeWeights(p, in, w, t);
-    }
-#pragma unroll
-    for (int j = 0; j < kLoads; ++j) {
-      const bool live = done + j < pairs;
-      Fma8<T>(acc, live ? w[add_row * n + add_input] : 0.f, v[j]);
-      if (live && add_input + 1 == n) {
-        Store8<T>(p, in, add_row, col, acc);
-#pragma unroll
-        for (int c = 0; c < kCols; ++c) acc[c] = 0.f;
-      }
-      const bool wrap = ++add_input == n;
-      add_input = wrap ? 0 : add_input;
-      add_row = wrap ? add_row + kGroups : add_row;
-    }
-    if (done + kLoads >= pairs) break;
-  }
-}
-
-// Fewer than kGroups rows (kRows of them): group g merges inputs g,
-// g + kGroups, ... of every row, kLoads / kRows inputs per round, and
-// groups 1.. hand their sums to group 0, which writes.
-template <typename T, int kRows>
-__device__ __forceinline__ void ReduceInputs(const MlaDecodeParams& p,
-                                             const Instruction& in,
-                                             const Smem& smem, int t) {
-  static_assert(kRows < kGroups, "the hand-off holds kGroups - 1 rows");
-  constexpr int kPerRound = kLoads / kRows;
-  const int n = in.num_src();
-  const int g = t / kGroupThreads;
-  const int col = t % kGroupThreads * kCols;
-  const int mine = (n - g + kGroups - 1) / kGroups;  // inputs of group g
-  float* w = reinterpret_cast<float*>(smem.q);
-  float* handoff = reinterpret_cast<float*>(smem.q + kHandoffOffset);
-  const T* src = static_cast<const T*>(p.partial_o) +
-                 static_cast<int64_t>(in.src_slot() + g) * kSlotStride +
-                 static_cast<int64_t>(in.slot_row) * config::kHeadDimV + col;
-  float acc[kRows][kCols] = {};
-  for (int done = 0;; done += kPerRound) {
-    uint4 v[kPerRound][kRows];
-#pragma unroll
-    for (int j = 0; j < kPerRound; ++j) {
-      const bool live = done + j < mine;
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        v[j][r] = live ? Load8(src + (done + j) * kGroups * kSlotStride +
-                               r * config::kHeadDimV)
-                       : make_uint4(0u, 0u, 0u, 0u);
-      }
-    }
-    if (done == 0) {
-      // Consumer 0 is done with the query tile's buffer (its cp.async loads
-      // were waited for, its QK^T finished) before anyone writes there.
-      ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
-      MergeWeights(p, in, w, t);
-    }
-#pragma unroll
-    for (int j = 0; j < kPerRound; ++j) {
-      const bool live = done + j < mine;
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        Fma8<T>(acc[r], live ? w[r * n + g + (done + j) * kGroups] : 0.f,
-                v[j][r]);
-      }
-    }
-    if (done + kPerRound >= mine) break;
-  }
-  if (g > 0) {
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      float4* to = reinterpret_cast<float4*>(
-          handoff + ((g - 1) * (kGroups - 1) + r) * config::kHeadDimV + col);
-      to[0] = make_float4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
-      to[1] = make_float4(acc[r][4], acc[r][5], acc[r][6], acc[r][7]);
-    }
-  }
-  ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
-  if (g == 0) {
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-      for (int from = 0; from < kGroups - 1; ++from) {
-        const float4* at = reinterpret_cast<const float4*>(
-            handoff + (from * (kGroups - 1) + r) * config::kHeadDimV + col);
-        const float4 lo = at[0];
-        const float4 hi = at[1];
-        acc[r][0] += lo.x;
-        acc[r][1] += lo.y;
-        acc[r][2] += lo.z;
-        acc[r][3] += lo.w;
-        acc[r][4] += hi.x;
-        acc[r][5] += hi.y;
-        acc[r][6] += hi.z;
-        acc[r][7] += hi.w;
-      }
-      Store8<T>(p, in, r, col, acc[r]);
-    }
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void Reduce(const MlaDecodeParams& p,
-                                       const Instruction& in, const Smem& smem,
-                                       int t) {
-  if (in.num_rows == 1) {
-    ReduceInputs<T, 1>(p, in, smem, t);
-  } else if (in.num_rows == 2) {
-    ReduceInputs<T, 2>(p, in, smem, t);
-  } else if (in.num_rows == 3) {
-    ReduceInputs<T, 3>(p, in, smem, t);
-  } else {
-    ReduceRows<T>(p, in, smem, t);
-  }
-  // Everyone is done with the weights and the hand-off before the next
-  // instruction writes the buffer.
-  ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
-}
-
-}  // namespace one_round
-
 // ---- REDUCE fed by bulk copies (config::kReduceBulk) ---------------------
 //
 // The REDUCE's (row, input) partial rows, 1 KB each, arrive in shared memory
@@ -544,9 +318,11 @@ __device__ __forceinline__ void Reduce(const MlaDecodeParams& p,
 // they hand their sums to group 0, which writes.
 namespace bulk {
 
-using one_round::kCols;
-using one_round::kGroups;
-using one_round::kGroupThreads;
+// Thread groups: a thread owns 8 columns (16 bytes) of a row.
+constexpr int kGroups = 4;
+constexpr int kGroupThreads = config::kConsumerThreads / kGroups;  // 64
+constexpr int kCols = config::kHeadDimV / kGroupThreads;           // 8
+static_assert(kCols == 8, "a thread's columns are 16 bytes of a row");
 constexpr int kRowBytes = config::kHeadDimV * 2;  // a 16-bit partial row
 constexpr int kWeightBytes = 1024;
 constexpr int kQSlots = config::kQBytes / kRowBytes;                   // 72
@@ -621,15 +397,45 @@ __device__ __forceinline__ void IssueRound(const MlaDecodeParams& p,
   }
 }
 
-__device__ __forceinline__ void WaitRound(const Smem& smem, Pipeline& pipe) {
-  ptx::MbarWait(smem.merge, pipe.merge_round & 1);
-  ++pipe.merge_round;
+// The parity of the `merge` phase a round's copies complete: the phase
+// after the last completed one. Read by every thread before the barrier
+// that precedes the round's copies (all then see the same phase), so no
+// register carries it from one REDUCE to the next.
+__device__ __forceinline__ uint32_t RoundParity(const Smem& smem) {
+  // A fresh barrier reads as if a phase of parity 1 had completed.
+  return ptx::MbarTest(smem.merge, 0) ? 1u : 0u;
 }
 
+// Row r's 8 columns from `col` of the REDUCE's output (final or slot).
+template <typename T>
+__device__ __forceinline__ void Store8(const MlaDecodeParams& p,
+                                       const Instruction& in, int r, int col,
+                                       const float (&v)[kCols]) {
+  const RowMap map{p.h_q / p.h_kv};
+  const bool final = in.dst_slot == isa::kFinalOutput;
+  const int64_t row =
+      final ? (static_cast<int64_t>(in.batch) * p.s_q + map.Token(in, r)) *
+                      p.h_q + map.Head(in, r)
+            : static_cast<int64_t>(in.dst_slot) * config::kTileRows +
+                  in.slot_row + r;
+  T* base = static_cast<T*>(final ? p.out : p.partial_o);
+  *reinterpret_cast<uint4*>(base + row * config::kHeadDimV + col) =
+      make_uint4(Pack2<T>::Of(v[0], v[1]), Pack2<T>::Of(v[2], v[3]),
+                 Pack2<T>::Of(v[4], v[5]), Pack2<T>::Of(v[6], v[7]));
+}
+
+// acc += w x the 8 values of a row at `slot` + `col` (shared memory).
 template <typename T>
 __device__ __forceinline__ void Fma8(float (&acc)[kCols], float w,
                                      const uint8_t* slot, int col) {
-  one_round::Fma8<T>(acc, w, *reinterpret_cast<const uint4*>(slot + col * 2));
+  const uint4 v = *reinterpret_cast<const uint4*>(slot + col * 2);
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 x = Pack2<T>::Unpack(words[k]);
+    acc[2 * k] += w * x.x;
+    acc[2 * k + 1] += w * x.y;
+  }
 }
 
 // kGroups rows or more: a round holds whole rows, slot rr * n + i holding
@@ -639,7 +445,7 @@ __device__ __forceinline__ void ReduceRows(const MlaDecodeParams& p,
                                            const Instruction& in,
                                            const Smem& smem,
                                            const Slots& slots, int t,
-                                           Pipeline& pipe) {
+                                           uint32_t parity) {
   const int n = in.num_src();
   const int g = t / kGroupThreads;
   const int col = t % kGroupThreads * kCols;
@@ -649,17 +455,20 @@ __device__ __forceinline__ void ReduceRows(const MlaDecodeParams& p,
     const int rows = min(rows_per_round, in.num_rows - r0);
     // Everyone is done with the previous round's rows (the first round's
     // barrier is Slots::Claim's).
-    if (r0 > 0) ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
+    if (r0 > 0) {
+      parity = RoundParity(smem);
+      ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
+    }
     const int rr = t / n;
     IssueRound<T>(p, in, smem, slots, t, rows * n, r0 + rr, t - rr * n);
     if (r0 == 0) MergeWeights(p, in, Weights(smem), t);
-    WaitRound(smem, pipe);
+    ptx::MbarWait(smem.merge, parity);
     for (int r = g; r < rows; r += kGroups) {
       float acc[kCols] = {};
       for (int i = 0; i < n; ++i) {
         Fma8<T>(acc, w[(r0 + r) * n + i], slots.At(r * n + i), col);
       }
-      one_round::Store8<T>(p, in, r0 + r, col, acc);
+      Store8<T>(p, in, r0 + r, col, acc);
     }
   }
 }
@@ -672,7 +481,7 @@ __device__ __forceinline__ void ReduceInputs(const MlaDecodeParams& p,
                                              const Instruction& in,
                                              const Smem& smem,
                                              const Slots& slots, int t,
-                                             Pipeline& pipe) {
+                                             uint32_t parity) {
   static_assert(kRows < kGroups, "the hand-off holds kGroups - 1 rows");
   const int inputs_per_round = slots.Count() / kRows;
   const int n = in.num_src();
@@ -682,11 +491,14 @@ __device__ __forceinline__ void ReduceInputs(const MlaDecodeParams& p,
   float acc[kRows][kCols] = {};
   for (int i0 = 0; i0 < n; i0 += inputs_per_round) {
     const int inputs = min(inputs_per_round, n - i0);
-    if (i0 > 0) ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
+    if (i0 > 0) {
+      parity = RoundParity(smem);
+      ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
+    }
     IssueRound<T>(p, in, smem, slots, t, inputs * kRows, t % kRows,
                   i0 + t / kRows);
     if (i0 == 0) MergeWeights(p, in, Weights(smem), t);
-    WaitRound(smem, pipe);
+    ptx::MbarWait(smem.merge, parity);
     for (int j = g; j < inputs; j += kGroups) {
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
@@ -727,7 +539,7 @@ __device__ __forceinline__ void ReduceInputs(const MlaDecodeParams& p,
       acc[r][6] += hi.z;
       acc[r][7] += hi.w;
     }
-    one_round::Store8<T>(p, in, r, col, acc[r]);
+    Store8<T>(p, in, r, col, acc[r]);
   }
 }
 
@@ -735,19 +547,19 @@ __device__ __forceinline__ void ReduceInputs(const MlaDecodeParams& p,
 template <typename T>
 __device__ __forceinline__ void Reduce(const MlaDecodeParams& p,
                                        const Instruction& in, int index,
-                                       const Smem& smem, int t,
-                                       Pipeline& pipe) {
+                                       const Smem& smem, int t) {
+  const uint32_t parity = RoundParity(smem);
   // Everyone is done with the buffers (the previous instruction's query
   // tile, P and blocks).
   const Slots slots = Slots::Claim(smem, index, t);
   if (in.num_rows == 1) {
-    ReduceInputs<T, 1>(p, in, smem, slots, t, pipe);
+    ReduceInputs<T, 1>(p, in, smem, slots, t, parity);
   } else if (in.num_rows == 2) {
-    ReduceInputs<T, 2>(p, in, smem, slots, t, pipe);
+    ReduceInputs<T, 2>(p, in, smem, slots, t, parity);
   } else if (in.num_rows == 3) {
-    ReduceInputs<T, 3>(p, in, smem, slots, t, pipe);
+    ReduceInputs<T, 3>(p, in, smem, slots, t, parity);
   } else {
-    ReduceRows<T>(p, in, smem, slots, t, pipe);
+    ReduceRows<T>(p, in, smem, slots, t, parity);
   }
   // Everyone is done with the buffers before the next instruction writes
   // them.
@@ -757,23 +569,18 @@ __device__ __forceinline__ void Reduce(const MlaDecodeParams& p,
 }  // namespace bulk
 
 // Each thread keeps 16 loads in flight per batch (or, with
-// config::kReduceOneRound, one_round above; with config::kReduceBulk, bulk
-// above where the REDUCE fits it). Up to 4 rows, the two
+// config::kReduceBulk, bulk above where the REDUCE fits it). Up to 4 rows, the two
 // consumers split the inputs (one hand-off); beyond, they split the rows.
 // The REDUCE `in` at list position `index`.
 template <typename T>
 __device__ __forceinline__ void Reduce(const MlaDecodeParams& p,
                                        const Instruction& in, int index,
                                        const Smem& smem, int consumer,
-                                       int thread_in_wg, Pipeline& pipe) {
+                                       int thread_in_wg) {
   const int t = consumer * config::kWarpgroupThreads + thread_in_wg;
-  if constexpr (config::kReduceOneRound) {
-    one_round::Reduce<T>(p, in, smem, t);
-    return;
-  }
   if constexpr (config::kReduceBulk) {
     if (bulk::Fits(in)) {
-      bulk::Reduce<T>(p, in, index, smem, t, pipe);
+      bulk::Reduce<T>(p, in, index, smem, t);
       return;
     }
   }
