@@ -252,6 +252,40 @@ __device__ __forceinline__ void ReduceSplitRows(const MlaDecodeParams& p,
   }
 }
 
+// ---- REDUCE fed by bulk copies (config::kReduceBulk) ---------------------
+//
+// The REDUCE's (row, input) partial rows, 1 KB each, arrive in shared memory
+// by 1-D bulk copies, one per thread, as many per round as there are slots:
+// the query tile's buffer holds kQSlots rows (with the stages after it
+// kRunSlotsFree, when no PARTIAL's load follows in the CTA's list), the P
+// buffer kPSlots more and, in its last kilobyte, the weights (so num_rows x
+// num_src <= kMaxWeights; a larger REDUCE takes the path of loads). While
+// the first round's copies are in flight the LSEs become weights
+// (MergeWeights). The threads then merge
+// from shared memory, 4 groups of 64 threads with 8 columns each: with
+// kGroups rows or more a round holds whole rows and the groups split them;
+// with fewer a round holds whole inputs, the groups split the inputs, and
+// they hand their sums to group 0, which writes.
+namespace bulk {
+
+// Thread groups: a thread owns 8 columns (16 bytes) of a row.
+constexpr int kGroups = 4;
+constexpr int kGroupThreads = config::kConsumerThreads / kGroups;  // 64
+constexpr int kCols = config::kHeadDimV / kGroupThreads;           // 8
+static_assert(kCols == 8, "a thread's columns are 16 bytes of a row");
+constexpr int kRowBytes = config::kHeadDimV * 2;  // a 16-bit partial row
+constexpr int kWeightBytes = 1024;
+constexpr int kQSlots = config::kQBytes / kRowBytes;                   // 72
+constexpr int kPSlots = (config::kPBytes - kWeightBytes) / kRowBytes;  // 7
+constexpr int kRunSlotsFree =
+    (config::kQBytes + config::kStages * config::kStageBytes) / kRowBytes;
+constexpr int kMaxWeights = kWeightBytes / 4;
+static_assert(kRunSlotsFree + kPSlots <= config::kConsumerThreads,
+              "a copy per thread");
+static_assert((kGroups - 1) * (kGroups - 1) * config::kHeadDimV * 4 <=
+                  config::kQBytes,
+              "the groups' hand-off fits the query tile's buffer");
+
 // Every consumer thread (t of 256), once the buffer at `w` is free: the
 // weights 2^(lse - LSE_row) of each (row, input) into `w`
 // ([num_rows][num_src], fp32) and the rows' LSEs into the output; `w` is
@@ -259,8 +293,8 @@ __device__ __forceinline__ void ReduceSplitRows(const MlaDecodeParams& p,
 // 0, a row none of whose inputs saw a key has LSE -inf (final: +inf), and a
 // poisoned input (NaN) makes the row's LSE and output NaN.
 __device__ __forceinline__ void MergeWeights(const MlaDecodeParams& p,
-                                        const Instruction& in, float* w,
-                                        int t) {
+                                             const Instruction& in, float* w,
+                                             int t) {
   const int n = in.num_src();
   const int rows = in.num_rows;
   const float* lse = p.partial_lse +
@@ -289,7 +323,9 @@ __device__ __forceinline__ void MergeWeights(const MlaDecodeParams& p,
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
     for (int i = lane; i < n; i += 32) row[i] = exp2f(row[i] - base) * inv;
     if (lane != 0) continue;
-    const float lse2 = sum > 0.f ? m + log2f(sum) : sum == 0.f ? -INFINITY : NAN;
+    const float lse2 = sum > 0.f    ? m + log2f(sum)
+                       : sum == 0.f ? -INFINITY
+                                    : NAN;
     if (in.dst_slot == isa::kFinalOutput) {
       const RowMap map{p.h_q / p.h_kv};
       p.lse[(static_cast<int64_t>(in.batch) * p.h_q + map.Head(in, r)) *
@@ -302,39 +338,6 @@ __device__ __forceinline__ void MergeWeights(const MlaDecodeParams& p,
   }
   ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
 }
-
-// ---- REDUCE fed by bulk copies (config::kReduceBulk) ---------------------
-//
-// The REDUCE's (row, input) partial rows, 1 KB each, arrive in shared memory
-// by 1-D bulk copies, one per thread, as many per round as there are slots:
-// the query tile's buffer holds kQSlots rows (with the stages after it
-// kRunSlotsFree, when no PARTIAL's load follows in the CTA's list), the P
-// buffer kPSlots more and, in its last kilobyte, the weights (so num_rows x
-// num_src <= kMaxWeights; a larger REDUCE takes the path of loads). While the first round's copies are in
-// flight the LSEs become weights (MergeWeights). The threads then merge
-// from shared memory, 4 groups of 64 threads with 8 columns each: with
-// kGroups rows or more a round holds whole rows and the groups split them;
-// with fewer a round holds whole inputs, the groups split the inputs, and
-// they hand their sums to group 0, which writes.
-namespace bulk {
-
-// Thread groups: a thread owns 8 columns (16 bytes) of a row.
-constexpr int kGroups = 4;
-constexpr int kGroupThreads = config::kConsumerThreads / kGroups;  // 64
-constexpr int kCols = config::kHeadDimV / kGroupThreads;           // 8
-static_assert(kCols == 8, "a thread's columns are 16 bytes of a row");
-constexpr int kRowBytes = config::kHeadDimV * 2;  // a 16-bit partial row
-constexpr int kWeightBytes = 1024;
-constexpr int kQSlots = config::kQBytes / kRowBytes;                   // 72
-constexpr int kPSlots = (config::kPBytes - kWeightBytes) / kRowBytes;  // 7
-constexpr int kRunSlotsFree =
-    (config::kQBytes + config::kStages * config::kStageBytes) / kRowBytes;
-constexpr int kMaxWeights = kWeightBytes / 4;
-static_assert(kRunSlotsFree + kPSlots <= config::kConsumerThreads,
-              "a copy per thread");
-static_assert((kGroups - 1) * (kGroups - 1) * config::kHeadDimV * 4 <=
-                  config::kQBytes,
-              "the groups' hand-off fits the query tile's buffer");
 
 // Where a round's rows land: `run` slots from the query tile's buffer on,
 // then the P buffer's.
@@ -569,8 +572,9 @@ __device__ __forceinline__ void Reduce(const MlaDecodeParams& p,
 }  // namespace bulk
 
 // Each thread keeps 16 loads in flight per batch (or, with
-// config::kReduceBulk, bulk above where the REDUCE fits it). Up to 4 rows, the two
-// consumers split the inputs (one hand-off); beyond, they split the rows.
+// config::kReduceBulk, bulk above where the REDUCE fits it). Up to 4 rows,
+// the two consumers split the inputs (one hand-off); beyond, they split the
+// rows.
 // The REDUCE `in` at list position `index`.
 template <typename T>
 __device__ __forceinline__ void Reduce(const MlaDecodeParams& p,
