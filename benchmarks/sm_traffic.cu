@@ -8,8 +8,8 @@
 //   nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a -O3 -Icsrc \
 //     -o /tmp/sm_traffic benchmarks/sm_traffic.cu -lcuda && /tmp/sm_traffic
 //
-// The mbarrier, fence and timer wrappers are the kernel's own (ptx.cuh,
-// timing.cuh).
+// The mbarrier, bulk-copy, fence and timer wrappers are the kernel's own
+// (ptx.cuh, timing.cuh).
 //
 // Times are %globaltimer spans inside the measured CTA (median of 4 runs
 // after a warm-up); the SM clock is printed beside them.
@@ -47,16 +47,7 @@ using tmla::ptx::SmemAddr;
 __device__ __forceinline__ uint64_t Now() {
   return static_cast<uint64_t>(tmla::GlobalTimerNs());
 }
-// 1-D bulk copy global -> shared, completing on `bar` (the kernel has no
-// use for it).
-__device__ __forceinline__ void BulkLoad(void* dst, const void* src,
-                                         uint32_t bytes, uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes "
-      "[%0], [%1], %2, [%3];" ::"r"(SmemAddr(dst)),
-      "l"(src), "r"(bytes), "r"(SmemAddr(bar))
-      : "memory");
-}
+using tmla::ptx::BulkLoad;
 __device__ __forceinline__ void InitBar(uint64_t* bar) {
   if (threadIdx.x == 0) {
     tmla::ptx::MbarInit(bar, 1);

@@ -22,10 +22,11 @@
 
 namespace tmla::ops {
 
+// Where row r of a REDUCE's output starts: the final output's row, or the
+// destination slot's.
 template <typename T>
-__device__ __forceinline__ void StoreReduced(const MlaDecodeParams& p,
-                                             const Instruction& in, int r,
-                                             int col, float4 v) {
+__device__ __forceinline__ T* ReducedRow(const MlaDecodeParams& p,
+                                         const Instruction& in, int r) {
   const RowMap map{p.h_q / p.h_kv};
   const bool final = in.dst_slot == isa::kFinalOutput;
   const int64_t row =
@@ -33,8 +34,16 @@ __device__ __forceinline__ void StoreReduced(const MlaDecodeParams& p,
                       p.h_q + map.Head(in, r)
             : static_cast<int64_t>(in.dst_slot) * config::kTileRows +
                   in.slot_row + r;
-  T* base = static_cast<T*>(final ? p.out : p.partial_o);
-  *reinterpret_cast<uint2*>(base + row * config::kHeadDimV + col) =
+  return static_cast<T*>(final ? p.out : p.partial_o) +
+         row * config::kHeadDimV;
+}
+
+template <typename T>
+__device__ __forceinline__ void StoreReduced(const MlaDecodeParams& p,
+                                             const Instruction& in, int r,
+                                             int col, float4 v) {
+  T* row = ReducedRow<T>(p, in, r);
+  *reinterpret_cast<uint2*>(row + col) =
       make_uint2(Pack2<T>::Of(v.x, v.y), Pack2<T>::Of(v.z, v.w));
 }
 
@@ -162,13 +171,10 @@ __device__ __forceinline__ void MergeBatch(const ReduceSources<T>& src,
   }
 }
 
-// Writes row r's merged float4 column, and its LSE from the column-0 thread.
-template <typename T>
-__device__ __forceinline__ void WriteMerged(const MlaDecodeParams& p,
+// Writes row r's LSE: the final LSE (natural log) or the slot's (base 2).
+__device__ __forceinline__ void StoreRowLse(const MlaDecodeParams& p,
                                             const Instruction& in, int r,
-                                            int col, const Merge& merge) {
-  StoreReduced<T>(p, in, r, col, merge.Value());
-  if (col != 0) return;
+                                            const Merge& merge) {
   if (in.dst_slot == isa::kFinalOutput) {
     const RowMap map{p.h_q / p.h_kv};
     p.lse[(static_cast<int64_t>(in.batch) * p.h_q + map.Head(in, r)) * p.s_q +
@@ -177,6 +183,16 @@ __device__ __forceinline__ void WriteMerged(const MlaDecodeParams& p,
     p.partial_lse[static_cast<int64_t>(in.dst_slot) * config::kTileRows +
                   in.slot_row + r] = merge.Lse2();
   }
+}
+
+// Writes row r's merged float4 column, and its LSE from the column-0 thread.
+template <typename T>
+__device__ __forceinline__ void WriteMerged(const MlaDecodeParams& p,
+                                            const Instruction& in, int r,
+                                            int col, const Merge& merge) {
+  StoreReduced<T>(p, in, r, col, merge.Value());
+  if (col != 0) return;
+  StoreRowLse(p, in, r, merge);
 }
 
 // A REDUCE of few rows (at most kRowsAtOnce): consumer c merges the inputs
@@ -323,18 +339,11 @@ __device__ __forceinline__ void MergeWeights(const MlaDecodeParams& p,
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
     for (int i = lane; i < n; i += 32) row[i] = exp2f(row[i] - base) * inv;
     if (lane != 0) continue;
-    const float lse2 = sum > 0.f    ? m + log2f(sum)
-                       : sum == 0.f ? -INFINITY
-                                    : NAN;
-    if (in.dst_slot == isa::kFinalOutput) {
-      const RowMap map{p.h_q / p.h_kv};
-      p.lse[(static_cast<int64_t>(in.batch) * p.h_q + map.Head(in, r)) *
-                p.s_q + map.Token(in, r)] =
-          sum == 0.f ? INFINITY : lse2 * kLn2;
-    } else {
-      p.partial_lse[static_cast<int64_t>(in.dst_slot) * config::kTileRows +
-                    in.slot_row + r] = lse2;
-    }
+    // The row's merge, weights summed relative to its max.
+    Merge row_merge;
+    row_merge.m = m;
+    row_merge.sum = sum;
+    StoreRowLse(p, in, r, row_merge);
   }
   ptx::BarSync(config::kBarConsumers, config::kConsumerThreads);
 }
@@ -414,15 +423,8 @@ template <typename T>
 __device__ __forceinline__ void Store8(const MlaDecodeParams& p,
                                        const Instruction& in, int r, int col,
                                        const float (&v)[kCols]) {
-  const RowMap map{p.h_q / p.h_kv};
-  const bool final = in.dst_slot == isa::kFinalOutput;
-  const int64_t row =
-      final ? (static_cast<int64_t>(in.batch) * p.s_q + map.Token(in, r)) *
-                      p.h_q + map.Head(in, r)
-            : static_cast<int64_t>(in.dst_slot) * config::kTileRows +
-                  in.slot_row + r;
-  T* base = static_cast<T*>(final ? p.out : p.partial_o);
-  *reinterpret_cast<uint4*>(base + row * config::kHeadDimV + col) =
+  T* row = ReducedRow<T>(p, in, r);
+  *reinterpret_cast<uint4*>(row + col) =
       make_uint4(Pack2<T>::Of(v[0], v[1]), Pack2<T>::Of(v[2], v[3]),
                  Pack2<T>::Of(v[4], v[5]), Pack2<T>::Of(v[6], v[7]));
 }
