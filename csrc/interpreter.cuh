@@ -112,13 +112,15 @@ __global__ void __launch_bounds__(config::kThreads, 1)
     }
     ptx::MbarInit(smem.hand_full, config::kWarpgroupThreads);
     ptx::MbarInit(smem.hand_empty, config::kWarpgroupThreads);
-    ptx::MbarInit(smem.merge, 1);
+    if constexpr (config::kReduceBulk) {
+      ptx::MbarInit(smem.merge, 1);
+      *smem.producer_done = 0;
+    }
     if constexpr (config::BoxBarriers(kFp8)) {
       for (int b = 0; b < config::kStages * config::kNumColBlocks; ++b) {
         ptx::MbarInit(&smem.box_full[b], 1);
       }
     }
-    *smem.producer_done = 0;
     ptx::FenceMbarInit();
   }
   __syncthreads();

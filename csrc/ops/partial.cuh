@@ -400,9 +400,16 @@ __device__ __forceinline__ void IssueNext(const MlaDecodeParams& p,
   ptx::CpAsync16(smem.next + 4 * thread_in_wg, src + thread_in_wg, exists);
 }
 
+// The barrier that column block `col_block` of a stage lands on: its own
+// with kBoxes (config::BoxBarriers), else the stage's `full`.
+template <bool kBoxes>
+__device__ __forceinline__ uint64_t* ColumnBarrier(const Smem& smem, int stage,
+                                                   int col_block) {
+  return kBoxes ? smem.BoxFull(stage, col_block) : &smem.full[stage];
+}
+
 // Waits until column blocks [first, last) of the stage of block
-// `block_counter` have landed: their own barriers with kBoxes
-// (config::BoxBarriers), else the stage's `full`.
+// `block_counter` have landed.
 template <bool kBoxes>
 __device__ __forceinline__ void WaitColumns(const Smem& smem, int block_counter,
                                             int first, int last) {
@@ -410,10 +417,10 @@ __device__ __forceinline__ void WaitColumns(const Smem& smem, int block_counter,
   const uint32_t phase = PhaseOf(block_counter);
   if constexpr (kBoxes) {
     for (int j = first; j < last; ++j) {
-      ptx::MbarWaitWarp(smem.BoxFull(stage, j), phase);
+      ptx::MbarWaitWarp(ColumnBarrier<kBoxes>(smem, stage, j), phase);
     }
   } else {
-    ptx::MbarWaitWarp(&smem.full[stage], phase);
+    ptx::MbarWaitWarp(ColumnBarrier<kBoxes>(smem, stage, first), phase);
   }
 }
 
@@ -467,8 +474,7 @@ __device__ __forceinline__ bool PartialSoftmaxConsumer(
     // here if this block has not landed yet (its stage must go back to the
     // producer before this wait), else under this block's QK^T.
     bool pv_pending = kPvAsync && b > 0;
-    if (pv_pending && !ptx::MbarTest(kBoxes ? smem.BoxFull(stage, 0)
-                                             : &smem.full[stage],
+    if (pv_pending && !ptx::MbarTest(ColumnBarrier<kBoxes>(smem, stage, 0),
                                      PhaseOf(pipe.block_counter))) {
       ptx::WgmmaWaitAll();
       if (thread_in_wg == 0) {
